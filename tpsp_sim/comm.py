@@ -1,0 +1,228 @@
+"""The per-rank communicator every parallel layer is written against.
+
+``Comm`` checks arguments (a ``ValueError`` naming the rank, the op and the sizes), records a
+``CommEvent`` per call, and hands the work to a backend: ``SimComm`` (virtual ranks, runtime.py)
+or ``TorchComm`` (real ``torch.distributed``, torch_comm.py). Collectives are functional: they
+return new tensors that no other rank shares, and never touch autograd (see mappings.py for the
+differentiable versions). Ranks (``rank``, ``src``, ``dst``, ``new_group``) are ranks *of this
+communicator's group*; ``CommEvent`` records global ranks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from .trace import CommEvent, Recorder
+
+REDUCE_OPS = ("sum", "avg", "max", "min", "prod")
+
+
+class Work:
+    """Handle of an asynchronous send or receive; ``wait()`` returns the received tensor (or None)."""
+
+    def __init__(self, wait_fn, recorder: Recorder, event: CommEvent) -> None:
+        self._wait_fn = wait_fn
+        self._recorder = recorder
+        self._event = event
+        self._result: torch.Tensor | None = None
+        self._done = False
+
+    def wait(self) -> torch.Tensor | None:
+        if not self._done:
+            self._result = self._wait_fn()
+            self._done = True
+            self._recorder.record_wait(self._event)
+        return self._result
+
+
+class Comm(ABC):
+    """One rank's view of a group of ranks."""
+
+    backend: str
+
+    def __init__(self, rank: int, group: tuple[int, ...], recorder: Recorder) -> None:
+        self.rank = rank
+        self.group = group
+        self.world_size = len(group)
+        self.recorder = recorder
+
+    @property
+    def global_rank(self) -> int:
+        return self.group[self.rank]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}, group={self.group})"
+
+    # ---- labels ---------------------------------------------------------------------------------
+
+    def scope(self, name: str):
+        """Label the calls made inside: ``with comm.scope("block0"), comm.scope("attn")`` → ``"block0/attn"``."""
+        return self.recorder.push_scope(name)
+
+    @property
+    def current_scope(self) -> str:
+        return self.recorder.scope
+
+    @contextmanager
+    def replay_scope(self, scope: str) -> Iterator[None]:
+        """Record calls made inside (from a backward) under the scope their forward ran in."""
+        with self.recorder.replay_scope(scope):
+            yield
+
+    # ---- collectives ----------------------------------------------------------------------------
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenate every rank's ``x`` along ``dim``, in rank order."""
+        dim = self._dim("all_gather", x, dim)
+        self._record("all_gather", x)
+        return self._all_gather(x, dim)
+
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Elementwise reduction of every rank's ``x`` (summed in rank order)."""
+        self._check_op("all_reduce", op)
+        self._record("all_reduce", x)
+        if op == "avg":
+            return self._all_reduce(x, "sum") / self.world_size
+        return self._all_reduce(x, op)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
+        """Reduce every rank's ``x``, then keep this rank's chunk of ``dim``."""
+        self._check_op("reduce_scatter", op)
+        dim = self._dim("reduce_scatter", x, dim)
+        self._divisible("reduce_scatter", x, dim, "dim")
+        self._record("reduce_scatter", x)
+        if op == "avg":
+            return self._reduce_scatter(x, dim, "sum") / self.world_size
+        return self._reduce_scatter(x, dim, op)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Every rank gets a copy of rank ``src``'s ``x`` (the other ranks' ``x`` gives shape and dtype)."""
+        self._peer("broadcast", src, "src", allow_self=True)
+        self._record("broadcast", x, root=src)
+        return self._broadcast(x, src)
+
+    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+        """Chunk ``scatter_dim`` into world_size pieces, send piece j to rank j, concatenate what arrives along ``gather_dim``."""
+        scatter_dim = self._dim("all_to_all", x, scatter_dim)
+        gather_dim = self._dim("all_to_all", x, gather_dim)
+        self._divisible("all_to_all", x, scatter_dim, "scatter_dim")
+        self._record("all_to_all", x)
+        return self._all_to_all(x, scatter_dim, gather_dim)
+
+    def barrier(self) -> None:
+        self._record("barrier", torch.empty(0))
+        self._barrier()
+
+    # ---- point to point -------------------------------------------------------------------------
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """Blocking send: returns once rank ``dst`` has posted the matching receive (a rendezvous)."""
+        self._peer("send", dst, "dst")
+        self._record("send", x, peer=dst)
+        self._isend(x, dst).wait()
+
+    def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
+        """Blocking receive of a tensor shaped like ``like`` from rank ``src``."""
+        self._peer("recv", src, "src")
+        self._record("recv", like, peer=src)
+        return self._irecv(like, src).wait()
+
+    def isend(self, x: torch.Tensor, dst: int) -> Work:
+        """Post a send; ``.wait()`` returns once it is matched. Do not change ``x`` before then."""
+        self._peer("isend", dst, "dst")
+        event = self._record("send", x, peer=dst, blocking=False)
+        return Work(self._isend(x, dst).wait, self.recorder, event)
+
+    def irecv(self, like: torch.Tensor, src: int) -> Work:
+        """Post a receive; ``.wait()`` returns the received tensor."""
+        self._peer("irecv", src, "src")
+        event = self._record("recv", like, peer=src, blocking=False)
+        return Work(self._irecv(like, src).wait, self.recorder, event)
+
+    def sendrecv(self, x: torch.Tensor, dst: int, src: int) -> torch.Tensor:
+        """One ring shift: send ``x`` to ``dst`` and receive a tensor like it from ``src``, posted together."""
+        self._peer("sendrecv", dst, "dst")
+        self._peer("sendrecv", src, "src")
+        self._record("send", x, peer=dst)
+        self._record("recv", x, peer=src)
+        return self._sendrecv(x, dst, src)
+
+    # ---- groups ---------------------------------------------------------------------------------
+
+    def new_group(self, ranks: Sequence[int]) -> "Comm | None":
+        """A communicator over ``ranks`` (ranks of this group). Every rank of this group must call it,
+        in the same order, with the same ranks; ranks outside ``ranks`` get None."""
+        ranks = tuple(int(r) for r in ranks)
+        if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.world_size for r in ranks):
+            raise ValueError(f"rank {self.rank}: new_group needs distinct ranks in [0, {self.world_size}), "
+                             f"got {list(ranks)}")
+        return self._new_group(ranks)
+
+    # ---- argument checks ------------------------------------------------------------------------
+
+    def _where(self, op: str) -> str:
+        return f"rank {self.rank} of group {self.group}: {op}"
+
+    def _dim(self, op: str, x: torch.Tensor, dim: int) -> int:
+        if not -x.dim() <= dim < max(x.dim(), 1):
+            raise ValueError(f"{self._where(op)} got dim={dim} for a tensor of shape {tuple(x.shape)}")
+        return dim % x.dim()
+
+    def _divisible(self, op: str, x: torch.Tensor, dim: int, name: str) -> None:
+        if x.shape[dim] % self.world_size:
+            raise ValueError(f"{self._where(op)}: size {x.shape[dim]} of {name}={dim} (shape {tuple(x.shape)}) "
+                             f"is not divisible by world_size {self.world_size}")
+
+    def _check_op(self, op: str, reduce_op: str) -> None:
+        if reduce_op not in REDUCE_OPS:
+            raise ValueError(f"{self._where(op)}: unknown reduce op {reduce_op!r}, expected one of {REDUCE_OPS}")
+
+    def _peer(self, op: str, peer: int, name: str, allow_self: bool = False) -> None:
+        if not 0 <= peer < self.world_size or (peer == self.rank and not allow_self):
+            raise ValueError(f"{self._where(op)}: {name}={peer} must be another rank in [0, {self.world_size})")
+
+    def _record(self, op: str, x: torch.Tensor, *, root: int = 0, peer: int | None = None,
+                blocking: bool = True) -> CommEvent:
+        return self.recorder.record(op, x, self.group, self.rank, root=root,
+                                    peer=None if peer is None else self.group[peer], blocking=blocking)
+
+    # ---- backend primitives ---------------------------------------------------------------------
+    # Arguments are checked and the call recorded; ranks are ranks of this group.
+
+    @abstractmethod
+    def _all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _reduce_scatter(self, x: torch.Tensor, dim: int, op: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _barrier(self) -> None: ...
+
+    @abstractmethod
+    def _isend(self, x: torch.Tensor, dst: int): ...
+
+    @abstractmethod
+    def _irecv(self, like: torch.Tensor, src: int): ...
+
+    @abstractmethod
+    def _sendrecv(self, x: torch.Tensor, dst: int, src: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _new_group(self, ranks: tuple[int, ...]) -> "Comm | None": ...

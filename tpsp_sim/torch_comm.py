@@ -1,0 +1,100 @@
+"""``TorchComm``: the same ``Comm`` interface on real ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
+
+Each method maps onto the tensor-native collective a production code base would use:
+``all_gather_into_tensor``, ``reduce_scatter_tensor``, ``all_reduce``, ``broadcast``,
+``all_to_all_single``, ``isend``/``irecv`` and ``batch_isend_irecv`` for a ring shift.
+The calls are recorded exactly as the simulator records them, so traces can be compared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .comm import Comm
+from .trace import Recorder
+
+_OPS = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT, "max": dist.ReduceOp.MAX,
+        "min": dist.ReduceOp.MIN}
+
+
+class TorchComm(Comm):
+    """One process's communicator over a ``torch.distributed`` process group."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, recorder: Recorder | None = None,
+                 device: torch.device | None = None) -> None:
+        self.pg = group if group is not None else dist.group.WORLD
+        ranks = tuple(dist.get_process_group_ranks(self.pg))
+        super().__init__(dist.get_rank(self.pg), ranks, recorder or Recorder(dist.get_rank()))
+        self.backend = dist.get_backend(self.pg)
+        self._device = device or torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _all_gather(self, x, dim):
+        x = x.detach().movedim(dim, 0).contiguous()
+        out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x, group=self.pg)
+        return out.movedim(0, dim).contiguous()
+
+    def _all_reduce(self, x, op):
+        out = x.detach().clone()
+        dist.all_reduce(out, op=_OPS[op], group=self.pg)
+        return out
+
+    def _reduce_scatter(self, x, dim, op):
+        x = x.detach().movedim(dim, 0).contiguous()
+        out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
+        dist.reduce_scatter_tensor(out, x, op=_OPS[op], group=self.pg)
+        return out.movedim(0, dim).contiguous()
+
+    def _broadcast(self, x, src):
+        out = x.detach().clone()
+        dist.broadcast(out, src=self.group[src], group=self.pg)
+        return out
+
+    def _all_to_all(self, x, scatter_dim, gather_dim):
+        p = self.world_size
+        pieces = torch.stack(x.detach().chunk(p, scatter_dim)).contiguous()  # pieces[j] goes to rank j
+        out = torch.empty_like(pieces)
+        dist.all_to_all_single(out, pieces, group=self.pg)
+        return torch.cat(out.unbind(0), gather_dim)
+
+    def _barrier(self):
+        dist.barrier(group=self.pg)
+
+    def _isend(self, x, dst):
+        return dist.isend(x.detach().contiguous(), dst=self.group[dst], group=self.pg)
+
+    def _irecv(self, like, src):
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return _Received(dist.irecv(out, src=self.group[src], group=self.pg), out)
+
+    def _sendrecv(self, x, dst, src):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        ops = [dist.P2POp(dist.isend, x.detach().contiguous(), self.group[dst], self.pg),
+               dist.P2POp(dist.irecv, out, self.group[src], self.pg)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        return out
+
+    def _new_group(self, ranks):
+        # torch.distributed needs every process of the job in new_group; this communicator's group
+        # is the job's world in the runs tpsp_sim launches, and for subgroups we pass global ranks.
+        pg = dist.new_group([self.group[r] for r in ranks])
+        if self.rank not in ranks:
+            return None
+        return TorchComm(pg, self.recorder, self._device)
+
+
+class _Received:
+    """An irecv's work handle that hands back the buffer it filled."""
+
+    def __init__(self, work, out: torch.Tensor) -> None:
+        self.work, self.out = work, out
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.out
