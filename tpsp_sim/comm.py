@@ -152,7 +152,7 @@ class Comm(ABC):
         self._peer("sendrecv", dst, "dst")
         self._peer("sendrecv", src, "src")
         self._record("send", x, peer=dst)
-        self._record("recv", x, peer=src)
+        self._record("recv", x, peer=src, batched=True)
         return self._sendrecv(x, dst, src)
 
     # ---- groups ---------------------------------------------------------------------------------
@@ -190,9 +190,10 @@ class Comm(ABC):
             raise ValueError(f"{self._where(op)}: {name}={peer} must be another rank in [0, {self.world_size})")
 
     def _record(self, op: str, x: torch.Tensor, *, root: int = 0, peer: int | None = None,
-                blocking: bool = True) -> CommEvent:
+                blocking: bool = True, batched: bool = False) -> CommEvent:
         return self.recorder.record(op, x, self.group, self.rank, root=root,
-                                    peer=None if peer is None else self.group[peer], blocking=blocking)
+                                    peer=None if peer is None else self.group[peer], blocking=blocking,
+                                    batched=batched)
 
     # ---- backend primitives ---------------------------------------------------------------------
     # Arguments are checked and the call recorded; ranks are ranks of this group.

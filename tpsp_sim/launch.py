@@ -3,13 +3,12 @@
 Real runs (``backend="gloo"`` or ``"nccl"``) start ``world_size`` fresh Python processes on
 loopback. ``fn`` and its arguments travel by cloudpickle, so a function defined in a notebook
 cell works too; outputs and traces come back through files. Under ``torchrun`` the same per-rank
-code runs with ``python -m tpsp_sim.launch MODULE:FN`` (see ``main``).
+code runs with ``torchrun ... -m tpsp_sim.worker MODULE:FN`` (see worker.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import torch.distributed as dist
 
 from .errors import SimulationError
 from .runtime import RunResult, rank_failed, run_virtual
-from .trace import CommTrace, Recorder
+from .trace import CommTrace
 
 BACKENDS = ("sim", "gloo", "nccl")
 
@@ -59,7 +58,7 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
 
 def _run_processes(fn, args, kwargs, world_size, backend, timeout) -> RunResult:
     try:
-        payload = cloudpickle.dumps((fn, args, kwargs, sys.path))
+        payload = cloudpickle.dumps((fn, args, kwargs))
     except Exception as error:
         raise TypeError(f"ts.run(backend={backend!r}) could not serialize fn={fn!r} or its arguments to send them "
                         f"to the worker processes ({error}). Define fn at module level in an importable file, "
@@ -69,10 +68,11 @@ def _run_processes(fn, args, kwargs, world_size, backend, timeout) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="tpsp_sim-") as tmp:
         work = Path(tmp)
         (work / "payload.pkl").write_bytes(payload)
+        (work / "sys_path.json").write_text(json.dumps(sys.path))  # where fn's module is found
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         procs = []
         for rank in range(world_size):
-            cmd = [sys.executable, "-m", "tpsp_sim.launch", "--worker", str(work), "--rank", str(rank),
+            cmd = [sys.executable, "-m", "tpsp_sim.worker", "--worker", str(work), "--rank", str(rank),
                    "--world-size", str(world_size), "--backend", backend, "--port", str(store.port),
                    "--timeout", str(timeout)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=open(work / f"stdout{rank}", "wb"),
@@ -125,113 +125,3 @@ def _read_result(work: Path, rank: int, proc: subprocess.Popen) -> tuple:
     reason = "was stopped after another rank failed" if proc.returncode in (-9, 137) else \
         f"exited with code {proc.returncode} without a result"
     return ("released", SimulationError(f"worker process of rank {rank} {reason}; its stderr ends:\n{err}"))
-
-
-# ---- inside one process -------------------------------------------------------------------------
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    return obj
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _call_on_this_process(fn: Callable, args: tuple, kwargs: dict, backend: str) -> tuple[Any, Recorder]:
-    """Run ``fn`` on this process's rank of the initialised default group; return (outputs on CPU, recorder)."""
-    from .torch_comm import TorchComm
-
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    comm = TorchComm(recorder=Recorder(dist.get_rank()), device=device)
-    out = fn(comm, *_to_device(args, device), **_to_device(kwargs, device))
-    comm.recorder.finish()
-    return _to_cpu(out), comm.recorder
-
-
-def _worker(work: Path, rank: int, world_size: int, backend: str, port: int, timeout: float) -> None:
-    result: tuple
-    try:
-        fn, args, kwargs, path = cloudpickle.loads((work / "payload.pkl").read_bytes())
-    except Exception as error:
-        result = ("error", ImportError(f"rank {rank} could not load fn ({error}); define it at module level in an "
-                                       f"importable module or in a notebook cell"))
-    else:
-        sys.path[:0] = [p for p in path if p not in sys.path]
-        store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False, timeout=timedelta(seconds=timeout))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout))
-        try:
-            outputs, recorder = _call_on_this_process(fn, args, kwargs, backend)
-            result = ("ok", outputs, recorder)
-        except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
-            result = ("error", _picklable(error))
-    if result[0] != "ok":
-        (work / f"failed{rank}").touch()
-    (work / f"result{rank}.pkl").write_bytes(cloudpickle.dumps(result))
-    if dist.is_initialized():
-        if result[0] == "ok":
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def _picklable(error: BaseException) -> BaseException:
-    try:
-        cloudpickle.loads(cloudpickle.dumps(error))
-        return error
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"{type(error).__name__}: {error}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc-per-node N -m tpsp_sim.launch MODULE:FN [--backend gloo] [--out result.pt]``.
-
-    Runs ``FN(comm)`` on every process of the torchrun job; rank 0 gathers every rank's output and
-    trace, prints the trace table and, with ``--out``, saves ``{"outputs", "trace"}`` with ``torch.save``.
-    """
-    parser = argparse.ArgumentParser(prog="python -m tpsp_sim.launch", description=main.__doc__)
-    parser.add_argument("target", nargs="?", help="MODULE:FN, a per-rank function fn(comm)")
-    parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
-    parser.add_argument("--out", help="file for rank 0 to save the outputs and the trace")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    for name in ("--rank", "--world-size", "--port"):
-        parser.add_argument(name, type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--timeout", type=float, default=120.0, help=argparse.SUPPRESS)
-    a = parser.parse_args(argv)
-    if a.worker:
-        _worker(Path(a.worker), a.rank, a.world_size, a.backend, a.port, a.timeout)
-        return
-    if not a.target or ":" not in a.target:
-        parser.error("give the function as MODULE:FN")
-    module, name = a.target.split(":", 1)
-    sys.path.insert(0, os.getcwd())
-    fn = getattr(importlib.import_module(module), name)
-    dist.init_process_group(a.backend, timeout=timedelta(seconds=a.timeout))
-    outputs, recorder = _call_on_this_process(fn, (), {}, a.backend)
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object((outputs, recorder), gathered, dst=0)
-    if dist.get_rank() == 0:
-        result = RunResult([g[0] for g in gathered], CommTrace.from_recorders([g[1] for g in gathered]))
-        print(result.trace.table())
-        if a.out:
-            torch.save({"outputs": result.outputs, "trace": result.trace}, a.out)
-            print(f"saved outputs and trace of {len(gathered)} ranks to {a.out}")
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -90,7 +90,10 @@ class SimWorld:
 
     def __init__(self, world_size: int, timeout: float | None) -> None:
         self.world_size = world_size
-        self.cond = threading.Condition()
+        # Enter the C-level lock (`with world.lock`), not the Condition: an _Aborted raised into a
+        # thread then cannot land between acquiring the lock and the `with` that releases it.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.groups: list[tuple[int, ...]] = [tuple(range(world_size))]
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.calls: dict[tuple[int, int], int] = {}  # (group id, global rank) -> calls made so far
@@ -153,7 +156,7 @@ class SimWorld:
         return "\n".join(lines)
 
     def rank_done(self, rank: int) -> None:
-        with self.cond:
+        with self.lock:
             self.finished.add(rank)
             self.check_deadlock()
             self.cond.notify_all()
@@ -164,7 +167,7 @@ class SimWorld:
                    compute: Callable[[list], list]) -> Any:
         """Post this rank's input for the group's next call and return this rank's output."""
         me, gid, size = comm.global_rank, comm.group_id, comm.world_size
-        with self.cond:
+        with self.lock:
             self._raise_if_failed()
             call = self.calls.get((gid, me), 0)
             self.calls[gid, me] = call + 1
@@ -205,7 +208,7 @@ class SimWorld:
         """Post a send (to ``peer``) or a receive (from ``peer``) and match it if the other side is there."""
         me, other = comm.global_rank, comm.group[peer]
         key = (comm.group_id, me, other) if sending else (comm.group_id, other, me)
-        with self.cond:
+        with self.lock:
             self._raise_if_failed()
             waiting = (self.recvs if sending else self.sends).setdefault(key, deque())
             if not waiting:
@@ -224,7 +227,7 @@ class SimWorld:
     def wait_message(self, comm: "SimComm", peer: int, message: _Message, sending: bool) -> None:
         x = message.tensor if sending else message.like
         what = (f"send to rank {comm.group[peer]}" if sending else f"recv from rank {comm.group[peer]}")
-        with self.cond:
+        with self.lock:
             self._wait(comm.global_rank, lambda: message.matched,
                        lambda: f"{what} (shape {tuple(x.shape)}, {x.dtype}) with no matching "
                                f"{'recv' if sending else 'send'} posted")
@@ -331,9 +334,15 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
     outputs: list[Any] = [None] * world_size
 
     def main(rank: int) -> None:
+        try:
+            rank_main(rank)
+        except _Aborted:  # stopped while already leaving
+            pass
+
+    def rank_main(rank: int) -> None:
         recorder = recorders[rank]
         comm = SimComm(world, rank, world.groups[0], 0, recorder)
-        recorder.flop_counter = FlopCounter() if count_flops else None
+        recorder.flop_counter = FlopCounter(recorder.label) if count_flops else None
         try:
             with recorder.flop_counter or nullcontext():
                 outputs[rank] = fn(comm, *args, **kwargs)
@@ -341,11 +350,11 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
         except _Aborted:
             pass
         except SimulationError as error:
-            with world.cond:  # our own copy of the run's error, or an error this rank detected
+            with world.lock:  # our own copy of the run's error, or an error this rank detected
                 if world.error is None:
                     world.fail(rank_failed(rank, error))
         except BaseException as error:  # noqa: BLE001 - any failure of user code fails the run
-            with world.cond:
+            with world.lock:
                 world.fail(rank_failed(rank, error))
         finally:
             recorder.flop_counter = None
@@ -353,12 +362,12 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
 
     threads = [threading.Thread(target=main, args=(r,), name=f"tpsp_sim-rank{r}", daemon=True)
                for r in range(world_size)]
-    for t in threads:
-        t.start()
     try:
+        for t in threads:
+            t.start()
         _join(threads, world)
     except KeyboardInterrupt:
-        with world.cond:
+        with world.lock:
             world.fail(SimulationError("interrupted (KeyboardInterrupt)"))
         _stop(threads)
         raise
@@ -374,7 +383,7 @@ def _join(threads: list[threading.Thread], world: SimWorld) -> None:
         for t in threads:
             t.join(timeout=0.05)
         if world.error is None and world.deadline is not None and time.monotonic() > world.deadline:
-            with world.cond:
+            with world.lock:
                 world.fail(SimulationError(f"the run passed its timeout of {world.timeout} s; "
                                            f"ranks:\n{world._describe_blocked()}"))
         if world.error is not None:
@@ -391,4 +400,5 @@ def _stop(threads: list[threading.Thread]) -> None:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(_Aborted))
     deadline = time.monotonic() + 10.0
     for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if t.ident is not None:  # started
+            t.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -81,8 +81,9 @@ class TorchComm(Comm):
         return out
 
     def _new_group(self, ranks):
-        # torch.distributed needs every process of the job in new_group; this communicator's group
-        # is the job's world in the runs tpsp_sim launches, and for subgroups we pass global ranks.
+        if self.world_size != dist.get_world_size():  # torch.distributed needs every process in new_group
+            raise ValueError(f"rank {self.rank}: on {self.backend}, call new_group on the world communicator "
+                             f"(this one spans {self.world_size} of {dist.get_world_size()} processes)")
         pg = dist.new_group([self.group[r] for r in ranks])
         if self.rank not in ranks:
             return None

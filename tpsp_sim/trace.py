@@ -42,6 +42,7 @@ class CommEvent:
     seq: int  # position in this rank's program order (shared with WaitMark and ComputeSpan)
     peer: int | None = None  # send/recv: the global rank on the other side
     blocking: bool = True  # False for isend/irecv, whose completion is a WaitMark
+    batched: bool = False  # the recv of a sendrecv: posted together with this rank's previous event (its send)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class Recorder:
         self._scopes: list[str] = []
         self._replayed: str | None = None
         self._seq = 0
-        self.flop_counter: Any = None  # a tpsp_sim.flops.FlopCounter while FLOPs are counted
+        self.flop_counter: Any = None  # a tpsp_sim.flops.FlopCounter labelled with self.label, while counting
 
     @property
     def scope(self) -> str:
@@ -134,26 +135,29 @@ class Recorder:
         finally:
             self._replayed = previous
 
+    def label(self) -> tuple[str, str]:
+        return self.scope, self.phase()
+
     @staticmethod
     def phase() -> str:
         return "backward" if torch._C._current_graph_task_id() >= 0 else "forward"
 
     def _next_seq(self) -> int:
         if self.flop_counter is not None:
-            flops = self.flop_counter.take()
-            if flops:
-                self.compute.append(ComputeSpan(self.rank, self._seq, flops, self.scope, self.phase()))
+            for (scope, phase), flops in self.flop_counter.take():
+                self.compute.append(ComputeSpan(self.rank, self._seq, flops, scope, phase))
                 self._seq += 1
         self._seq += 1
         return self._seq - 1
 
     def record(self, op: str, x: torch.Tensor, group: tuple[int, ...], index: int, *,
-               root: int = 0, peer: int | None = None, blocking: bool = True) -> CommEvent:
+               root: int = 0, peer: int | None = None, blocking: bool = True, batched: bool = False) -> CommEvent:
         nbytes = x.numel() * x.element_size()
         sent, received = wire_bytes(op, nbytes, len(group), index, root)
         event = CommEvent(op=op, rank=self.rank, group=group, shape=tuple(x.shape), dtype=x.dtype,
                           nbytes=nbytes, sent_bytes=sent, recv_bytes=received, scope=self.scope,
-                          phase=self.phase(), seq=self._next_seq(), peer=peer, blocking=blocking)
+                          phase=self.phase(), seq=self._next_seq(), peer=peer, blocking=blocking,
+                          batched=batched)
         self.events.append(event)
         return event
 

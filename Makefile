@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine:
+#   make lab    set up .venv and open JupyterLab on notebooks/
+#   make test   set up .venv and run every test (pytest + nbval over the notebooks)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+# Jupyter's "python3" kernel runs the first `python` on PATH: make it this environment's.
+RUN := PATH="$(abspath $(BIN)):$$PATH"
+PYTEST_ARGS ?=
+
+.PHONY: setup lab test notebooks bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[notebooks,dev]"
+	touch $@
+
+lab: setup
+	$(RUN) $(BIN)/jupyter lab notebooks/
+
+test: setup
+	$(RUN) $(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env \
+		--nbval-sanitize-with notebooks/nbval_sanitize.cfg $(PYTEST_ARGS)
+
+# Re-execute every notebook in place so its stored outputs are current (after changing the package).
+notebooks: setup
+	$(RUN) $(BIN)/python tools/run_notebooks.py notebooks/*.ipynb
+
+bench: setup
+	$(RUN) $(BIN)/python benchmarks/collectives.py
+	$(RUN) $(BIN)/python benchmarks/block.py
+	$(RUN) $(BIN)/python benchmarks/attention.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info report

@@ -1,0 +1,168 @@
+"""The alpha-beta cost model equals its closed forms; estimates of real traces add up event by event."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tpsp_sim as ts
+from tpsp_sim import cost
+from tpsp_sim.mappings import f, f_bar, g, g_bar
+
+HW = cost.Hardware("test link", link_bandwidth=2e9, latency=3e-6, peak_flops=1e12)
+A, B = HW.latency, HW.link_bandwidth
+WORLD_SIZES = [1, 2, 3, 4, 8]
+
+
+def closed_form(op: str, n: int, p: int) -> float:
+    """Thakur et al.'s ring costs, written out: n is this rank's input (the shard for all_gather)."""
+    if op == "all_gather":
+        N = p * n  # the full gathered size
+        return A * (p - 1) + (p - 1) / p * N / B
+    if op in ("reduce_scatter", "all_to_all"):
+        return A * (p - 1) + (p - 1) / p * n / B
+    if op == "all_reduce":
+        return 2 * (A * (p - 1) + (p - 1) / p * n / B)
+    if op == "broadcast":
+        return A * (p - 1) + (n / B if p > 1 else 0.0)
+    if op in ("send", "recv"):
+        return A + n / B
+    if op == "barrier":
+        return 2 * A * (p - 1)
+    raise AssertionError(op)
+
+
+@pytest.mark.parametrize("p", WORLD_SIZES)
+@pytest.mark.parametrize("op", ["all_gather", "reduce_scatter", "all_reduce", "all_to_all", "broadcast", "barrier"])
+def test_collective_time_equals_the_closed_form(op, p):
+    n = 840 * 8  # divisible by every p above, so no byte is rounded away
+    assert cost.collective_time(op, n, p, HW) == pytest.approx(closed_form(op, n, p), rel=1e-12)
+
+
+@pytest.mark.parametrize("op", ["send", "recv"])
+def test_point_to_point_is_one_message(op):
+    assert cost.collective_time(op, 1000, 2, HW) == pytest.approx(A + 1000 / B, rel=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(1, 16), elements=st.integers(1, 10_000))
+def test_property_all_reduce_costs_a_reduce_scatter_plus_an_all_gather(p, elements):
+    N = p * elements * 4
+    rs = cost.collective_time("reduce_scatter", N, p, HW)
+    ag = cost.collective_time("all_gather", N // p, p, HW)  # all_gather's input is the shard
+    assert cost.collective_time("all_reduce", N, p, HW) == pytest.approx(rs + ag, rel=1e-12)
+    assert rs == pytest.approx(closed_form("reduce_scatter", N, p), rel=1e-12)
+
+
+def test_collective_time_uses_the_trace_byte_rules():
+    for op in ("all_gather", "all_reduce", "reduce_scatter", "all_to_all", "send"):
+        sent, received = ts.wire_bytes(op, 4096, 4)
+        steps = cost.ring_steps(op, 4)
+        assert cost.collective_time(op, 4096, 4, HW) == pytest.approx(steps * A + max(sent, received) / B)
+
+
+def test_unknown_op_and_hardware_raise_value_errors():
+    with pytest.raises(ValueError, match="unknown communication op 'gather'"):
+        cost.collective_time("gather", 8, 2, HW)
+    with pytest.raises(ValueError, match="unknown hardware 'tpu'"):
+        cost.hardware("tpu")
+
+
+def test_presets_carry_their_datasheet_numbers():
+    assert cost.hardware("h100-nvlink").link_bandwidth == 450e9  # 900 GB/s both ways
+    assert cost.hardware("a100-nvlink").link_bandwidth == 300e9
+    assert cost.INFINIBAND_NDR.link_bandwidth == 2 * cost.INFINIBAND_HDR.link_bandwidth  # 400 vs 200 Gb/s
+    assert cost.PCIE_GEN4.link_bandwidth < cost.INFINIBAND_HDR.link_bandwidth * 2
+    for hw in cost.PRESETS.values():
+        assert hw.link_bandwidth > 0 and hw.latency > 0 and hw.peak_flops > 0 and hw.name
+    assert cost.hardware(cost.A100_NVLINK) is cost.A100_NVLINK
+
+
+# ---- ring attention's overlap condition ---------------------------------------------------------
+
+def test_ring_overlap_block_matches_liu_et_al():
+    """Liu et al. 2023, Table 1: about 1K tokens on A100 NVLink, about 24.5K over A100 InfiniBand."""
+    nvlink = cost.ring_overlap_block(cost.A100_NVLINK)
+    assert nvlink == pytest.approx(312e12 / 300e9)
+    assert 1000 <= nvlink <= 1100
+    assert cost.ring_overlap_block("a100-ib") == pytest.approx(24.5e3, rel=0.03)
+
+
+@pytest.mark.parametrize("dtype_bytes", [2, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_at_the_overlap_block_compute_equals_transfer(dtype_bytes, head_dim):
+    """The derivation: 4·c²·d FLOPs against 2·c·d·bytes on the link balance at c = bytes·F/(2B)."""
+    for hw in cost.PRESETS.values():
+        c = cost.ring_overlap_block(hw, dtype_bytes)
+        compute = 4 * c * c * head_dim / hw.peak_flops
+        transfer = 2 * c * head_dim * dtype_bytes / hw.link_bandwidth
+        assert compute == pytest.approx(transfer, rel=1e-12)
+        assert 4 * (c / 2) ** 2 * head_dim / hw.peak_flops < transfer / 2  # half the block: exposed
+
+
+# ---- estimates of recorded traces ---------------------------------------------------------------
+
+def tp_and_sp_layer(comm, x):
+    """Megatron's four mappings, forward and backward, plus a broadcast and a ring shift."""
+    p = comm.world_size
+    with comm.scope("tp"):
+        y = f_bar(f(x.clone().requires_grad_(), comm) * 2, comm)
+    with comm.scope("sp"):
+        shard = x.chunk(p, 1)[comm.rank].clone().requires_grad_()
+        z = g_bar(g(shard, comm) * 3, comm)
+    (y.sum() + z.sum()).backward()
+    with comm.scope("misc"):
+        comm.broadcast(x, src=0)
+        if p > 1:
+            comm.sendrecv(x, (comm.rank + 1) % p, (comm.rank - 1) % p)
+    return y
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+def test_estimate_is_the_sum_over_its_events(p):
+    x = torch.randn(2, 6 * p, 5, dtype=torch.float64)
+    trace = ts.run(tp_and_sp_layer, x, world_size=p).trace
+    est = cost.estimate(trace, HW)
+    for r in range(p):
+        mine = trace.filter(rank=r).events
+        assert est.per_rank()[r] == pytest.approx(sum(cost.collective_time(e.op, e.nbytes, len(e.group), HW)
+                                                      for e in mine), rel=1e-12)
+        assert est.per_rank(phase="backward")[r] == pytest.approx(
+            sum(est.of(e) for e in mine if e.phase == "backward"), rel=1e-12)
+    assert est.total() == max(est.per_rank().values())
+    assert sum(est.per_scope().values()) == pytest.approx(sum(est.per_rank().values()) / p, rel=1e-12)
+    assert sum(row[-1] for row in est.rows()) == pytest.approx(sum(est.per_scope().values()), rel=1e-12)
+    assert "test link" in est.table() and "sp" in est._repr_html_()
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+def test_estimate_of_a_tp_layer_is_four_all_reduces(p):
+    """Forward f̄ and backward f: 2 all-reduces of b·s·h elements per layer and direction pair."""
+    b, s, h = 2, 3, 8
+    x = torch.randn(b, s, h, dtype=torch.float64)
+
+    def layer(comm, x):
+        with comm.scope("mlp"):
+            y = f_bar(f(x.clone().requires_grad_(), comm), comm)
+        y.sum().backward()
+
+    est = cost.estimate(ts.run(layer, x, world_size=p).trace, HW)
+    N = b * s * h * 8
+    assert est.total() == pytest.approx(2 * closed_form("all_reduce", N, p), rel=1e-12)
+    assert est.per_scope() == pytest.approx({("mlp", "forward"): closed_form("all_reduce", N, p),
+                                             ("mlp", "backward"): closed_form("all_reduce", N, p)}, rel=1e-12)
+
+
+def test_estimate_filters_reject_unknown_fields_and_faster_links_are_faster():
+    trace = ts.run(tp_and_sp_layer, torch.randn(2, 12, 5, dtype=torch.float64), world_size=2).trace
+    with pytest.raises(ValueError, match="unknown CommEvent field"):
+        cost.estimate(trace, HW).per_rank(colour="red")
+    faster = dataclasses.replace(HW, link_bandwidth=2 * B)
+    assert cost.estimate(trace, faster).total() < cost.estimate(trace, HW).total()
+
+
+def test_format_seconds():
+    assert [cost.format_seconds(t) for t in (0, 2.5, 1.5e-3, 3.25e-6, 4e-9)] == ["0 s", "2.5 s", "1.5 ms", "3.2 µs",
+                                                                                  "4.0 ns"]

@@ -1,0 +1,210 @@
+"""Every notebook in notebooks/ is stored as a clean top-to-bottom run (nbval then re-runs it).
+
+Checked per notebook: a valid nbformat file named ``NN_name.ipynb``; every code cell executed, with
+execution counts 1..n in order (a stale or out-of-order run fails); no error outputs; every output
+small; ``nbval-ignore-output`` exactly on the cells that display a widget or carry a
+``# nondeterministic: <why>`` comment, and no other nbval escape hatch; a seed set; a markdown link
+to the next notebook. The ``bad_*`` tests show each check failing on a broken notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+LAST = 6  # the suite ends with 06_debugging_the_seed.ipynb (issue 6): the one notebook with no next
+
+NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
+IGNORE_TAG = "nbval-ignore-output"
+WIDGET = "application/vnd.jupyter.widget-view+json"
+NONDETERMINISTIC = re.compile(r"^\s*# nondeterministic: \S.{4,}", re.MULTILINE)  # a reason, not just the marker
+ESCAPES = re.compile(r"NBVAL_|\b(nbval-skip|nbval-raises-exception|raises-exception|nbval-check-output)\b")
+SEED = re.compile(r"\b(manual_seed|random\.seed|default_rng)\(")
+LINK = re.compile(r"\]\(([^)\s]+\.ipynb)(#[^)\s]*)?\)")
+MAX_OUTPUT = 150_000  # bytes of one stored output (a dpi-80 figure is ~30 kB)
+MAX_NOTEBOOK = 2_000_000  # bytes of the whole file
+
+
+def check_executed(nb) -> list[str]:
+    """Every code cell ran, once, top to bottom in one kernel: counts 1..n, results numbered alike."""
+    problems, expected = [], 1
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        if not cell.source.strip():
+            problems.append(f"cell {i}: empty code cell")
+        elif cell.execution_count is None:
+            problems.append(f"cell {i}: not executed")
+        elif cell.execution_count != expected:
+            problems.append(f"cell {i}: execution count {cell.execution_count}, expected {expected} (stale run?)")
+        expected = (cell.execution_count or expected - 1) + 1
+        for out in cell.outputs:
+            if out.output_type == "execute_result" and out.execution_count != cell.execution_count:
+                problems.append(f"cell {i}: result numbered {out.execution_count}, cell {cell.execution_count}")
+    return problems
+
+
+def check_no_errors(nb) -> list[str]:
+    return [f"cell {i}: stored error {out.get('ename')}: {out.get('evalue')}"
+            for i, cell in enumerate(nb.cells) for out in cell.get("outputs", []) if out.output_type == "error"]
+
+
+def check_small(nb, path: Path | None = None) -> list[str]:
+    problems = [f"cell {i}: an output of {size:,} bytes (limit {MAX_OUTPUT:,})"
+                for i, cell in enumerate(nb.cells) for out in cell.get("outputs", [])
+                if (size := len(json.dumps(out))) > MAX_OUTPUT]
+    size = path.stat().st_size if path else len(nbformat.writes(nb))
+    if size > MAX_NOTEBOOK:
+        problems.append(f"the notebook is {size:,} bytes (limit {MAX_NOTEBOOK:,})")
+    return problems
+
+
+def check_tags(nb) -> list[str]:
+    """nbval-ignore-output exactly where a widget is shown or a comment says why the output varies."""
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        tags = cell.metadata.get("tags", [])
+        if ESCAPES.search(cell.source) or any(ESCAPES.search(t) for t in tags):
+            problems.append(f"cell {i}: nbval escape hatch (only the {IGNORE_TAG} tag is allowed)")
+        if cell.cell_type != "code":
+            continue
+        widget = any(WIDGET in out.get("data", {}) for out in cell.outputs)
+        justified = widget or bool(NONDETERMINISTIC.search(cell.source))
+        if (IGNORE_TAG in tags) != justified:
+            problems.append(f"cell {i}: " + (f"{IGNORE_TAG} without a widget output or a '# nondeterministic: <why>' "
+                                             f"comment" if IGNORE_TAG in tags else
+                                             f"shows a widget or says it is nondeterministic, but lacks {IGNORE_TAG}"))
+    return problems
+
+
+def check_seeded(nb) -> list[str]:
+    return [] if any(SEED.search(c.source) for c in nb.cells if c.cell_type == "code") else ["no seed is set (manual_seed, random.seed)"]
+
+
+def check_links_next(nb, name: str, existing: list[str]) -> list[str]:
+    """A markdown link to the notebook numbered one more (that exact file, once it exists)."""
+    number = int(NAME.match(name).group(1))
+    if number == LAST:
+        return []
+    prefix = f"{number + 1:02d}_"
+    targets = {Path(m.group(1)).name for c in nb.cells if c.cell_type == "markdown" for m in LINK.finditer(c.source)}
+    nexts = [t for t in targets if t.startswith(prefix)]
+    present = [e for e in existing if e.startswith(prefix)]
+    if not nexts:
+        return [f"no markdown link to the next notebook ({prefix}*.ipynb)"]
+    if present and present[0] not in nexts:
+        return [f"links {sorted(nexts)}, but the next notebook is {present[0]}"]
+    return []
+
+
+def all_problems(nb, name: str, existing: list[str], path: Path | None = None) -> list[str]:
+    problems = [] if NAME.match(name) else [f"name {name!r} is not NN_lowercase_name.ipynb"]
+    try:
+        nbformat.validate(nb)
+    except nbformat.ValidationError as error:
+        problems.append(f"invalid nbformat: {error.message}")
+    problems += check_executed(nb) + check_no_errors(nb) + check_small(nb, path) + check_tags(nb) + check_seeded(nb)
+    if NAME.match(name):
+        problems += check_links_next(nb, name, existing)
+    return problems
+
+
+# ---- the notebooks ------------------------------------------------------------------------------
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, f"no notebooks in {NOTEBOOK_DIR}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_a_clean_run(path):
+    nb = nbformat.read(path, as_version=4)
+    problems = all_problems(nb, path.name, [p.name for p in NOTEBOOKS], path)
+    assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
+
+
+# ---- each check fails on a notebook that breaks it ------------------------------------------------
+
+def executed(*sources: str, **tags: list[str]) -> nbformat.NotebookNode:
+    """A notebook as a clean run would store it: seeded, linked to 01, counts 1..n, one output each."""
+    nb = new_notebook(cells=[new_markdown_cell("Next: [01](01_tensor_parallel.ipynb)")])
+    for n, source in enumerate(("import torch\ntorch.manual_seed(0)",) + sources, start=1):
+        cell = new_code_cell(source, execution_count=n,
+                             outputs=[new_output("stream", name="stdout", text=f"{n}\n")])
+        cell.metadata["tags"] = tags.get(f"cell{n}", [])
+        nb.cells.append(cell)
+    return nb
+
+
+def test_a_clean_run_passes():
+    assert all_problems(executed("print(2)", "print(3)"), "00_intro.ipynb", ["00_intro.ipynb"]) == []
+
+
+def test_bad_unexecuted_or_out_of_order_cells():
+    nb = executed("print(2)", "print(3)")
+    nb.cells[2].execution_count = None
+    assert "cell 2: not executed" in check_executed(nb)
+    nb = executed("print(2)", "print(3)")
+    nb.cells[2].execution_count, nb.cells[3].execution_count = 3, 2
+    assert len(check_executed(nb)) == 2
+    nb = executed("print(2)")
+    nb.cells[2].execution_count = 7  # a cell re-run after the others
+    assert check_executed(nb) == ["cell 2: execution count 7, expected 2 (stale run?)"]
+    nb = executed("print(2)")
+    nb.cells[2].outputs = [new_output("execute_result", data={"text/plain": "2"}, execution_count=5)]
+    assert check_executed(nb) == ["cell 2: result numbered 5, cell 2"]
+    nb = executed("")
+    assert check_executed(nb) == ["cell 2: empty code cell"]
+
+
+def test_bad_stored_error():
+    nb = executed("1 / 0")
+    nb.cells[2].outputs = [new_output("error", ename="ZeroDivisionError", evalue="division by zero", traceback=[])]
+    assert check_no_errors(nb) == ["cell 2: stored error ZeroDivisionError: division by zero"]
+
+
+def test_bad_big_output():
+    nb = executed("plot()")
+    nb.cells[2].outputs = [new_output("display_data", data={"image/png": "A" * (MAX_OUTPUT + 1)})]
+    assert len(check_small(nb)) == 1
+    nb.cells[2].outputs = [new_output("display_data", data={"image/png": "A" * (MAX_OUTPUT // 2)})] * 30
+    assert check_small(nb) == [f"the notebook is {len(nbformat.writes(nb)):,} bytes (limit {MAX_NOTEBOOK:,})"]
+
+
+def test_bad_ignore_output_tags():
+    assert check_tags(executed("print(time.time())", cell2=[IGNORE_TAG])) != []  # no reason given
+    reason = "# nondeterministic: wall-clock timing\nprint(time.time())"
+    assert check_tags(executed(reason, cell2=[IGNORE_TAG])) == []
+    assert check_tags(executed(reason)) != []  # says it varies, but nbval would compare it
+    assert check_tags(executed("# nondeterministic: \nprint(1)", cell2=[IGNORE_TAG])) != []  # empty reason
+    nb = executed("slider")
+    nb.cells[2].outputs = [new_output("display_data", data={WIDGET: {"model_id": "x"}, "text/plain": "IntSlider()"})]
+    assert check_tags(nb) != []
+    nb.cells[2].metadata["tags"] = [IGNORE_TAG]
+    assert check_tags(nb) == []
+    assert check_tags(executed("# NBVAL_IGNORE_OUTPUT\nprint(2)")) != []
+    assert check_tags(executed("print(2)", cell2=["nbval-skip"])) != []
+
+
+def test_bad_no_seed():
+    nb = executed("print(2)")
+    nb.cells[1].source = "import torch"
+    assert check_seeded(nb) == ["no seed is set (manual_seed, random.seed)"]
+
+
+def test_bad_links():
+    nb = executed("print(2)")
+    assert check_links_next(nb, "00_intro.ipynb", ["00_intro.ipynb"]) == []  # 01 not written yet
+    assert check_links_next(nb, "00_intro.ipynb", ["00_intro.ipynb", "01_tensor_parallel.ipynb"]) == []
+    assert check_links_next(nb, "00_intro.ipynb", ["00_intro.ipynb", "01_tp.ipynb"]) != []  # wrong file name
+    assert check_links_next(nb, "01_tensor_parallel.ipynb", []) != []  # must link 02_*
+    nb.cells[0].source = "Next: 01_tensor_parallel.ipynb (not a link)"
+    assert check_links_next(nb, "00_intro.ipynb", []) != []
+    assert check_links_next(nb, f"{LAST:02d}_last.ipynb", []) == []
+    assert all_problems(executed(), "intro.ipynb", []) == ["name 'intro.ipynb' is not NN_lowercase_name.ipynb"]

@@ -1,0 +1,134 @@
+"""Every figure renders (Agg) from real traces, and what it draws adds up to the trace's totals."""
+
+import io
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+import tpsp_sim as ts
+from tpsp_sim import cost, plot
+from tpsp_sim.sweep import Config, measure
+from tpsp_sim.timeline import timeline
+
+matplotlib.use("Agg")
+
+TOY = cost.Hardware("toy", link_bandwidth=1e9, latency=1e-7, peak_flops=32e9)
+
+
+def render(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=40)
+    assert buffer.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+    return buffer.getvalue()
+
+
+def bar_heights(ax) -> dict[str, np.ndarray]:
+    """{legend label: heights of its bars, one per x tick}."""
+    return {c.get_label(): np.array([bar.get_height() for bar in c]) for c in ax.containers}
+
+
+def block_fn(comm, dense, x, mode):
+    block = ts.ParallelTransformerBlock.from_dense(dense, comm, mode)
+    x = x.chunk(comm.world_size, 1)[comm.rank] if mode == "tp_sp" else x
+    block(x.clone().requires_grad_()).sum().backward()
+
+
+@pytest.fixture(scope="module", params=[(2, "tp"), (3, "tp_sp"), (4, "tp_sp")], ids=str)
+def block_trace(request):
+    p, mode = request.param
+    torch.manual_seed(0)
+    dense = ts.TransformerBlock(12, 6 if p == 3 else 4, d_ff=24).double()
+    x = torch.randn(2, 12, 12, dtype=torch.float64)
+    return p, ts.run(block_fn, dense, x, mode, world_size=p).trace
+
+
+def test_plot_comm_bars_add_up_to_the_trace_totals(block_trace):
+    p, trace = block_trace
+    fig = plot.plot_comm(trace, TOY)
+    render(fig)
+    bytes_ax, time_ax = fig.axes[0], fig.axes[1]
+    scopes = [t.get_text() for t in bytes_ax.get_xticklabels()]
+    assert set(scopes) == {e.scope for e in trace.events} == {"attn", "mlp"}
+    heights = bar_heights(bytes_ax)
+    for label, hs in heights.items():
+        op, phase = label.split(" (")
+        for scope, h in zip(scopes, hs):
+            assert h == pytest.approx(trace.total(op=op, phase=phase.rstrip(")"), scope=scope) / p)
+    assert sum(hs.sum() for hs in heights.values()) == pytest.approx(trace.total() / p)
+    est = cost.estimate(trace, TOY)
+    assert sum(hs.sum() for hs in bar_heights(time_ax).values()) == pytest.approx(sum(est.per_rank().values()) / p)
+
+
+def test_plot_comm_of_several_traces_has_one_bar_per_label():
+    cfg = Config(world_size=2, seq=16, hidden=8, heads=2, dtype=torch.float32, device="cpu")
+    points = {m: measure(m, cfg, TOY) for m in ("tp", "ring", "ulysses")}
+    fig = plot.plot_comm({m: pt.trace for m, pt in points.items()})
+    render(fig)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(points)
+    totals = sum(bar_heights(ax).values())
+    assert totals == pytest.approx([pt.trace.total() / 2 for pt in points.values()])
+    assert totals == pytest.approx([pt.sent for pt in points.values()])
+
+
+def test_plot_scaling_lines_are_the_points():
+    points = [measure(m, Config(world_size=p, seq=16, hidden=8, heads=2, dtype=torch.float32, device="cpu"), TOY)
+              for p in (1, 2) for m in ("tp", "ulysses")]
+    fig = plot.plot_scaling(points, "world_size")
+    render(fig)
+    bytes_ax, time_ax = fig.axes[:2]
+    for line in bytes_ax.get_lines():
+        mine = [pt for pt in points if pt.method == line.get_label()]
+        assert list(line.get_xdata()) == [1, 2]
+        assert list(line.get_ydata()) == pytest.approx([pt.trace.total() / pt.world_size for pt in mine])
+    for line in time_ax.get_lines():
+        method, exposed = line.get_label().removesuffix(" exposed"), line.get_label().endswith(" exposed")
+        mine = [pt for pt in points if pt.method == method]
+        per_rank = [[pt.timeline.exposed(r) if exposed else pt.timeline.comm(r) for r in range(pt.world_size)]
+                    for pt in mine]
+        assert list(line.get_ydata()) == pytest.approx([max(times) for times in per_rank])
+    assert len(time_ax.get_lines()) == 4
+    assert [line.get_ydata()[0] for line in bytes_ax.get_lines()] == [0, 0]  # one rank sends nothing
+
+
+def test_plot_timeline_draws_every_span_of_a_ring_attention_run():
+    p, n = 3, 32
+    q, k, v = (torch.randn(1, 2, n * p, 8) for _ in range(3))
+
+    def fn(comm):
+        shards = [ts.shard_sequence(x, comm.rank, p, dim=2).requires_grad_() for x in (q, k, v)]
+        ts.ring_attention(*shards, comm, causal=True).sum().backward()
+
+    tl = timeline(ts.run(fn, world_size=p, count_flops=True).trace, TOY)
+    fig = plot.plot_timeline(tl)
+    render(fig)
+    bars = fig.axes[0].collections
+    assert len(bars) == len(tl.spans)
+    compute_color = matplotlib.colors.to_rgba("tab:blue")
+    widths = sum(w for bar in bars if tuple(bar.get_facecolor()[0]) == compute_color
+                 for _, w in [path.get_extents().bounds[::2] for path in bar.get_paths()])
+    assert widths == pytest.approx(sum(tl.compute(r) for r in range(p)), rel=1e-6)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert all(f"rank {r}" in label for r, label in enumerate(labels))
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+def test_plot_shards_shows_who_holds_what_and_zigzag_balances_causal_pairs(p):
+    s = 8 * p
+    fig = plot.plot_shards(s, p)
+    render(fig)
+    images = [np.ma.filled(ax.images[0].get_array().astype(float), np.nan) for ax in fig.axes]  # imshow masks NaNs
+    held_contig, pairs_contig, held_zigzag, pairs_zigzag = images
+    for layout, held in (("contiguous", held_contig), ("zigzag", held_zigzag)):
+        for r in range(p):
+            positions = ts.shard_sequence(torch.arange(s), r, p, dim=0, layout=layout).tolist()
+            assert sorted(np.flatnonzero(held[r] == r).tolist()) == sorted(positions)
+        assert np.isnan(held).sum() == (p - 1) * s  # each token on exactly one rank
+    counts = {layout: [int((pairs == r).sum()) for r in range(p)]
+              for layout, pairs in (("contiguous", pairs_contig), ("zigzag", pairs_zigzag))}
+    chunk = s // p
+    assert counts["contiguous"] == [sum(i + 1 for i in range(r * chunk, (r + 1) * chunk)) for r in range(p)]
+    assert counts["zigzag"] == [s * (s + 1) // 2 // p] * p
+    assert str(counts["zigzag"]) in fig.axes[3].get_title()

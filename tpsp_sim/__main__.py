@@ -1,0 +1,85 @@
+"""``python -m tpsp_sim report --out DIR``: run one transformer block under TP, TP+SP, ring and Ulysses
+on the simulator, and write PNG plots and a Markdown table of bytes and predicted times."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .cost import PRESETS, estimate, hardware
+from .plot import plot_comm, plot_scaling, plot_shards, plot_timeline
+from .sweep import METHODS, Config, sweep, table
+
+
+def report(out: Path, cfg: Config, world_sizes: list[int], seqs: list[int], hw: str, methods: list[str]) -> list[Path]:
+    """Write the report's files into ``out``: bars and timelines for ``cfg``, and the scaling of
+    every method with ``world_sizes`` (at ``cfg.seq``) and ``seqs`` (at ``cfg.world_size``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
+
+    def run_sweep(**over: list[int]) -> list:
+        points, why = sweep(cfg, hw, methods, progress=lambda jobs: tqdm(jobs, desc="simulating", unit="run"), **over)
+        skipped.extend(w for w in why if w not in skipped)
+        return points
+
+    by_ranks = run_sweep(world_sizes=world_sizes)  # at cfg.seq; world_sizes[0] is cfg.world_size
+    base = [p for p in by_ranks if p.world_size == cfg.world_size]
+    by_seq = base + run_sweep(seqs=seqs[1:]) if len(seqs) > 1 else []  # at cfg.world_size
+    by_ranks = by_ranks if len(world_sizes) > 1 else []
+    sizes = f"{cfg.batch}x{cfg.seq} tokens, hidden {cfg.hidden}, {cfg.heads} heads"
+    figures = {"comm.png": plot_comm({p.method: p.trace for p in base},
+                                     title=f"one block on {cfg.world_size} ranks, {sizes}"),
+               "shards.png": plot_shards(8 * cfg.world_size, cfg.world_size)}
+    if by_ranks:
+        figures["scaling_world_size.png"] = plot_scaling(by_ranks, "world_size", title=f"one block, {sizes}")
+    if by_seq:
+        figures["scaling_seq.png"] = plot_scaling(by_seq, "seq", title=f"one block on {cfg.world_size} ranks")
+    for p in base:
+        figures[f"comm_{p.method}.png"] = plot_comm(p.trace, hw, title=f"{p.method}: one block per scope")
+        figures[f"timeline_{p.method}.png"] = plot_timeline(
+            p.timeline, title=f"{p.method}: one block on {cfg.world_size} ranks, {sizes}")
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=100)
+
+    lines = [f"# Communication report: {hardware(hw).name}", "",
+             f"One transformer block, forward and backward, {sizes}, on {cfg.world_size} ranks ({cfg.dtype}).",
+             "Comm time counts transfers posted together once; exposed is the part not hidden behind compute.",
+             "", table(base, hw), ""]
+    for title, points in (("As the world size grows", by_ranks), ("As the sequence grows", by_seq)):
+        if points:
+            lines += [f"## {title}", "", table(points, hw), ""]
+    for p in base:
+        lines += [f"## {p.method}: calls per scope", "", estimate(p.trace, hw).table(), ""]
+    if skipped:
+        lines += ["## Skipped (sizes that do not divide)", "", *(f"- {why}" for why in skipped), ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return [out / name for name in figures] + [out / "report.md"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tpsp_sim")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser("report", help=__doc__.splitlines()[0], description=__doc__)
+    cmd.add_argument("--world-size", type=int, nargs="+", default=[2, 4, 8],
+                     help="ranks to sweep; the first is used for the bars and timelines (default: 2 4 8)")
+    cmd.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384, 32768],
+                     help="sequence lengths to sweep; the first is used elsewhere (default: 4096 ... 32768)")
+    cmd.add_argument("--batch", type=int, default=1)
+    cmd.add_argument("--hidden", type=int, default=1024)
+    cmd.add_argument("--heads", type=int, default=16)
+    cmd.add_argument("--hardware", default="h100-nvlink", choices=sorted(PRESETS))
+    cmd.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    cmd.add_argument("--device", default="meta", choices=("meta", "cpu"),
+                     help="meta: shapes only, nothing computed (fast at any size); cpu: real tensors")
+    cmd.add_argument("--out", type=Path, required=True, help="directory for the PNGs and report.md")
+    a = parser.parse_args(argv)
+    cfg = Config(world_size=a.world_size[0], seq=a.seq[0], batch=a.batch, hidden=a.hidden, heads=a.heads,
+                 device=a.device)
+    for path in report(a.out, cfg, a.world_size, a.seq, a.hardware, a.methods):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

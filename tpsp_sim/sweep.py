@@ -1,0 +1,126 @@
+"""One transformer block's communication under each parallelism, for the report and the dashboard.
+
+Each method is one small per-rank function: it builds this rank's inputs for a ``Config`` and runs
+forward and backward. On ``device="meta"`` (the default) tensors have shapes but no data: the
+simulator records the same calls, bytes and FLOPs without computing anything, so realistic sizes
+take seconds. The block is ``TransformerBlock`` for "tp" and "tp_sp"; for context parallelism
+("ring", "ulysses") the rest of the block is local to each rank, so its communication is its
+attention's (causal; ring attention in the zigzag layout, which balances the work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
+
+import torch
+
+from .blocks import ParallelTransformerBlock, TransformerBlock
+from .comm import Comm
+from .cost import Hardware, format_seconds, hardware
+from .launch import run
+from .ring import ring_attention
+from .timeline import Timeline, timeline
+from .trace import CommTrace, format_bytes
+from .ulysses import ulysses_attention
+
+METHODS = ("tp", "tp_sp", "ring", "ulysses")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One block's sizes: ``world_size`` ranks, ``batch`` x ``seq`` tokens, ``hidden`` = heads x head_dim."""
+
+    world_size: int = 4
+    seq: int = 4096
+    batch: int = 1
+    hidden: int = 1024
+    heads: int = 16
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "meta"
+
+    def tensor(self, *shape: int, rank: int) -> torch.Tensor:
+        """A leaf tensor of this rank's own (random values, or none on meta)."""
+        if self.device == "meta":
+            return torch.empty(shape, dtype=self.dtype, device="meta", requires_grad=True)
+        g = torch.Generator().manual_seed(rank)
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(self.dtype).requires_grad_()
+
+
+def _block(comm: Comm, cfg: Config, dense: TransformerBlock, mode: str) -> None:
+    block = ParallelTransformerBlock.from_dense(dense, comm, mode)
+    seq = cfg.seq // comm.world_size if mode == "tp_sp" else cfg.seq
+    block(cfg.tensor(cfg.batch, seq, cfg.hidden, rank=comm.rank)).float().sum().backward()
+
+
+def _context_parallel(comm: Comm, cfg: Config, attention: Callable, **kwargs) -> None:
+    shape = (cfg.batch, cfg.heads, cfg.seq // comm.world_size, cfg.hidden // cfg.heads)
+    q, k, v = (cfg.tensor(*shape, rank=comm.rank) for _ in range(3))
+    attention(q, k, v, comm, causal=True, **kwargs).float().sum().backward()
+
+
+def record(method: str, cfg: Config) -> CommTrace:
+    """The trace (with FLOPs) of one forward and backward of ``method`` on ``cfg.world_size`` virtual ranks.
+
+    A ``ValueError`` with the numbers if the sizes do not divide (raised here or by the method itself).
+    """
+    p = cfg.world_size
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; methods are {METHODS}")
+    if cfg.hidden % cfg.heads:
+        raise ValueError(f"hidden={cfg.hidden} is not divisible by heads={cfg.heads}")
+    if method != "tp" and cfg.seq % p:
+        raise ValueError(f"{method}: seq={cfg.seq} is not divisible by world_size={p}")
+    if method in ("tp", "tp_sp"):
+        with torch.device(cfg.device):
+            dense = TransformerBlock(cfg.hidden, cfg.heads).to(cfg.dtype)
+        return run(_block, cfg, dense, method, world_size=p, count_flops=True).trace
+    if method == "ring":
+        return run(_context_parallel, cfg, ring_attention, world_size=p, count_flops=True, layout="zigzag").trace
+    return run(_context_parallel, cfg, ulysses_attention, world_size=p, count_flops=True).trace
+
+
+@dataclass(frozen=True)
+class Point:
+    """What one method costs per rank on one config: bytes sent, and seconds on ``hardware``."""
+
+    method: str
+    world_size: int
+    seq: int
+    sent: float  # bytes sent per rank (mean over ranks), forward + backward
+    seconds: float  # time the busiest rank communicates (transfers posted together overlap)
+    exposed: float  # of which not hidden behind compute (the rank waits)
+    trace: CommTrace
+    timeline: Timeline
+
+
+def measure(method: str, cfg: Config, hw: Hardware | str) -> Point:
+    """Record ``method`` on ``cfg`` and lay it out on ``hw``."""
+    trace = record(method, cfg)
+    tl = timeline(trace, hardware(hw))
+    return Point(method, cfg.world_size, cfg.seq, trace.total() / cfg.world_size,
+                 max(tl.comm(r) for r in tl.ranks), max(tl.exposed(r) for r in tl.ranks), trace, tl)
+
+
+def sweep(cfg: Config, hw: Hardware | str, methods: Iterable[str] = METHODS, world_sizes: Iterable[int] = (),
+          seqs: Iterable[int] = (), progress: Callable[[list], Iterable] = iter) -> tuple[list[Point], list[str]]:
+    """``measure`` every method on ``cfg``, or on ``cfg`` with each of ``world_sizes`` and then each of
+    ``seqs``; ``progress`` wraps the list of runs (e.g. ``tqdm.tqdm``). Returns (points, why each
+    combination whose sizes do not divide was skipped)."""
+    cfgs = [replace(cfg, world_size=p) for p in world_sizes] + [replace(cfg, seq=s) for s in seqs]
+    points, skipped = [], []
+    for method, c in progress([(m, c) for c in (cfgs or [cfg]) for m in methods]):
+        try:
+            points.append(measure(method, c, hw))
+        except ValueError as error:
+            skipped.append(f"{method} on {c.world_size} ranks, seq {c.seq}: {error}")
+    return points, skipped
+
+
+def table(points: Iterable[Point], hw: Hardware | str) -> str:
+    """A Markdown table of the points: bytes sent and predicted seconds per rank on ``hw``."""
+    lines = [f"| method | ranks | seq | sent/rank | comm time ({hardware(hw).name}) | exposed |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {p.method} | {p.world_size} | {p.seq} | {format_bytes(p.sent)} | {format_seconds(p.seconds)} | "
+              f"{format_seconds(p.exposed)} |" for p in points]
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""Each rank's program laid out in time on a hardware model: where compute hides communication.
+
+``ts.run(fn, ..., count_flops=True)`` records, per rank and in program order, the FLOPs computed
+between communications (``ComputeSpan``), every call (``CommEvent``) and every wait on an
+asynchronous one (``WaitMark``). ``timeline(trace, hw)`` replays them:
+
+* compute takes flops / peak_flops;
+* a collective starts when the last rank of its group reaches it (the others idle until then) and
+  takes ``collective_time``;
+* the k-th send from rank s to rank d is the k-th receive of d from s. The transfer starts once
+  both sides have posted it and the sender's outgoing and the receiver's incoming link are free
+  (links are full duplex; one rank's sends leave one after another, as posted), and takes α + n/B.
+  A blocking send or recv (or a sendrecv, whose two halves are posted together) returns when its
+  transfer ends; isend/irecv return at once, so the transfer runs while the rank computes, and the
+  rank stalls at ``wait()`` only if the transfer has not ended by then.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable
+
+from .cost import Hardware, event_time, hardware
+from .errors import SimulationError
+from .trace import CommEvent, CommTrace, ComputeSpan, WaitMark
+
+
+@dataclass(frozen=True)
+class Span:
+    """One stretch of one rank's time: "compute", or "comm" (a collective or one side of a transfer)."""
+
+    rank: int
+    kind: str
+    start: float
+    end: float
+    label: str  # "compute" or the op
+    scope: str
+    phase: str
+    blocking: bool = True  # False: an isend/irecv in flight while the rank goes on
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The spans of every rank, and what they add up to (seconds)."""
+
+    spans: tuple[Span, ...]
+    hardware: Hardware
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({s.rank for s in self.spans})
+
+    def of(self, rank: int, kind: str | None = None) -> list[Span]:
+        return [s for s in self.spans if s.rank == rank and kind in (None, s.kind)]
+
+    def end(self, rank: int | None = None) -> float:
+        """When ``rank`` (default: the last rank) finishes."""
+        return max((s.end for s in self.spans if rank in (None, s.rank)), default=0.0)
+
+    def compute(self, rank: int) -> float:
+        return _length(_union(self.of(rank, "compute")))
+
+    def comm(self, rank: int) -> float:
+        """Seconds during which at least one of the rank's calls or transfers is running."""
+        return _length(_union(self.of(rank, "comm")))
+
+    def hidden(self, rank: int) -> float:
+        """Communication that runs while the rank computes."""
+        return _overlap(_union(self.of(rank, "comm")), _union(self.of(rank, "compute")))
+
+    def exposed(self, rank: int) -> float:
+        """Communication the rank is not computing under: it waits for it."""
+        return self.comm(rank) - self.hidden(rank)
+
+    def idle(self, rank: int) -> float:
+        """Neither computing nor communicating: waiting for another rank (load imbalance)."""
+        return max(0.0, self.end(rank) - self.compute(rank) - self.exposed(rank))  # no negative round-off
+
+    def rows(self) -> list[tuple[int, float, float, float, float, float]]:
+        """(rank, compute, comm hidden, comm exposed, idle, end) per rank, in seconds."""
+        return [(r, self.compute(r), self.hidden(r), self.exposed(r), self.idle(r), self.end(r)) for r in self.ranks]
+
+
+def timeline(trace: CommTrace, hw: Hardware | str) -> Timeline:
+    """Lay out every rank's recorded program on ``hw`` (see the module docstring). Needs the whole trace."""
+    return _Replay(trace, hardware(hw)).run()
+
+
+class _Replay:
+    def __init__(self, trace: CommTrace, hw: Hardware) -> None:
+        self.hw = hw
+        items: dict[int, list] = defaultdict(list)
+        for item in (*trace.compute, *trace.events, *trace.waits):
+            items[item.rank].append(item)
+        self.programs = {r: sorted(xs, key=lambda x: x.seq) for r, xs in sorted(items.items())}
+        self.at = {r: 0 for r in self.programs}  # index of each rank's next item
+        self.clock = {r: 0.0 for r in self.programs}
+        self.spans: list[Span] = []
+        self.call: dict[tuple[int, int], tuple[tuple, CommEvent]] = {}  # (rank, seq) -> (its call, event)
+        self.after: dict[tuple, tuple | None] = {}  # transfer -> the one before it on a link, per side
+        self.arrived: dict[tuple, dict[int, float]] = defaultdict(dict)  # collective -> rank -> time
+        self.posted: dict[tuple, dict[str, float]] = defaultdict(dict)  # transfer -> side -> time
+        self.size: dict[tuple, CommEvent] = {}  # transfer -> its send event
+        self.done: dict[tuple, tuple[float, float]] = {}  # transfer -> (start, end)
+        self._name_calls(trace.events)
+
+    def _name_calls(self, events: Iterable[CommEvent]) -> None:
+        """The k-th collective on a group is one call; the k-th send s->d meets the k-th recv of d from s."""
+        calls_made: dict[tuple, int] = defaultdict(int)
+        last_on_link: dict[tuple[int, str], tuple] = {}  # (rank, "send" | "recv") -> its latest transfer
+        for e in sorted(events, key=lambda e: (e.rank, e.seq)):
+            if e.op in ("send", "recv"):
+                src, dst = (e.rank, e.peer) if e.op == "send" else (e.peer, e.rank)
+                counter = (e.group, src, dst, e.op)
+                key = ("transfer", e.group, src, dst, calls_made[counter])
+                self.after[key, e.op] = last_on_link.get((e.rank, e.op))
+                last_on_link[e.rank, e.op] = key
+                if e.op == "send":
+                    self.size[key] = e
+            else:
+                counter = (e.group, e.rank)
+                key = ("collective", e.group, calls_made[counter])
+            calls_made[counter] += 1
+            self.call[e.rank, e.seq] = key, e
+
+    def run(self) -> Timeline:
+        progress = True
+        while progress:
+            moved = [self._advance(r) for r in self.programs]  # a list: every rank advances
+            progress = any(moved) | self._start_transfers()
+        stuck = {r: self.programs[r][i] for r, i in self.at.items() if i < len(self.programs[r])}
+        if stuck:
+            raise SimulationError("timeline: cannot lay out the trace (is it the whole trace of one run?); "
+                                  + "; ".join(f"rank {r} waits at {item}" for r, item in stuck.items()))
+        for key, e in self.call.values():
+            if key[0] == "transfer":
+                start, end = self.done[key]
+                self.spans.append(Span(e.rank, "comm", start, end, e.op, e.scope, e.phase, e.blocking))
+        return Timeline(tuple(sorted(self.spans, key=lambda s: (s.rank, s.start, s.end))), self.hw)
+
+    def _advance(self, r: int) -> bool:
+        """Run rank ``r`` as far as it can go; True if it moved."""
+        moved = False
+        program = self.programs[r]
+        while self.at[r] < len(program):
+            item, t = program[self.at[r]], self.clock[r]
+            if isinstance(item, ComputeSpan):
+                end = t + item.flops / self.hw.peak_flops
+                self.spans.append(Span(r, "compute", t, end, "compute", item.scope, item.phase))
+                self.clock[r], taken = end, 1
+            elif isinstance(item, WaitMark):
+                key = self.call[r, item.event_seq][0]
+                if key not in self.done:
+                    return moved
+                self.clock[r], taken = max(t, self.done[key][1]), 1
+            elif item.op in ("send", "recv"):
+                batch = [item]
+                nxt = program[self.at[r] + 1] if self.at[r] + 1 < len(program) else None
+                if isinstance(nxt, CommEvent) and nxt.batched:
+                    batch.append(nxt)  # a sendrecv: both halves posted together
+                keys = [self.call[r, e.seq][0] for e in batch]
+                for key, e in zip(keys, batch):
+                    self.posted[key].setdefault(e.op, t)
+                if item.blocking:
+                    if any(key not in self.done for key in keys):
+                        return moved
+                    self.clock[r] = max(t, *(self.done[key][1] for key in keys))
+                taken = len(batch)
+            else:
+                key = self.call[r, item.seq][0]
+                self.arrived[key].setdefault(r, t)
+                if len(self.arrived[key]) < len(item.group):
+                    return moved
+                start = max(self.arrived[key].values())
+                end = start + event_time(item, self.hw)
+                self.spans.append(Span(r, "comm", start, end, item.op, item.scope, item.phase))
+                self.clock[r], taken = end, 1
+            self.at[r] += taken
+            moved = True
+        return moved
+
+    def _start_transfers(self) -> bool:
+        """Time every transfer both of whose sides are posted and whose links are free; True if any."""
+        started = False
+        ready = [k for k, sides in self.posted.items() if len(sides) == 2 and k not in self.done]
+        changed = True
+        while changed:
+            changed = False
+            for key in ready:
+                before = [self.after[key, side] for side in ("send", "recv")]
+                if key in self.done or any(b is not None and b not in self.done for b in before):
+                    continue
+                start = max(*self.posted[key].values(), *(self.done[b][1] for b in before if b is not None))
+                self.done[key] = (start, start + event_time(self.size[key], self.hw))
+                changed = started = True
+        return started
+
+
+def _union(spans: Iterable[Span]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for s in sorted(spans, key=lambda s: s.start):
+        if merged and s.start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], s.end)
+        else:
+            merged.append([s.start, s.end])
+    return [(a, b) for a, b in merged]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum((b - a for a, b in intervals), 0.0)
+
+
+def _overlap(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
+    """Total length of the intersection of two sorted lists of disjoint intervals."""
+    total, i, j = 0.0, 0, 0
+    while i < len(xs) and j < len(ys):
+        total += max(0.0, min(xs[i][1], ys[j][1]) - max(xs[i][0], ys[j][0]))
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total

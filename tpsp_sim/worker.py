@@ -1,0 +1,124 @@
+"""The process side of a real run: one rank of ``torch.distributed`` calling the per-rank ``fn``.
+
+``ts.run(..., backend="gloo")`` starts this module once per rank (``--worker``); under ``torchrun``
+it runs any module-level function::
+
+    torchrun --nproc-per-node 4 -m tpsp_sim.worker mymodule:fn --out result.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import cloudpickle
+import torch
+import torch.distributed as dist
+
+from .runtime import RunResult
+from .torch_comm import TorchComm
+from .trace import CommTrace, Recorder
+
+
+def _map_tensors(obj: Any, f: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``f`` to every tensor inside nested lists, tuples and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return f(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(o, f) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, f) for k, v in obj.items()}
+    return obj
+
+
+def _call_on_this_process(fn: Callable, args: tuple, kwargs: dict, backend: str) -> tuple[Any, Recorder]:
+    """Run ``fn`` on this process's rank of the initialised default group; return (outputs on CPU, recorder)."""
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    comm = TorchComm(recorder=Recorder(dist.get_rank()), device=device)
+    to_device = lambda t: t.to(device)  # noqa: E731
+    out = fn(comm, *_map_tensors(args, to_device), **_map_tensors(kwargs, to_device))
+    comm.recorder.finish()
+    return _map_tensors(out, lambda t: t.detach().cpu()), comm.recorder
+
+
+def _worker(work: Path, rank: int, world_size: int, backend: str, port: int, timeout: float) -> None:
+    result: tuple
+    sys.path[:0] = [p for p in json.loads((work / "sys_path.json").read_text()) if p not in sys.path]
+    try:
+        fn, args, kwargs = cloudpickle.loads((work / "payload.pkl").read_bytes())
+    except Exception as error:
+        result = ("error", ImportError(f"rank {rank} could not load fn ({error}); define it at module level in an "
+                                       f"importable module or in a notebook cell"))
+    else:
+        store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout))
+        try:
+            outputs, recorder = _call_on_this_process(fn, args, kwargs, backend)
+            result = ("ok", outputs, recorder)
+        except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
+            result = ("error", _picklable(error))
+    if result[0] != "ok":
+        (work / f"failed{rank}").touch()
+    (work / f"result{rank}.pkl").write_bytes(cloudpickle.dumps(result))
+    if dist.is_initialized():
+        if result[0] == "ok":
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _picklable(error: BaseException) -> BaseException:
+    try:
+        cloudpickle.loads(cloudpickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc-per-node N -m tpsp_sim.worker MODULE:FN [--backend gloo] [--out result.pt]``.
+
+    Runs ``FN(comm)`` on every process of the torchrun job; rank 0 gathers every rank's output and
+    trace, prints the trace table and, with ``--out``, saves ``{"outputs", "trace"}`` with ``torch.save``.
+    """
+    parser = argparse.ArgumentParser(prog="python -m tpsp_sim.worker", description=main.__doc__)
+    parser.add_argument("target", nargs="?", help="MODULE:FN, a per-rank function fn(comm)")
+    parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
+    parser.add_argument("--out", help="file for rank 0 to save the outputs and the trace")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    for name in ("--rank", "--world-size", "--port"):
+        parser.add_argument(name, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, default=120.0, help=argparse.SUPPRESS)
+    a = parser.parse_args(argv)
+    if a.worker:
+        _worker(Path(a.worker), a.rank, a.world_size, a.backend, a.port, a.timeout)
+        return
+    if not a.target or ":" not in a.target:
+        parser.error("give the function as MODULE:FN")
+    module, name = a.target.split(":", 1)
+    sys.path.insert(0, os.getcwd())
+    fn = getattr(importlib.import_module(module), name)
+    dist.init_process_group(a.backend, timeout=timedelta(seconds=a.timeout))
+    outputs, recorder = _call_on_this_process(fn, (), {}, a.backend)
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((outputs, recorder), gathered, dst=0)
+    if dist.get_rank() == 0:
+        result = RunResult([g[0] for g in gathered], CommTrace.from_recorders([g[1] for g in gathered]))
+        print(result.trace.table())
+        if a.out:
+            torch.save({"outputs": result.outputs, "trace": result.trace}, a.out)
+            print(f"saved outputs and trace of {len(gathered)} ranks to {a.out}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
