@@ -45,6 +45,7 @@ def comm_bars(traces: CommTrace | dict[str, CommTrace],
 
 def _stacks(trace: CommTrace, bar: Callable[[CommEvent], str], hw: Hardware | str | None):
     n = len({e.rank for e in trace.events}) or 1
+
     def key(e: CommEvent) -> tuple[str, str, str]:
         return bar(e), e.op, e.phase
 
