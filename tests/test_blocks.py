@@ -302,9 +302,10 @@ def test_on_gloo_processes_equals_dense_and_the_simulators_trace(mode):
 
 # ---- the benchmark script runs ------------------------------------------------------------------
 
-def test_benchmark_script_runs_on_tiny_sizes(tmp_path):
+@pytest.mark.timeout(300)  # a subprocess; LocalTensorMode imports torch._dynamo (~10 s)
+def test_benchmark_script_runs_on_tiny_sizes():
     script = Path(__file__).parent.parent / "benchmarks" / "block.py"
     out = subprocess.run([sys.executable, str(script), "--batch", "1", "--seq", "16", "--hidden", "16", "--heads", "4",
                           "--ranks", "2", "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "simulator / dense" in out.stdout
+    assert "simulator / dense" in out.stdout and "| 2 |" in out.stdout

@@ -132,26 +132,22 @@ def test_a_rank_busy_computing_is_stopped_after_another_fails():
         timed_run(fn, 2)
 
 
-def test_timeout_stops_a_run_that_never_ends():
-    def fn(comm):
-        if comm.rank == 0:
-            while True:
-                time.sleep(0.01)
-        comm.barrier()
+def rank_0_never_arrives(comm):
+    """Rank 0 computes forever; the others wait for it at a barrier (not a deadlock: rank 0 runs)."""
+    if comm.rank == 0:
+        while True:
+            time.sleep(0.01)
+    comm.barrier()
 
+
+def test_timeout_stops_a_run_that_never_ends():
     with pytest.raises(ts.SimulationError, match=r"timeout of 0.5 s"):
-        timed_run(fn, 2, timeout=0.5)
+        timed_run(rank_0_never_arrives, 2, timeout=0.5)
 
 
 def test_keyboard_interrupt_leaves_no_thread_behind():
-    def fn(comm):
-        if comm.rank == 0:
-            while True:
-                time.sleep(0.01)
-        comm.barrier()
-
     timer = threading.Timer(0.3, _thread.interrupt_main)
     timer.start()
     with pytest.raises(KeyboardInterrupt):
-        timed_run(fn, 3)
+        timed_run(rank_0_never_arrives, 3)
     timer.join()

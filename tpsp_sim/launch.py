@@ -9,6 +9,7 @@ code runs with ``torchrun ... -m tpsp_sim.worker MODULE:FN`` (see worker.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,13 +84,16 @@ def _run_processes(fn, args, kwargs, world_size, backend, timeout) -> RunResult:
             _kill(procs)
             raise
         results = [_read_result(work, rank, procs[rank]) for rank in range(world_size)]
+        failed_at = [_failure_time(work, rank) for rank in range(world_size)]
         for rank in range(world_size):
             text = (work / f"stdout{rank}").read_text(errors="replace")
             for line in text.splitlines():
                 print(f"[rank {rank}] {line}")
     failures = [(rank, r) for rank, r in enumerate(results) if r[0] != "ok"]
     if failures:
-        own = [f for f in failures if f[1][0] == "error"]  # a rank's own error, before ranks killed after it
+        # a rank's own error, before ranks killed after it; the earliest first, since the peers of a rank
+        # that failed and exited fail after it with errors of their own ("Connection closed by peer")
+        own = sorted((f for f in failures if f[1][0] == "error"), key=lambda f: failed_at[f[0]])
         rank, (_, cause) = (own or failures)[0]
         raise rank_failed(rank, cause) from cause
     outputs = [r[1] for r in results]
@@ -107,6 +111,14 @@ def _wait_for(procs: list[subprocess.Popen], work: Path, timeout: float) -> None
             _kill(procs)
             return
         time.sleep(0.02)
+
+
+def _failure_time(work: Path, rank: int) -> float:
+    """When ``rank``'s worker reported a failure (its marker holds ``time.time_ns()``); inf if it did not."""
+    try:
+        return int((work / f"failed{rank}").read_text())
+    except (FileNotFoundError, ValueError):
+        return math.inf
 
 
 def _kill(procs: list[subprocess.Popen]) -> None:

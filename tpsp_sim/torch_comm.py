@@ -1,7 +1,8 @@
 """``TorchComm``: the same ``Comm`` interface on real ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
 
 Each method maps onto the tensor-native collective a production code base would use:
-``all_gather_into_tensor``, ``reduce_scatter_tensor``, ``all_reduce``, ``broadcast``,
+``all_gather_single`` and ``reduce_scatter_single`` (``*_into_tensor``/``*_tensor`` before torch 2.13),
+``all_reduce``, ``broadcast``,
 ``all_to_all_single``, ``isend``/``irecv`` and ``batch_isend_irecv`` for a ring shift.
 The calls are recorded exactly as the simulator records them, so traces can be compared.
 """
@@ -13,6 +14,10 @@ import torch.distributed as dist
 
 from .comm import Comm
 from .trace import Recorder
+
+# torch 2.13 renamed these two (the old names warn FutureWarning); older torch has only the old names
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 _OPS = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT, "max": dist.ReduceOp.MAX,
         "min": dist.ReduceOp.MIN}
@@ -36,7 +41,7 @@ class TorchComm(Comm):
     def _all_gather(self, x, dim):
         x = x.detach().movedim(dim, 0).contiguous()
         out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=self.pg)
+        _all_gather_single(out, x, group=self.pg)
         return out.movedim(0, dim).contiguous()
 
     def _all_reduce(self, x, op):
@@ -47,7 +52,7 @@ class TorchComm(Comm):
     def _reduce_scatter(self, x, dim, op):
         x = x.detach().movedim(dim, 0).contiguous()
         out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
-        dist.reduce_scatter_tensor(out, x, op=_OPS[op], group=self.pg)
+        _reduce_scatter_single(out, x, op=_OPS[op], group=self.pg)
         return out.movedim(0, dim).contiguous()
 
     def _broadcast(self, x, src):

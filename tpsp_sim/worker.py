@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -68,7 +69,7 @@ def _worker(work: Path, rank: int, world_size: int, backend: str, port: int, tim
         except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
             result = ("error", _picklable(error))
     if result[0] != "ok":
-        (work / f"failed{rank}").touch()
+        (work / f"failed{rank}").write_text(str(time.time_ns()))  # when: the first failure causes the others
     (work / f"result{rank}.pkl").write_bytes(cloudpickle.dumps(result))
     if dist.is_initialized():
         if result[0] == "ok":
