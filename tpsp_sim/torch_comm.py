@@ -1,9 +1,9 @@
 """``TorchComm``: the same ``Comm`` interface on real ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
 
 Each method maps onto the tensor-native collective a production code base would use:
-``all_gather_single`` and ``reduce_scatter_single`` (``*_into_tensor``/``*_tensor`` before torch 2.13),
-``all_reduce``, ``broadcast``,
-``all_to_all_single``, ``isend``/``irecv`` and ``batch_isend_irecv`` for a ring shift.
+``all_gather_single`` and ``reduce_scatter_single`` (``all_gather_into_tensor`` and
+``reduce_scatter_tensor`` before torch 2.13), ``all_reduce``, ``broadcast``, ``all_to_all_single``,
+``isend``/``irecv``, and ``batch_isend_irecv`` for a ring shift.
 The calls are recorded exactly as the simulator records them, so traces can be compared.
 """
 

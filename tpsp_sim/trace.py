@@ -248,9 +248,10 @@ class CommTrace:
 
     def table(self) -> str:
         header = ("scope", "phase", "op", "calls/rank", "sent/rank", "recv/rank")
-        body = [(s or "-", p, o, str(c), format_bytes(sb), format_bytes(rb)) for s, p, o, c, sb, rb in self.rows()]
-        body.append(("total", "", "", str(sum(r[3] for r in self.rows())),
-                     format_bytes(sum(r[4] for r in self.rows())), format_bytes(sum(r[5] for r in self.rows()))))
+        rows = self.rows()
+        body = [(s or "-", p, o, str(c), format_bytes(sb), format_bytes(rb)) for s, p, o, c, sb, rb in rows]
+        body.append(("total", "", "", str(sum(r[3] for r in rows)),
+                     format_bytes(sum(r[4] for r in rows)), format_bytes(sum(r[5] for r in rows))))
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                  for row in [header, *body]]
