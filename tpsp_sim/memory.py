@@ -10,11 +10,12 @@ measures its own). ``activation_memory`` is Korthikanti et al. 2022's count per 
     "tp_sp"  sbh/t (34 + 5as/h)            §4.2.2
 
 Measured on ``ts.TransformerBlock`` / ``ts.ParallelTransformerBlock`` in bfloat16 with dropout on
-(parameters excluded), term by term, per rank (h_t = h/t; under "tp" the first three rows are
-whole, under "tp_sp" divided by t):
+(parameters excluded), term by term, per rank (under "tp" the first three rows are whole, under
+"tp_sp" divided by t):
 
     term                                   paper     measured
-    ln1, ln2 inputs                        4sbh      4sbh      + their mean and rstd: 4 x 2bs bytes
+    ln1, ln2 inputs                        4sbh      4sbh      + mean and rstd, [b, s, 1] each in the
+                                                               activation dtype: 4 x 2bs bytes
     qkv, fc1 inputs (LayerNorm outputs)    4sbh      4sbh      under tp_sp the shard: g is fused with
                                                                the matmul and re-gathered in backward
     residual dropout masks                 2sbh      2sbh      bool, 1 byte
