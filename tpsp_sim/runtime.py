@@ -127,10 +127,8 @@ class SimWorld:
             try:
                 self.check_deadlock()
                 self._raise_if_failed()
-                if self.deadline is not None and time.monotonic() > self.deadline:
-                    self.fail(SimulationError(f"the run passed its timeout of {self.timeout} s; "
-                                              f"blocked ranks:\n{self._describe_blocked()}"))
-                    self._raise_if_failed()
+                self.check_timeout()
+                self._raise_if_failed()
                 self.cond.wait(timeout=1.0)
             finally:
                 del self.blocked[rank]
@@ -143,6 +141,12 @@ class SimWorld:
         if any(ready() for ready, _ in self.blocked.values()):
             return
         self.fail(DeadlockError("every live rank is blocked and none can progress:\n" + self._describe_blocked()))
+
+    def check_timeout(self) -> None:
+        """Fail the run once it has passed its timeout. Lock held."""
+        if self.error is None and self.deadline is not None and time.monotonic() > self.deadline:
+            self.fail(SimulationError(f"the run passed its timeout of {self.timeout} s; "
+                                      f"ranks:\n{self._describe_blocked()}"))
 
     def _describe_blocked(self) -> str:
         lines = []
@@ -382,10 +386,8 @@ def _join(threads: list[threading.Thread], world: SimWorld) -> None:
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(timeout=0.05)
-        if world.error is None and world.deadline is not None and time.monotonic() > world.deadline:
-            with world.lock:
-                world.fail(SimulationError(f"the run passed its timeout of {world.timeout} s; "
-                                           f"ranks:\n{world._describe_blocked()}"))
+        with world.lock:
+            world.check_timeout()
         if world.error is not None:
             failed_at = failed_at or time.monotonic()
             if time.monotonic() - failed_at > 1.0:
