@@ -20,7 +20,7 @@ import time
 import torch
 
 import tpsp_sim as ts
-from tpsp_sim.flops import count_flops
+from tpsp_sim.core.flops import count_flops
 
 
 def fwd_bwd(attn, q, k, v, dout, **kwargs):

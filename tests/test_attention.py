@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tpsp_sim as ts
-from tpsp_sim.attention import attention_block_backward
+from tpsp_sim.context_parallel.attention import attention_block_backward
 
 TOL = 1e-10
 
@@ -127,7 +127,7 @@ def test_zigzag_rank_holds_chunks_r_and_2p_minus_1_minus_r(p):
 
 
 @settings(max_examples=30, deadline=None)
-@given(p=st.integers(1, 6), chunk=st.integers(1, 4), dim=st.integers(0, 2), layout=st.sampled_from(ts.attention.LAYOUTS))
+@given(p=st.integers(1, 6), chunk=st.integers(1, 4), dim=st.integers(0, 2), layout=st.sampled_from(ts.context_parallel.attention.LAYOUTS))
 def test_unshard_inverts_shard(p, chunk, dim, layout):
     shape = [2, 3, 2]
     shape[dim] = chunk * 2 * p

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import tpsp_sim as ts
-from tpsp_sim import cost, plot
-from tpsp_sim.sweep import Config, measure
-from tpsp_sim.timeline import timeline
+from tpsp_sim import cost
+from tpsp_sim.viz import plot
+from tpsp_sim.analysis.sweep import Config, measure
+from tpsp_sim import timeline
 
 matplotlib.use("Agg")
 

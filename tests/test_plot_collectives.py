@@ -5,7 +5,7 @@ import torch
 from matplotlib.colors import to_rgba
 
 import tpsp_sim as ts
-from tpsp_sim.plot_collectives import REDUCED, draw_collective, rank_colors
+from tpsp_sim.viz.collectives import REDUCED, draw_collective, rank_colors
 
 
 def cells(ax):

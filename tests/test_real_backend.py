@@ -104,7 +104,7 @@ def test_torchrun_entry_point(tmp_path):
     """))
     out = tmp_path / "result.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tpsp_sim.worker", "ring_job:shift", "--out", str(out)]
+           "-m", "tpsp_sim.dist.worker", "ring_job:shift", "--out", str(out)]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ring" in done.stdout and "send" in done.stdout

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tpsp_sim.__main__ import main
-from tpsp_sim.sweep import Config, record
-from tpsp_sim.trace import format_bytes
+from tpsp_sim.analysis.sweep import Config, record
+from tpsp_sim.core.trace import format_bytes
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

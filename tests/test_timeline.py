@@ -9,7 +9,7 @@ import tpsp_sim as ts
 from tpsp_sim import cost
 
 # Small numbers so that tiny CPU tensors sit on either side of the overlap block.
-timeline = cost.timeline  # the public entry point (tpsp_sim.timeline.timeline)
+timeline = ts.timeline
 
 TOY = cost.Hardware("toy", link_bandwidth=1e9, latency=0.0, peak_flops=32e9)
 TOY_LATENCY = cost.Hardware("toy with latency", link_bandwidth=1e9, latency=2e-7, peak_flops=32e9)

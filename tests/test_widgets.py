@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tpsp_sim import cost
-from tpsp_sim.widgets import dashboard, update
+from tpsp_sim.viz.widgets import dashboard, update
 
 matplotlib.use("Agg")
 

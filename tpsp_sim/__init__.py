@@ -1,32 +1,47 @@
-"""tpsp_sim: tensor, sequence and context parallelism on simulated (or real) ranks, byte by byte."""
+"""tpsp_sim: tensor, sequence and context parallelism on simulated (or real) ranks, byte by byte.
 
-from . import cost, mappings
-from .attention import (attention_block, blockwise_attention, dense_attention, online_softmax_merge,
-                        shard_sequence, unshard_sequence)
-from .blocks import MLP, ParallelTransformerBlock, SelfAttention, TransformerBlock
-from .comm import Comm, Work
-from .cost import Hardware
-from .errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError
+The package is layered; data flows one way, per-rank code → Comm → backend → trace → analysis → viz:
+
+    core/              the Comm interface, the trace, errors          (shared by every backend)
+    sim/               virtual ranks: threads in this process
+    dist/              real torch.distributed: TorchComm, processes, the torchrun worker
+    tensor_parallel/   Megatron's mappings, parallel linears, transformer blocks (TP, TP+SP)
+    context_parallel/  attention tiles, ring attention, Ulysses
+    analysis/          cost model, timeline, memory, sweeps
+    viz/               plots and the dashboard
+"""
+
+from .analysis import cost, memory
+from .analysis.cost import Hardware
+from .analysis.memory import activation_memory, saved_tensor_meter
+from .analysis.timeline import Timeline, timeline
+from .context_parallel.attention import (attention_block, blockwise_attention, dense_attention,
+                                         online_softmax_merge, shard_sequence, unshard_sequence)
+from .context_parallel.ring import ring_attention
+from .context_parallel.ulysses import ulysses_attention
+from .core.comm import Comm, Work
+from .core.errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError
+from .core.result import RunResult
+from .core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark, format_bytes, wire_bytes
+from .dist.torch_comm import TorchComm
 from .launch import run
-from .layers import (ColumnParallelLinear, Dropout, DropoutRNG, RowParallelLinear, gather_dense_grads,
-                     gather_dense_parameters, replicate, sync_sequence_parallel_grads)
-from .memory import activation_memory, saved_tensor_meter
-from .ring import ring_attention
-from .runtime import RunResult, SimComm
-from .timeline import Timeline
-from .trace import CommEvent, CommTrace, ComputeSpan, WaitMark, format_bytes, wire_bytes
-from .ulysses import ulysses_attention
+from .sim.runtime import SimComm
+from .tensor_parallel import mappings
+from .tensor_parallel.blocks import MLP, ParallelTransformerBlock, SelfAttention, TransformerBlock
+from .tensor_parallel.layers import (ColumnParallelLinear, Dropout, DropoutRNG, RowParallelLinear,
+                                     gather_dense_grads, gather_dense_parameters, replicate,
+                                     sync_sequence_parallel_grads)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CollectiveMismatchError", "Comm", "CommEvent", "CommTrace", "ComputeSpan", "DeadlockError",
-    "RankFailedError", "RunResult", "SimComm", "SimulationError", "WaitMark", "Work", "format_bytes",
-    "mappings", "run", "wire_bytes",
+    "RankFailedError", "RunResult", "SimComm", "SimulationError", "TorchComm", "WaitMark", "Work",
+    "format_bytes", "mappings", "run", "wire_bytes",
     "attention_block", "blockwise_attention", "dense_attention", "online_softmax_merge", "ring_attention",
     "shard_sequence", "ulysses_attention", "unshard_sequence",
     "ColumnParallelLinear", "Dropout", "DropoutRNG", "MLP", "ParallelTransformerBlock", "RowParallelLinear",
     "SelfAttention", "TransformerBlock", "activation_memory", "gather_dense_grads", "gather_dense_parameters",
     "replicate", "saved_tensor_meter", "sync_sequence_parallel_grads",
-    "Hardware", "Timeline", "cost",
+    "Hardware", "Timeline", "cost", "memory", "timeline",
 ]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .cost import PRESETS, estimate, hardware
-from .plot import plot_comm, plot_scaling, plot_shards, plot_timeline
-from .sweep import METHODS, Config, sweep, table
+from .analysis.cost import PRESETS, estimate, hardware
+from .viz.plot import plot_comm, plot_scaling, plot_shards, plot_timeline
+from .analysis.sweep import METHODS, Config, sweep, table
 
 
 def report(out: Path, cfg: Config, world_sizes: list[int], seqs: list[int], hw: str, methods: list[str]) -> list[Path]:

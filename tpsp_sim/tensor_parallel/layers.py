@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import Comm
+from ..core.comm import Comm
 from .mappings import copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_sequence_region
 
 SEQUENCE_DIM = 1

@@ -15,14 +15,14 @@ from typing import Callable, Iterable
 
 import torch
 
-from .blocks import ParallelTransformerBlock, TransformerBlock
-from .comm import Comm
+from ..tensor_parallel.blocks import ParallelTransformerBlock, TransformerBlock
+from ..core.comm import Comm
 from .cost import Hardware, format_seconds, hardware
-from .launch import run
-from .ring import ring_attention
+from ..launch import run
+from ..context_parallel.ring import ring_attention
 from .timeline import Timeline, timeline
-from .trace import CommTrace, format_bytes
-from .ulysses import ulysses_attention
+from ..core.trace import CommTrace, format_bytes
+from ..context_parallel.ulysses import ulysses_attention
 
 METHODS = ("tp", "tp_sp", "ring", "ulysses")
 

@@ -16,11 +16,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
-from .attention import shard_sequence
-from .cost import Hardware, estimate, format_seconds, hardware
-from .plot_collectives import rank_colors
-from .timeline import Timeline
-from .trace import CommEvent, CommTrace, format_bytes
+from ..context_parallel.attention import shard_sequence
+from ..analysis.cost import Hardware, estimate, format_seconds, hardware
+from .collectives import rank_colors
+from ..analysis.timeline import Timeline
+from ..core.trace import CommEvent, CommTrace, format_bytes
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send", "recv", "broadcast", "barrier")
 BYTES = FuncFormatter(lambda v, _: format_bytes(v))

@@ -27,3 +27,19 @@ class RankFailedError(SimulationError):
 
     def __reduce__(self):
         return (type(self), (self.rank, str(self)))
+
+
+def rank_failed(rank: int, cause: BaseException) -> RankFailedError:
+    """A RankFailedError that is also an instance of ``cause``'s type, so ``except ValueError`` still works."""
+    message = f"rank {rank} raised {type(cause).__name__}: {cause}"
+    try:
+        cls = _failed_types.setdefault(type(cause), type(f"RankFailedError[{type(cause).__name__}]",
+                                                          (RankFailedError, type(cause)), {}))
+        error = cls(rank, message)
+    except TypeError:  # the original type cannot be mixed in (layout conflict, required arguments)
+        error = RankFailedError(rank, message)
+    error.__cause__ = cause
+    return error
+
+
+_failed_types: dict[type, type] = {}

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_block, attention_block_backward, check_layout, check_qkv, online_softmax_merge
-from .comm import Comm
+from ..core.comm import Comm
 
 ALL = slice(None)
 

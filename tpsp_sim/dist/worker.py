@@ -3,7 +3,7 @@
 ``ts.run(..., backend="gloo")`` starts this module once per rank (``--worker``); under ``torchrun``
 it runs any module-level function::
 
-    torchrun --nproc-per-node 4 -m tpsp_sim.worker mymodule:fn --out result.pt
+    torchrun --nproc-per-node 4 -m tpsp_sim.dist.worker mymodule:fn --out result.pt
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import cloudpickle
 import torch
 import torch.distributed as dist
 
-from .runtime import RunResult
+from ..core.result import RunResult
 from .torch_comm import TorchComm
-from .trace import CommTrace, Recorder
+from ..core.trace import CommTrace, Recorder
 
 
 def _map_tensors(obj: Any, f: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -86,12 +86,12 @@ def _picklable(error: BaseException) -> BaseException:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc-per-node N -m tpsp_sim.worker MODULE:FN [--backend gloo] [--out result.pt]``.
+    """``torchrun --nproc-per-node N -m tpsp_sim.dist.worker MODULE:FN [--backend gloo] [--out result.pt]``.
 
     Runs ``FN(comm)`` on every process of the torchrun job; rank 0 gathers every rank's output and
     trace, prints the trace table and, with ``--out``, saves ``{"outputs", "trace"}`` with ``torch.save``.
     """
-    parser = argparse.ArgumentParser(prog="python -m tpsp_sim.worker", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tpsp_sim.dist.worker", description=main.__doc__)
     parser.add_argument("target", nargs="?", help="MODULE:FN, a per-rank function fn(comm)")
     parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
     parser.add_argument("--out", help="file for rank 0 to save the outputs and the trace")

@@ -19,44 +19,20 @@ import threading
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .comm import Comm
-from .errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError
-from .flops import FlopCounter
-from .trace import CommTrace, Recorder
-
-
-@dataclass
-class RunResult:
-    """What ``ts.run`` returns: each rank's return value, and the trace of every rank's calls."""
-
-    outputs: list[Any]
-    trace: CommTrace
+from ..core.comm import Comm
+from ..core.errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError, rank_failed
+from ..core.flops import FlopCounter
+from ..core.result import RunResult
+from ..core.trace import CommTrace, Recorder
 
 
 class _Aborted(BaseException):
     """Raised inside a rank thread to stop it after the run has already failed."""
-
-
-def rank_failed(rank: int, cause: BaseException) -> RankFailedError:
-    """A RankFailedError that is also an instance of ``cause``'s type, so ``except ValueError`` still works."""
-    message = f"rank {rank} raised {type(cause).__name__}: {cause}"
-    try:
-        cls = _failed_types.setdefault(type(cause), type(f"RankFailedError[{type(cause).__name__}]",
-                                                          (RankFailedError, type(cause)), {}))
-        error = cls(rank, message)
-    except TypeError:  # the original type cannot be mixed in (layout conflict, required arguments)
-        error = RankFailedError(rank, message)
-    error.__cause__ = cause
-    return error
-
-
-_failed_types: dict[type, type] = {}
 
 
 def copy_error(error: SimulationError) -> SimulationError:

@@ -12,9 +12,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from .cost import PRESETS
+from ..analysis.cost import PRESETS
 from .plot import plot_comm
-from .sweep import Config, Point, sweep, table
+from ..analysis.sweep import Config, Point, sweep, table
 
 
 def update(world_size: int = 4, seq: int = 4096, batch: int = 1, hidden: int = 1024, heads: int = 16,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .cost import Hardware, event_time, hardware
-from .errors import SimulationError
-from .trace import CommEvent, CommTrace, ComputeSpan, WaitMark
+from ..core.errors import SimulationError
+from ..core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .comm import Comm
+from ..core.comm import Comm
 
 
 def _shard(x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .attention import check_qkv, dense_attention
-from .comm import Comm
-from .mappings import all_to_all
+from ..core.comm import Comm
+from ..tensor_parallel.mappings import all_to_all
 
 HEADS, SEQ = 1, 2
 

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from .comm import Comm
+from ..core.comm import Comm
 from .layers import (SEQUENCE_DIM, ColumnParallelLinear, Dropout, DropoutRNG, RowParallelLinear, replicate)
 
 MODES = ("tp", "tp_sp")

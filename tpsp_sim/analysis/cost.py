@@ -21,7 +21,7 @@ import html
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .trace import CommEvent, CommTrace, format_bytes, wire_bytes
+from ..core.trace import CommEvent, CommTrace, format_bytes, wire_bytes
 
 
 @dataclass(frozen=True)
@@ -178,13 +178,6 @@ def estimate(trace: CommTrace, hw: Hardware | str) -> Estimate:
     """Predicted time of every call of ``trace`` on ``hw`` (see ``Estimate``)."""
     hw = hardware(hw)
     return Estimate(trace, hw, {(e.rank, e.seq): event_time(e, hw) for e in trace.events})
-
-
-def timeline(trace: CommTrace, hw: Hardware | str):
-    """Each rank's recorded program laid out in time on ``hw``, overlaps included (``tpsp_sim.timeline``)."""
-    from .timeline import timeline as lay_out  # timeline.py builds on this module
-
-    return lay_out(trace, hw)
 
 
 def format_seconds(t: float) -> str:

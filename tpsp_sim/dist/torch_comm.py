@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .comm import Comm
-from .trace import Recorder
+from ..core.comm import Comm
+from ..core.trace import Recorder
 
 # torch 2.13 renamed these two (the old names warn FutureWarning); older torch has only the old names
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
