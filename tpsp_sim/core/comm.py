@@ -43,6 +43,7 @@ class Comm(ABC):
     """One rank's view of a group of ranks."""
 
     backend: str
+    axis: str | None = None  # set by ts.init_device_mesh on the groups it builds; recorded on every CommEvent
 
     def __init__(self, rank: int, group: tuple[int, ...], recorder: Recorder) -> None:
         self.rank = rank
@@ -193,7 +194,7 @@ class Comm(ABC):
                 blocking: bool = True, batched: bool = False) -> CommEvent:
         return self.recorder.record(op, x, self.group, self.rank, root=root,
                                     peer=None if peer is None else self.group[peer], blocking=blocking,
-                                    batched=batched)
+                                    batched=batched, axis=self.axis)
 
     # ---- backend primitives ---------------------------------------------------------------------
     # Arguments are checked and the call recorded; ranks are ranks of this group.

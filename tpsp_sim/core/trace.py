@@ -43,6 +43,7 @@ class CommEvent:
     peer: int | None = None  # send/recv: the global rank on the other side
     blocking: bool = True  # False for isend/irecv, whose completion is a WaitMark
     batched: bool = False  # the recv of a sendrecv: posted together with this rank's previous event (its send)
+    axis: str | None = None  # the device-mesh axis of the group ("tp", "cp", "dp_cp"; mesh.py), None for plain groups
 
 
 @dataclass(frozen=True)
@@ -151,13 +152,14 @@ class Recorder:
         return self._seq - 1
 
     def record(self, op: str, x: torch.Tensor, group: tuple[int, ...], index: int, *,
-               root: int = 0, peer: int | None = None, blocking: bool = True, batched: bool = False) -> CommEvent:
+               root: int = 0, peer: int | None = None, blocking: bool = True, batched: bool = False,
+               axis: str | None = None) -> CommEvent:
         nbytes = x.numel() * x.element_size()
         sent, received = wire_bytes(op, nbytes, len(group), index, root)
         event = CommEvent(op=op, rank=self.rank, group=group, shape=tuple(x.shape), dtype=x.dtype,
                           nbytes=nbytes, sent_bytes=sent, recv_bytes=received, scope=self.scope,
                           phase=self.phase(), seq=self._next_seq(), peer=peer, blocking=blocking,
-                          batched=batched)
+                          batched=batched, axis=axis)
         self.events.append(event)
         return event
 
