@@ -32,14 +32,15 @@ def op_color(op: str):
     return colormaps["Set2"](OPS.index(op) % 8) if op in OPS else "grey"
 
 
-def comm_bars(traces: CommTrace | dict[str, CommTrace],
-              hw: Hardware | str | None = None) -> dict[str, dict[tuple[str, str], float]]:
+def comm_bars(traces: CommTrace | dict[str, CommTrace], hw: Hardware | str | None = None,
+              by: str = "scope") -> dict[str, dict[tuple[str, str], float]]:
     """{bar: {(op, phase): bytes sent per rank}}, or predicted seconds per rank with ``hw``.
 
-    The bars are the scopes of one trace, or the labels of a dict of traces (each summed over its scopes).
+    The bars are the values of the event field ``by`` in one trace (its scopes, or its mesh axes with
+    ``by="axis"``), or the labels of a dict of traces (each summed over its scopes).
     """
     if isinstance(traces, CommTrace):
-        return _stacks(traces, lambda e: e.scope or "-", hw)
+        return _stacks(traces, lambda e: getattr(e, by) or "-", hw)
     return {label: _stacks(trace, lambda e, label=label: label, hw).get(label, {}) for label, trace in traces.items()}
 
 
@@ -57,13 +58,14 @@ def _stacks(trace: CommTrace, bar: Callable[[CommEvent], str], hw: Hardware | st
     return bars
 
 
-def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Hardware | str | None = None, title: str = "") -> Figure:
-    """Bytes sent per rank, one bar per scope (or per labelled trace), stacked by op and phase
-    (backward hatched); with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
+def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Hardware | str | None = None, title: str = "",
+              by: str = "scope") -> Figure:
+    """Bytes sent per rank, one bar per scope (``by="axis"``: per mesh axis; or per labelled trace), stacked by
+    op and phase (backward hatched); with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
     (one after another: a send and a receive posted together count twice — see the timeline)."""
-    panels = [(comm_bars(traces), "sent per rank", BYTES)]
+    panels = [(comm_bars(traces, by=by), "sent per rank", BYTES)]
     if hw is not None:
-        panels.append((comm_bars(traces, hw), f"time per rank, calls in sequence\n({hardware(hw).name})", SECONDS))
+        panels.append((comm_bars(traces, hw, by), f"time per rank, calls in sequence\n({hardware(hw).name})", SECONDS))
     fig = Figure(figsize=(4 + 1.2 * len(panels[0][0]), 3.6 * len(panels)))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, (bars, ylabel, formatter) in zip(axes, panels):
