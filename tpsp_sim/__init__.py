@@ -20,6 +20,7 @@ from .context_parallel.attention import (attention_block, blockwise_attention, d
 from .context_parallel.ring import ring_attention
 from .context_parallel.ulysses import ulysses_attention
 from .core.comm import Comm, Work
+from .core.mesh import DeviceMesh, init_device_mesh
 from .core.errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError
 from .core.result import RunResult
 from .core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark, format_bytes, wire_bytes
@@ -38,6 +39,7 @@ __all__ = [
     "CollectiveMismatchError", "Comm", "CommEvent", "CommTrace", "ComputeSpan", "DeadlockError",
     "RankFailedError", "RunResult", "SimComm", "SimulationError", "TorchComm", "WaitMark", "Work",
     "format_bytes", "mappings", "run", "wire_bytes",
+    "DeviceMesh", "init_device_mesh",
     "attention_block", "blockwise_attention", "dense_attention", "online_softmax_merge", "ring_attention",
     "shard_sequence", "ulysses_attention", "unshard_sequence",
     "ColumnParallelLinear", "Dropout", "DropoutRNG", "MLP", "ParallelTransformerBlock", "RowParallelLinear",

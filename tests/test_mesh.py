@@ -1,0 +1,133 @@
+"""ts.init_device_mesh: groups equal hand-written rank lists (last dim fastest), flattened axes, the
+axis recorded on every event, bad shapes, and the same groups on real gloo processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tpsp_sim as ts
+
+
+def mesh_groups(comm, shape, names):
+    """{axis key: global ranks of this rank's group} plus coordinate, local ranks and sizes."""
+    mesh = ts.init_device_mesh(comm, shape, mesh_dim_names=names)
+    keys = [(n,) for n in names] + [tuple(names)]
+    if len(names) == 3:
+        keys += [names[:2], names[1:], (names[0], names[2])]
+    groups = {k: mesh[k if len(k) > 1 else k[0]].group for k in keys}
+    local = {n: (mesh.get_local_rank(n), mesh.size(n), mesh[n].rank) for n in names}
+    return groups, mesh.shape, mesh.size(), local
+
+
+def all_groups(shape, names):
+    """{axis key: set of groups over every rank}, and each rank's local ranks."""
+    out = ts.run(mesh_groups, shape, names, world_size=int(torch.tensor(shape).prod())).outputs
+    keys = out[0][0].keys()
+    return {k: {o[0][k] for o in out} for k in keys}, out
+
+
+# Hand-written: rank = row-major index of the coordinate, the last dim fastest.
+CASES = {
+    ((8,), ("dp",)): {("dp",): {(0, 1, 2, 3, 4, 5, 6, 7)}},
+    ((2, 4), ("cp", "tp")): {("cp",): {(0, 4), (1, 5), (2, 6), (3, 7)},
+                             ("tp",): {(0, 1, 2, 3), (4, 5, 6, 7)},
+                             ("cp", "tp"): {(0, 1, 2, 3, 4, 5, 6, 7)}},
+    ((4, 2), ("dp", "tp")): {("dp",): {(0, 2, 4, 6), (1, 3, 5, 7)},
+                             ("tp",): {(0, 1), (2, 3), (4, 5), (6, 7)},
+                             ("dp", "tp"): {(0, 1, 2, 3, 4, 5, 6, 7)}},
+    ((3, 2), ("dp", "tp")): {("dp",): {(0, 2, 4), (1, 3, 5)},
+                             ("tp",): {(0, 1), (2, 3), (4, 5)},
+                             ("dp", "tp"): {(0, 1, 2, 3, 4, 5)}},
+    ((2, 2, 2), ("dp", "cp", "tp")): {
+        ("dp",): {(0, 4), (1, 5), (2, 6), (3, 7)},
+        ("cp",): {(0, 2), (1, 3), (4, 6), (5, 7)},
+        ("tp",): {(0, 1), (2, 3), (4, 5), (6, 7)},
+        ("dp", "cp"): {(0, 2, 4, 6), (1, 3, 5, 7)},
+        ("cp", "tp"): {(0, 1, 2, 3), (4, 5, 6, 7)},
+        ("dp", "tp"): {(0, 1, 4, 5), (2, 3, 6, 7)},
+        ("dp", "cp", "tp"): {tuple(range(8))}},
+    ((3, 1, 5), ("dp", "cp", "tp")): {  # odd sizes, and an axis of one rank
+        ("dp",): {(i, i + 5, i + 10) for i in range(5)},
+        ("cp",): {(i,) for i in range(15)},
+        ("tp",): {(0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12, 13, 14)},
+        ("dp", "cp"): {(i, i + 5, i + 10) for i in range(5)},
+        ("cp", "tp"): {(0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12, 13, 14)},
+        ("dp", "tp"): {tuple(range(15))},
+        ("dp", "cp", "tp"): {tuple(range(15))}},
+}
+
+
+@pytest.mark.parametrize("shape, names", list(CASES))
+def test_groups_equal_hand_written_rank_lists(shape, names):
+    groups, outputs = all_groups(shape, names)
+    for key, expected in CASES[shape, names].items():
+        assert groups[key] == expected, key
+    for rank, (_, mesh_shape, size, local) in enumerate(outputs):
+        assert mesh_shape == shape and size == len(outputs), rank
+        for n, (local_rank, n_size, group_rank) in local.items():
+            assert local_rank == group_rank and n_size == shape[names.index(n)]
+
+
+def test_coordinate_of_rank_5_on_2x2x2():
+    out = ts.run(lambda comm: ts.init_device_mesh(comm, (2, 2, 2), mesh_dim_names=("dp", "cp", "tp")).coordinate,
+                 world_size=8).outputs
+    assert out[5] == (1, 0, 1)  # 5 = 1·4 + 0·2 + 1
+    assert out == [(a, b, c) for a in range(2) for b in range(2) for c in range(2)]
+
+
+def test_events_record_their_axis():
+    def step(comm):
+        mesh = ts.init_device_mesh(comm, (2, 2, 2), mesh_dim_names=("dp", "cp", "tp"))
+        x = torch.ones(4, dtype=torch.float64)
+        mesh["tp"].all_reduce(x)
+        mesh["cp"].all_gather(x)
+        mesh["dp", "cp"].all_reduce(x)
+        comm.all_reduce(x)
+
+    trace = ts.run(step, world_size=8).trace
+    by_axis = trace.group_by("axis", "sent_bytes")
+    # per rank: all_reduce 32 B on 2 ranks 2·1/2·32 = 32; all_gather 32 B on 2: 32;
+    # all_reduce on 4: 2·3/4·32 = 48; the plain world comm on 8: 2·7/8·32 = 56 (axis None)
+    assert by_axis == {"tp": 8 * 32, "cp": 8 * 32, "dp_cp": 8 * 48, None: 8 * 56}
+    assert trace.count(axis="tp") == 8 and trace.count(axis=None) == 8
+
+
+@pytest.mark.parametrize("shape, names, message", [
+    ((2, 3), ("dp", "tp"), "holds 6 ranks, but the communicator has world_size 4"),
+    ((2, 2), ("tp", "tp"), "distinct"),
+    ((4,), ("dp", "tp"), "one name per dim"),
+])
+def test_bad_shapes_raise_with_the_numbers(shape, names, message):
+    with pytest.raises(ts.RankFailedError, match=message):
+        ts.run(lambda comm: ts.init_device_mesh(comm, shape, mesh_dim_names=names), world_size=4, timeout=30)
+
+
+def test_unknown_axis_or_order_raises():
+    def ask(comm, key):
+        return ts.init_device_mesh(comm, (2, 2), mesh_dim_names=("dp", "tp"))[key]
+
+    with pytest.raises(ts.RankFailedError, match="has no axis"):
+        ts.run(ask, ("tp", "dp"), world_size=4, timeout=30)  # flattened axes go in mesh order
+    with pytest.raises(ts.RankFailedError, match="has no axis"):
+        ts.run(ask, "cp", world_size=4, timeout=30)
+
+
+def gloo_mesh(comm):
+    mesh = ts.init_device_mesh(comm, (2, 2), mesh_dim_names=("cp", "tp"))
+    x = torch.arange(4.0, dtype=torch.float64) + comm.rank
+    return ({k: mesh[k].group for k in ("cp", "tp")}, mesh["cp", "tp"].group,
+            mesh["tp"].all_reduce(x), mesh["cp"].all_gather(x))
+
+
+@pytest.mark.real
+@pytest.mark.timeout(180)
+def test_gloo_and_sim_build_the_same_groups():
+    sim = ts.run(gloo_mesh, world_size=4)
+    real = ts.run(gloo_mesh, world_size=4, backend="gloo")
+    for s, r in zip(sim.outputs, real.outputs):
+        assert s[:2] == r[:2]
+        torch.testing.assert_close(s[2], r[2], rtol=0, atol=0)
+        torch.testing.assert_close(s[3], r[3], rtol=0, atol=0)
+    assert sim.outputs[3][0] == {"cp": (1, 3), "tp": (2, 3)}
+    assert real.trace.group_by("axis") == sim.trace.group_by("axis")
