@@ -19,6 +19,7 @@ from .context_parallel.attention import (attention_block, blockwise_attention, d
                                          online_softmax_merge, shard_sequence, unshard_sequence)
 from .context_parallel.ring import ring_attention
 from .context_parallel.ulysses import ulysses_attention
+from .context_parallel.usp import usp_attention, usp_shard_sequence, usp_unshard_sequence
 from .core.comm import Comm, Work
 from .core.mesh import DeviceMesh, init_device_mesh
 from .core.errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError
@@ -41,7 +42,8 @@ __all__ = [
     "format_bytes", "mappings", "run", "wire_bytes",
     "DeviceMesh", "init_device_mesh",
     "attention_block", "blockwise_attention", "dense_attention", "online_softmax_merge", "ring_attention",
-    "shard_sequence", "ulysses_attention", "unshard_sequence",
+    "shard_sequence", "ulysses_attention", "unshard_sequence", "usp_attention", "usp_shard_sequence",
+    "usp_unshard_sequence",
     "ColumnParallelLinear", "Dropout", "DropoutRNG", "MLP", "ParallelTransformerBlock", "RowParallelLinear",
     "SelfAttention", "TransformerBlock", "activation_memory", "gather_dense_grads", "gather_dense_parameters",
     "replicate", "saved_tensor_meter", "sync_sequence_parallel_grads",

@@ -1,0 +1,66 @@
+"""USP, unified sequence parallelism (Fang & Zhao 2024): Ulysses inside a group, ring attention across groups.
+
+The cp = u·r ranks of a context-parallel group form a u × r grid: ``ulysses`` (u ranks, typically one
+node) and ``ring`` (r ranks, across nodes). The sequence is cut over the ring first (``layout``:
+contiguous, or zigzag to balance causal work), then each ring piece contiguously over the Ulysses
+group (``usp_shard_sequence``). Attention is Ulysses' all-to-all over heads inside ``ulysses`` — after
+it a rank holds its ring piece of the sequence for heads/u heads — then ring attention over ``ring``
+on that piece, then the all-to-all back. u = 1 is ring attention, r = 1 is Ulysses; in between, the
+heads limit of Ulysses (heads % u == 0) applies to u only, and the ring takes r steps instead of cp.
+
+Bytes per rank, with E_q = b·h·(s/cp)·d and E_kv = b·h_kv·(s/cp)·d elements of this rank's q and of
+its k (= v), s_in the input's element size and s_acc the accumulation one (ring.py):
+
+    ulysses  forward   4 all-to-alls (q, k, v, out):   (u-1)/u · (2E_q + 2E_kv) · s_in
+             backward  4 all-to-alls (dout, dq, dk, dv): the same
+    ring     forward   (r-1) shifts of K and V:         (r-1) · 2E_kv · s_in
+             backward  (r-1) shifts of K and V:         (r-1) · 2E_kv · s_in
+                       r shifts of dK and dV:           r · 2E_kv · s_acc              (none when r = 1)
+
+The ring moves the same E_kv as plain ring attention on cp ranks would per step (h_kv/u heads of s/r
+tokens), but r - 1 times instead of cp - 1. Calls are recorded under "usp_attn" (the ring's inside,
+under "usp_attn/ring_attn"), each on its own comm, so a mesh puts them on their own axes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import check_qkv, shard_sequence, unshard_sequence
+from .ring import ring_attention
+from .ulysses import HEADS, SEQ
+from ..core.comm import Comm
+from ..tensor_parallel.mappings import all_to_all
+
+
+def usp_shard_sequence(x: torch.Tensor, ulysses_rank: int, ulysses_size: int, ring_rank: int, ring_size: int, *,
+                       dim: int, layout: str = "contiguous") -> torch.Tensor:
+    """This rank's piece of the sequence dim ``dim``: piece ``ulysses_rank`` (contiguous) of ring shard
+    ``ring_rank`` (``layout``), so that the Ulysses all-to-all rebuilds exactly the ring shard."""
+    ring_piece = shard_sequence(x, ring_rank, ring_size, dim=dim, layout=layout)
+    return shard_sequence(ring_piece, ulysses_rank, ulysses_size, dim=dim)
+
+
+def usp_unshard_sequence(pieces: list[torch.Tensor], ulysses_size: int, *, dim: int,
+                         layout: str = "contiguous") -> torch.Tensor:
+    """The full sequence from every rank's piece, in ring-major order (rank ring·u + ulysses): the inverse
+    of ``usp_shard_sequence``."""
+    if len(pieces) % ulysses_size:
+        raise ValueError(f"usp_unshard_sequence: {len(pieces)} pieces do not form ring groups of {ulysses_size}")
+    ring_pieces = [torch.cat(pieces[i:i + ulysses_size], dim) for i in range(0, len(pieces), ulysses_size)]
+    return unshard_sequence(ring_pieces, dim=dim, layout=layout)
+
+
+def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: Comm, ring: Comm, *,
+                  causal: bool = False, layout: str = "contiguous") -> torch.Tensor:
+    """This rank's attention output for its piece ``q, k, v`` ([b, heads, s/cp, d], from
+    ``usp_shard_sequence``; K/V may have fewer heads), equal to dense attention over the full sequence."""
+    check_qkv(q, k, v, f"rank {ring.rank} of the ring, {ulysses.rank} of the Ulysses group: usp_attention")
+    u = ulysses.world_size
+    if q.shape[HEADS] % u or k.shape[HEADS] % u:
+        raise ValueError(f"rank {ulysses.rank} of the Ulysses group: usp_attention needs heads divisible by its size "
+                         f"u={u}; got {q.shape[HEADS]} query heads and {k.shape[HEADS]} key/value heads")
+    with ulysses.scope("usp_attn"):
+        q, k, v = (all_to_all(x, ulysses, scatter_dim=HEADS, gather_dim=SEQ) for x in (q, k, v))
+        out = ring_attention(q, k, v, ring, causal=causal, layout=layout)
+        return all_to_all(out, ulysses, scatter_dim=SEQ, gather_dim=HEADS)
