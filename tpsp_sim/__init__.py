@@ -16,7 +16,8 @@ from .analysis.cost import Hardware
 from .analysis.memory import activation_memory, saved_tensor_meter
 from .analysis.timeline import Timeline, timeline
 from .context_parallel.attention import (attention_block, blockwise_attention, dense_attention,
-                                         online_softmax_merge, shard_sequence, unshard_sequence)
+                                         online_softmax_merge, sequence_positions, shard_sequence,
+                                         unshard_sequence)
 from .context_parallel.ring import ring_attention
 from .context_parallel.ulysses import ulysses_attention
 from .context_parallel.usp import usp_attention, usp_shard_sequence, usp_unshard_sequence
@@ -26,10 +27,12 @@ from .core.errors import CollectiveMismatchError, DeadlockError, RankFailedError
 from .core.result import RunResult
 from .core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark, format_bytes, wire_bytes
 from .dist.torch_comm import TorchComm
+from . import exercises
 from .launch import run
 from .sim.runtime import SimComm
 from .tensor_parallel import mappings
 from .tensor_parallel.blocks import MLP, ParallelTransformerBlock, SelfAttention, TransformerBlock
+from .tensor_parallel.llama import LlamaBlock, RMSNorm, rope
 from .tensor_parallel.layers import (ColumnParallelLinear, Dropout, DropoutRNG, RowParallelLinear,
                                      gather_dense_grads, gather_dense_parameters, replicate,
                                      sync_sequence_parallel_grads)
@@ -42,10 +45,11 @@ __all__ = [
     "format_bytes", "mappings", "run", "wire_bytes",
     "DeviceMesh", "init_device_mesh",
     "attention_block", "blockwise_attention", "dense_attention", "online_softmax_merge", "ring_attention",
-    "shard_sequence", "ulysses_attention", "unshard_sequence", "usp_attention", "usp_shard_sequence",
+    "sequence_positions", "shard_sequence", "ulysses_attention", "unshard_sequence", "usp_attention", "usp_shard_sequence",
     "usp_unshard_sequence",
     "ColumnParallelLinear", "Dropout", "DropoutRNG", "MLP", "ParallelTransformerBlock", "RowParallelLinear",
     "SelfAttention", "TransformerBlock", "activation_memory", "gather_dense_grads", "gather_dense_parameters",
-    "replicate", "saved_tensor_meter", "sync_sequence_parallel_grads",
+    "replicate", "saved_tensor_meter", "sync_sequence_parallel_grads", "LlamaBlock", "RMSNorm", "rope",
     "Hardware", "Timeline", "cost", "memory", "timeline",
+    "exercises",
 ]

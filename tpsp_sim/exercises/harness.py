@@ -1,0 +1,138 @@
+"""What every checker shares: run the learner's function on virtual ranks, compare what it returns
+with the dense answer, compare the calls it made and the bytes it sent with the closed forms, and
+say in words what is wrong."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..core.errors import DeadlockError, SimulationError
+from ..core.result import RunResult
+from ..core.trace import CommTrace
+from ..launch import run
+
+WORLD_SIZES = (2, 3, 4)  # every rank-level exercise is checked on these, an odd one included
+ATOL = 1e-12  # float64 throughout
+TIMEOUT = 20.0  # seconds; a deadlock is reported long before (the simulator sees every rank blocked)
+
+
+class Problem(Exception):
+    """The learner's function could not be run to the end (it raised, or the ranks deadlocked)."""
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: what to write, how to check it on each case, and a reference solution."""
+
+    name: str
+    notebook: str  # where it is posed, e.g. "02_sequence_parallel"
+    task: str  # what to write, in one line
+    cases: tuple[int, ...]  # world sizes (or numbers of key tiles) to check on
+    case_label: str  # "ranks" or "key tiles"
+    check_case: Callable[[Callable, int], list[str]]  # (learner's fn, case) -> problems in words
+    checked: str  # what a pass means
+    solution: Callable
+    solution_source: tuple[Any, ...]  # what show_solution prints (functions, classes)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A checker's verdict: ``ok``, or the ``problems`` in words (for the first case that fails)."""
+
+    exercise: str
+    problems: tuple[str, ...] = ()
+    checked: str = ""
+    reference: "Report | None" = None  # set when the learner's stub is not written yet
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.reference is None
+
+    def __str__(self) -> str:
+        if self.reference is not None:
+            return (f"… {self.exercise} is not written yet (the stub raises NotImplementedError): write it and run "
+                    f"this cell again; show_solution({self.exercise!r}) prints one answer.\n"
+                    f"The reference solution, checked the same way:\n{self.reference}")
+        if self.ok:
+            return f"✓ {self.exercise}: {self.checked}"
+        return f"✗ {self.exercise}:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+    __repr__ = __str__
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> RunResult:
+    """``ts.run(fn, *args)`` on virtual ranks; a deadlock or a rank's exception becomes a ``Problem``
+    (a ``NotImplementedError`` — the unwritten stub — passes through)."""
+    try:
+        return run(fn, *args, world_size=world_size, timeout=TIMEOUT)
+    except NotImplementedError:
+        raise
+    except DeadlockError as error:
+        raise Problem(f"deadlock — {error}") from None
+    except SimulationError as error:
+        raise Problem(str(error)) from None
+
+
+def compare(what: str, got: Any, want: torch.Tensor, atol: float = ATOL) -> list[str]:
+    """[] if ``got`` is ``want`` within ``atol``, else one sentence saying how it differs."""
+    if not isinstance(got, torch.Tensor):
+        return [f"{what}: expected a tensor of shape {tuple(want.shape)}, got {type(got).__name__}"]
+    if got.shape != want.shape:
+        return [f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"]
+    got = got.detach().to(want.dtype)
+    bad = ~torch.isfinite(got)
+    if bad.any():
+        return [f"{what}: {int(bad.sum())} of {got.numel()} values are NaN or inf"]
+    error = float((got - want).abs().max())
+    if error <= atol:
+        return []
+    ratio = got / want
+    hint = (f" (every value is {float(ratio.flatten()[0]):.4g} × the answer)"
+            if want.abs().min() > 0 and torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio)) else "")
+    return [f"{what}: differs from the dense answer by up to {error:.3g} (tolerance {atol:g}){hint}"]
+
+
+def first(problems: Iterable[list[str]]) -> list[str]:
+    """The problems of the first rank that has any (the others usually repeat them)."""
+    return next((p for p in problems if p), [])
+
+
+def describe(ops: dict[str, int]) -> str:
+    return ", ".join(f"{n} {op}" for op, n in sorted(ops.items())) or "nothing"
+
+
+def check_calls(trace: CommTrace, world_size: int, phase: str, *, expected: dict[str, int] | None = None,
+                allowed: Iterable[str] | None = None) -> list[str]:
+    """Per rank, the ops called in ``phase``: exactly ``expected`` (op -> count), or only ops in ``allowed``."""
+    def one(rank: int) -> list[str]:
+        ops = trace.ops(rank=rank, phase=phase)
+        if expected is not None and ops != expected:
+            return [f"{phase}: rank {rank} called {describe(ops)}; expected {describe(expected)}"]
+        extra = sorted(set(ops) - set(allowed)) if allowed is not None else []
+        if extra:
+            return [f"{phase}: rank {rank} called {', '.join(extra)}; write it with {' and '.join(sorted(allowed))} "
+                    f"only"]
+        return []
+    return first(one(r) for r in range(world_size))
+
+
+def check_bytes(trace: CommTrace, world_size: int, phase: str, expected: int, formula: str,
+                fields: tuple[str, ...] = ("sent_bytes",)) -> list[str]:
+    """Per rank, the bytes sent (and/or received) in ``phase`` equal ``expected`` (``formula`` says why)."""
+    def one(rank: int) -> list[str]:
+        for field in fields:
+            moved = trace.total(field, rank=rank, phase=phase)
+            if moved != expected:
+                verb = "sent" if field == "sent_bytes" else "received"
+                return [f"{phase}: rank {rank} {verb} {moved} B; expected {formula} = {expected} B"]
+        return []
+    return first(one(r) for r in range(world_size))
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    """A float64 tensor drawn from its own generator (virtual ranks share torch's global one)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
