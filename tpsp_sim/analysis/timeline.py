@@ -1,18 +1,34 @@
-"""Each rank's program laid out in time on a hardware model: where compute hides communication.
+"""Each rank's program laid out in time on a cluster: where compute hides communication.
 
 ``ts.run(fn, ..., count_flops=True)`` records, per rank and in program order, the FLOPs computed
 between communications (``ComputeSpan``), every call (``CommEvent``) and every wait on an
-asynchronous one (``WaitMark``). ``timeline(trace, hw)`` replays them:
+asynchronous one (``WaitMark``). ``timeline(trace, hw)`` replays them on ``hw``, a ``Cluster`` (or
+a one-link ``Hardware``; see ``cluster.py`` for which link prices a call):
 
-* compute takes flops / peak_flops;
+* compute takes flops / (mfu · peak_flops) (``mfu`` = 1 by default: the datasheet peak);
 * a collective starts when the last rank of its group reaches it (the others idle until then) and
-  takes ``collective_time``;
+  takes ``collective_time`` on its group's link;
 * the k-th send from rank s to rank d is the k-th receive of d from s. The transfer starts once
   both sides have posted it and the sender's outgoing and the receiver's incoming link are free
-  (links are full duplex; one rank's sends leave one after another, as posted), and takes α + n/B.
-  A blocking send or recv (or a sendrecv, whose two halves are posted together) returns when its
-  transfer ends; isend/irecv return at once, so the transfer runs while the rank computes, and the
-  rank stalls at ``wait()`` only if the transfer has not ended by then.
+  (links are full duplex; one rank's sends leave one after another, as posted), and takes α + n/B
+  on the link between s and d. A blocking send or recv (or a sendrecv, whose two halves are
+  posted together) returns when its transfer ends; isend/irecv return at once, so the transfer runs
+  while the rank computes, and the rank stalls at ``wait()`` only if the transfer has not ended by then.
+
+``overlap_tp=True`` (off by default) models Megatron-LM's overlap of tensor parallelism's backward
+input-gradient reduction with the weight-gradient matmul (``LinearWithGradAccumulationAndAsync
+Communication``: dX = dY W, launch the reduction of dX asynchronously, dW = dYᵀ X, wait). Every
+backward ``all_reduce`` or ``reduce_scatter`` on the tensor-parallel axis (``axis`` "tp", or no
+mesh axis at all) is then asynchronous: the rank goes on computing, and waits for it before its
+next communication call or at its end. It is Megatron's overlap exactly when the layer's backward
+is written dX → reduction → dW, as the sequence-parallel column layer (``_GatherLinear``) is: the
+compute that follows is then the weight-gradient matmul, and nothing before the next call needs dX.
+The plain-TP column layer records its all-reduce (f's backward) *after* the whole linear backward,
+so what follows it there is the previous layer's backward, which needs dX: do not use
+``overlap_tp`` on such traces (it would hide the all-reduce behind work that depends on it).
+
+Per mesh axis: ``Timeline.exposed_by_axis(rank)`` splits the rank's exposed communication among the
+axes of the calls (``CommEvent.axis``), so that compute + exposed per axis + idle = the rank's end.
 """
 
 from __future__ import annotations
@@ -21,7 +37,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
-from .cost import Hardware, event_time, hardware
+from .cluster import Cluster, cluster
+from .cost import Hardware, event_time
 from ..core.errors import SimulationError
 from ..core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark
 
@@ -37,7 +54,8 @@ class Span:
     label: str  # "compute" or the op
     scope: str
     phase: str
-    blocking: bool = True  # False: an isend/irecv in flight while the rank goes on
+    blocking: bool = True  # False: an isend/irecv (or an overlapped TP reduction) in flight while the rank goes on
+    axis: str | None = None  # the mesh axis of the call ("tp", "cp", "dp", "dp_cp"), None outside a mesh
 
 
 @dataclass(frozen=True)
@@ -45,7 +63,7 @@ class Timeline:
     """The spans of every rank, and what they add up to (seconds)."""
 
     spans: tuple[Span, ...]
-    hardware: Hardware
+    hardware: Cluster  # a one-link ``Hardware`` becomes a one-level cluster
 
     @property
     def ranks(self) -> list[int]:
@@ -77,19 +95,38 @@ class Timeline:
         """Neither computing nor communicating: waiting for another rank (load imbalance)."""
         return max(0.0, self.end(rank) - self.compute(rank) - self.exposed(rank))  # no negative round-off
 
+    def exposed_by_axis(self, rank: int) -> dict[str | None, float]:
+        """``exposed(rank)`` split by mesh axis: each instant the rank waits on communication is booked
+        to the call that started first among those running then (first-seen order of axes)."""
+        comm = sorted(self.of(rank, "comm"), key=lambda s: (s.start, s.end))
+        compute = _union(self.of(rank, "compute"))
+        cuts = sorted({t for s in comm for t in (s.start, s.end)})
+        booked: dict[str | None, float] = {s.axis: 0.0 for s in comm}
+        for a, b in zip(cuts, cuts[1:]):
+            running = next((s for s in comm if s.start <= a and s.end >= b), None)
+            if running is not None:
+                booked[running.axis] += (b - a) - _overlap([(a, b)], compute)
+        return booked
+
     def rows(self) -> list[tuple[int, float, float, float, float, float]]:
         """(rank, compute, comm hidden, comm exposed, idle, end) per rank, in seconds."""
         return [(r, self.compute(r), self.hidden(r), self.exposed(r), self.idle(r), self.end(r)) for r in self.ranks]
 
 
-def timeline(trace: CommTrace, hw: Hardware | str) -> Timeline:
-    """Lay out every rank's recorded program on ``hw`` (see the module docstring). Needs the whole trace."""
-    return _Replay(trace, hardware(hw)).run()
+def timeline(trace: CommTrace, hw: Cluster | Hardware | str, *, mfu: float = 1.0, overlap_tp: bool = False) -> Timeline:
+    """Lay out every rank's recorded program on ``hw`` (see the module docstring). Needs the whole trace.
+
+    ``mfu``: the fraction of ``peak_flops`` compute runs at; ``overlap_tp``: Megatron's overlap of TP's
+    backward input-gradient reduction with the weight-gradient matmul (module docstring)."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"timeline: mfu must be in (0, 1], got {mfu}")
+    return _Replay(trace, cluster(hw), mfu, overlap_tp).run()
 
 
 class _Replay:
-    def __init__(self, trace: CommTrace, hw: Hardware) -> None:
-        self.hw = hw
+    def __init__(self, trace: CommTrace, hw: Cluster, mfu: float, overlap_tp: bool) -> None:
+        self.hw, self.flops_per_second, self.overlap_tp = hw, mfu * hw.peak_flops, overlap_tp
+        self.pending: dict[int, list[tuple[tuple, CommEvent]]] = defaultdict(list)  # overlapped TP reductions
         items: dict[int, list] = defaultdict(list)
         for item in (*trace.compute, *trace.events, *trace.waits):
             items[item.rank].append(item)
@@ -129,14 +166,15 @@ class _Replay:
         while progress:
             moved = [self._advance(r) for r in self.programs]  # a list: every rank advances
             progress = any(moved) | self._start_transfers()
-        stuck = {r: self.programs[r][i] for r, i in self.at.items() if i < len(self.programs[r])}
+        stuck = {r: (self.programs[r][i] if i < len(self.programs[r]) else self.pending[r][0][1])
+                 for r, i in self.at.items() if i < len(self.programs[r]) or self.pending[r]}
         if stuck:
             raise SimulationError("timeline: cannot lay out the trace (is it the whole trace of one run?); "
                                   + "; ".join(f"rank {r} waits at {item}" for r, item in stuck.items()))
         for key, e in self.call.values():
             if key[0] == "transfer":
                 start, end = self.done[key]
-                self.spans.append(Span(e.rank, "comm", start, end, e.op, e.scope, e.phase, e.blocking))
+                self.spans.append(Span(e.rank, "comm", start, end, e.op, e.scope, e.phase, e.blocking, e.axis))
         return Timeline(tuple(sorted(self.spans, key=lambda s: (s.rank, s.start, s.end))), self.hw)
 
     def _advance(self, r: int) -> bool:
@@ -144,9 +182,12 @@ class _Replay:
         moved = False
         program = self.programs[r]
         while self.at[r] < len(program):
-            item, t = program[self.at[r]], self.clock[r]
+            item = program[self.at[r]]
+            if not isinstance(item, ComputeSpan) and not self._finish_overlapped(r):
+                return moved
+            t = self.clock[r]
             if isinstance(item, ComputeSpan):
-                end = t + item.flops / self.hw.peak_flops
+                end = t + item.flops / self.flops_per_second
                 self.spans.append(Span(r, "compute", t, end, "compute", item.scope, item.phase))
                 self.clock[r], taken = end, 1
             elif isinstance(item, WaitMark):
@@ -170,15 +211,39 @@ class _Replay:
             else:
                 key = self.call[r, item.seq][0]
                 self.arrived[key].setdefault(r, t)
-                if len(self.arrived[key]) < len(item.group):
-                    return moved
-                start = max(self.arrived[key].values())
-                end = start + event_time(item, self.hw)
-                self.spans.append(Span(r, "comm", start, end, item.op, item.scope, item.phase))
-                self.clock[r], taken = end, 1
+                if self._overlapped(item):
+                    self.pending[r].append((key, item))
+                    taken = 1
+                else:
+                    if len(self.arrived[key]) < len(item.group):
+                        return moved
+                    start = max(self.arrived[key].values())
+                    end = start + event_time(item, self.hw.link_for(item))
+                    self.spans.append(Span(r, "comm", start, end, item.op, item.scope, item.phase, axis=item.axis))
+                    self.clock[r], taken = end, 1
             self.at[r] += taken
             moved = True
+        if self.pending[r] and self._finish_overlapped(r):
+            moved = True
         return moved
+
+    def _overlapped(self, e: CommEvent) -> bool:
+        """A TP input-gradient reduction that ``overlap_tp`` runs under the compute after it."""
+        return (self.overlap_tp and e.phase == "backward" and e.op in ("all_reduce", "reduce_scatter")
+                and e.axis in ("tp", None))
+
+    def _finish_overlapped(self, r: int) -> bool:
+        """Wait for rank ``r``'s overlapped reductions; False if one of them still lacks a rank."""
+        for key, e in self.pending[r]:
+            if len(self.arrived[key]) < len(e.group):
+                return False
+        for key, e in self.pending[r]:
+            start = max(self.arrived[key].values())
+            end = start + event_time(e, self.hw.link_for(e))
+            self.spans.append(Span(r, "comm", start, end, e.op, e.scope, e.phase, False, e.axis))
+            self.clock[r] = max(self.clock[r], end)
+        self.pending[r].clear()
+        return True
 
     def _start_transfers(self) -> bool:
         """Time every transfer both of whose sides are posted and whose links are free; True if any."""
@@ -192,7 +257,7 @@ class _Replay:
                 if key in self.done or any(b is not None and b not in self.done for b in before):
                     continue
                 start = max(*self.posted[key].values(), *(self.done[b][1] for b in before if b is not None))
-                self.done[key] = (start, start + event_time(self.size[key], self.hw))
+                self.done[key] = (start, start + event_time(self.size[key], self.hw.link_for(self.size[key])))
                 changed = started = True
         return started
 
