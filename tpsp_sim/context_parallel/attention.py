@@ -10,6 +10,7 @@ Milakov & Gimelshein 2018; the form ring-flash-attention uses):
 Tiles are computed and merged in float32 when the inputs are 16-bit (in the input dtype otherwise).
 ``shard_sequence`` / ``unshard_sequence`` move between a full tensor and the per-rank pieces of the
 "contiguous" layout (rank r holds chunk r of p) or the "zigzag" one (chunks r and 2p-1-r of 2p).
+``sequence_positions`` gives the global positions of a rank's tokens in either layout (for RoPE).
 """
 
 from __future__ import annotations
@@ -142,6 +143,12 @@ def shard_sequence(x: torch.Tensor, rank: int, world_size: int, *, dim: int,
     if layout == "contiguous":
         return pieces[rank].clone()
     return torch.cat([pieces[rank], pieces[chunks - 1 - rank]], dim)
+
+
+def sequence_positions(seq_len: int, rank: int, world_size: int, layout: str = "contiguous") -> torch.Tensor:
+    """The global positions (int64) of rank ``rank``'s tokens under ``shard_sequence``'s ``layout``: what
+    RoPE needs on a sequence shard, where the local indices 0, 1, ... would be wrong."""
+    return shard_sequence(torch.arange(seq_len), rank, world_size, dim=0, layout=layout)
 
 
 def unshard_sequence(pieces: list[torch.Tensor], *, dim: int, layout: str = "contiguous") -> torch.Tensor:

@@ -11,6 +11,16 @@ Every parameter is a copy of (a slice of) one dense module and carries Megatron'
 gradient must be summed over the group: ``sync_sequence_parallel_grads``). ``gather_dense_grads``
 reads the same attributes to rebuild the dense gradients.
 
+A column layer can also be built from several dense linears that read one input (q, k, v; gate,
+up): ``ColumnParallelLinear.from_dense([q, k, v], comm, heads=(8, 2, 2))``. Each rank's weight is
+[q_r; k_r; v_r], the rows of its heads, so the sublayer costs one collective (Megatron's fused
+linear_qkv). With fewer K/V heads than ranks each K/V head is replicated on t / n_kv ranks (as
+vLLM's QKVParallelLinear does); every replica sees only its ranks' query heads, so the backward
+all-reduces the replicated rows' weight gradient over the ranks sharing the head (2(g-1)/g · 2·d_head·h
+elements per rank for g = t / n_kv replicas), after which every replica holds the dense gradient.
+The fused weight carries ``fused_pieces``, which ``gather_dense_grads`` reads to return each
+piece under its dense name.
+
 Dropout masks come from explicit ``torch.Generator``s (``DropoutRNG``): virtual ranks are threads,
 and torch's default generator is shared by all of them.
 """
@@ -18,12 +28,15 @@ and torch's default generator is shared by all of them.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.autograd import CommFunction
 from ..core.comm import Comm
 from .mappings import copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_sequence_region
 
@@ -68,7 +81,7 @@ def replicate(module: nn.Module, *, sequence_parallel: bool = False) -> nn.Modul
 
 # ---- linear layers ------------------------------------------------------------------------------
 
-class _GatherLinear(torch.autograd.Function):
+class _GatherLinear(CommFunction):
     """forward: all-gather the sequence shard, then X W^T + b; backward: all-gather X again, reduce-scatter dX.
 
     Only the shard is saved, so the memory of this input is divided by t (Korthikanti et al. §4.2.2;
@@ -78,19 +91,107 @@ class _GatherLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, comm):
         ctx.save_for_backward(x, weight)
-        ctx.comm, ctx.scope, ctx.has_bias = comm, comm.current_scope, bias is not None
+        ctx.has_bias = bias is not None
         return F.linear(comm.all_gather(x, SEQUENCE_DIM), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        with ctx.comm.replay_scope(ctx.scope):
-            total = ctx.comm.all_gather(x, SEQUENCE_DIM)
-            grad_x = ctx.comm.reduce_scatter(grad @ weight, SEQUENCE_DIM)
+        total = ctx.comm.all_gather(x, SEQUENCE_DIM)
+        grad_x = ctx.comm.reduce_scatter(grad @ weight, SEQUENCE_DIM)
         grad_2d = grad.flatten(0, -2)
         grad_w = grad_2d.T @ total.flatten(0, -2)
         grad_b = grad_2d.sum(0) if ctx.has_bias else None
         return grad_x, grad_w, grad_b, None
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One dense linear of a fused column layer, as this rank holds it."""
+
+    name: str | None  # dense module name beside the fused layer (None: "<fused layer>.<index>")
+    units: int        # heads, or output features when the piece has no heads
+    unit_rows: int    # dense rows per unit (head_dim, or 1)
+    replicas: int     # ranks holding each unit (t / units when units < t, else 1)
+    start: int        # this rank's first dense row
+    local_rows: int
+
+
+def _plan_pieces(linears: Sequence[nn.Linear], heads: Sequence[int] | None, names: Sequence[str] | None,
+                 comm: Comm) -> list[_Piece]:
+    """Which rows of each dense linear this rank keeps: units (heads) split over t, or replicated when t > units."""
+    t, r = comm.world_size, comm.rank
+    labels = list(names) if names is not None else [str(i) for i in range(len(linears))]
+    where = f"rank {r}: ColumnParallelLinear.from_dense([{', '.join(labels)}])"
+    if heads is not None and len(heads) != len(linears) or names is not None and len(names) != len(linears):
+        raise ValueError(f"{where}: got {len(linears)} linears, heads={heads}, names={names}")
+    if len({lin.in_features for lin in linears}) != 1 or len({lin.bias is None for lin in linears}) != 1:
+        raise ValueError(f"{where}: fused linears must share in_features and all have (or all lack) a bias; got "
+                         f"in_features {[lin.in_features for lin in linears]}, "
+                         f"bias {[lin.bias is not None for lin in linears]}")
+    pieces = []
+    for i, (label, lin) in enumerate(zip(labels, linears)):
+        rows, name = lin.out_features, None if names is None else names[i]
+        units = rows if heads is None else heads[i]
+        if units < 1 or rows % units:
+            raise ValueError(f"{where}: {label} has {rows} output features, not divisible into {units} heads")
+        unit_rows = rows // units
+        if units % t == 0:
+            per_rank = units // t
+            pieces.append(_Piece(name, units, unit_rows, 1, r * per_rank * unit_rows, per_rank * unit_rows))
+        elif heads is not None and t % units == 0:
+            replicas = t // units
+            pieces.append(_Piece(name, units, unit_rows, replicas, r // replicas * unit_rows, unit_rows))
+        else:
+            what = f"{units} heads" if heads is not None else f"{rows} output features"
+            raise ValueError(f"{where}: {label} has {what}, which cannot be split over t={t} ranks "
+                             f"({'t must divide the heads or be a multiple of them' if heads is not None else 'not divisible'})")
+    return pieces
+
+
+def _fused_shard(tensors: Sequence[torch.Tensor], pieces: Sequence[_Piece]) -> torch.Tensor:
+    return torch.cat([x[p.start:p.start + p.local_rows] for x, p in zip(tensors, pieces)], 0)
+
+
+def _fused_to_dense(x: torch.Tensor, dim: int, pieces: Sequence[_Piece], t: int) -> list[list[torch.Tensor]]:
+    """Every rank's fused block concatenated on ``dim`` → per piece, the list of its copies of the dense
+    tensor (one per replica: all equal for values and summed gradients)."""
+    blocks = [b.split([p.local_rows for p in pieces], dim) for b in x.chunk(t, dim)]
+    return [[torch.cat([blocks[r][i] for r in range(copy_, t, p.replicas)], dim) for copy_ in range(p.replicas)]
+            for i, p in enumerate(pieces)]
+
+
+def _replica_groups(pieces: Sequence[_Piece], comm: Comm) -> list[tuple[Comm, list[slice]]]:
+    """(the group of ranks sharing my heads, my rows of those heads) per replication factor; collective."""
+    groups, offsets = [], [0]
+    for p in pieces:
+        offsets.append(offsets[-1] + p.local_rows)
+    for replicas in sorted({p.replicas for p in pieces} - {1}):
+        mine = None
+        for first in range(0, comm.world_size, replicas):  # every rank creates every group, in one order
+            group = comm.new_group(range(first, first + replicas))
+            mine = group if group is not None else mine
+        rows = [slice(offsets[i], offsets[i + 1]) for i, p in enumerate(pieces) if p.replicas == replicas]
+        groups.append((mine, rows))
+    return groups
+
+
+class _SumOverReplicas(CommFunction):
+    """forward: identity on a fused weight, backward: all-reduce the rows of replicated heads over their replicas."""
+
+    @staticmethod
+    def forward(ctx, w, groups, comm):  # comm: the layer's, whose recorder the replica groups share
+        ctx.groups = groups
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        for group, rows in ctx.groups:
+            summed = group.all_reduce(torch.cat([grad[r] for r in rows]))
+            for r, part in zip(rows, summed.split([r.stop - r.start for r in rows])):
+                grad[r] = part
+        return grad, None, None
 
 
 class ColumnParallelLinear(nn.Module):
@@ -102,27 +203,56 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, comm: Comm, *,
-                 sequence_parallel: bool = False, gather_output: bool = False) -> None:
+                 sequence_parallel: bool = False, gather_output: bool = False,
+                 replica_groups: Sequence[tuple[Comm, list[slice]]] = ()) -> None:
         super().__init__()
         self.weight, self.bias, self.comm = weight, bias, comm
         self.sequence_parallel, self.gather_output = sequence_parallel, gather_output
+        self.replica_groups = list(replica_groups)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, comm: Comm, *, sequence_parallel: bool = False,
-                   gather_output: bool = False, stride: int = 1) -> "ColumnParallelLinear":
+    def from_dense(cls, linear: nn.Linear | Sequence[nn.Linear], comm: Comm, *, sequence_parallel: bool = False,
+                   gather_output: bool = False, stride: int = 1, heads: Sequence[int] | None = None,
+                   names: Sequence[str] | None = None) -> "ColumnParallelLinear":
         """Slice ``linear``'s rows: rank r keeps output pieces r, r+t, ... of stride·t
-        (``stride=3`` on a fused [q | k | v] projection gives each rank the q, k and v of its heads)."""
-        weight = _parameter(_shard(linear.weight, comm, 0, stride), linear.weight, 0, stride)
-        bias = None if linear.bias is None else _parameter(_shard(linear.bias, comm, 0, stride), linear.bias, 0, stride)
-        return cls(weight, bias, comm, sequence_parallel=sequence_parallel, gather_output=gather_output)
+        (``stride=3`` on a fused [q | k | v] projection gives each rank the q, k and v of its heads).
+
+        A list of linears (or ``heads``) fuses them: rank r keeps its share of each one's ``heads``
+        (output features when ``heads`` is None), replicated when t is a multiple of a piece's heads.
+        ``names``: the pieces' dense module names beside this layer (gather_dense_grads reports
+        ``<parent>.<name>.weight``; default ``<this layer>.<i>.weight``, as an ``nn.ModuleList``).
+        """
+        if isinstance(linear, nn.Linear) and heads is None and names is None:
+            weight = _parameter(_shard(linear.weight, comm, 0, stride), linear.weight, 0, stride)
+            bias = None if linear.bias is None else _parameter(_shard(linear.bias, comm, 0, stride), linear.bias, 0, stride)
+            return cls(weight, bias, comm, sequence_parallel=sequence_parallel, gather_output=gather_output)
+        linears = [linear] if isinstance(linear, nn.Linear) else list(linear)
+        if stride != 1:
+            raise ValueError(f"rank {comm.rank}: ColumnParallelLinear.from_dense takes stride or fused linears, not both")
+        pieces = _plan_pieces(linears, heads, names, comm)
+        weight = _parameter(_fused_shard([lin.weight for lin in linears], pieces), linears[0].weight, 0)
+        bias = None if linears[0].bias is None else _parameter(
+            _fused_shard([lin.bias for lin in linears], pieces), linears[0].bias, 0)
+        for p in (weight, bias):
+            if p is not None:
+                p.fused_pieces = pieces
+        return cls(weight, bias, comm, sequence_parallel=sequence_parallel, gather_output=gather_output,
+                   replica_groups=_replica_groups(pieces, comm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if self.replica_groups:
+            weight = _SumOverReplicas.apply(weight, self.replica_groups, self.comm)
+            bias = None if bias is None else _SumOverReplicas.apply(bias, self.replica_groups, self.comm)
         if self.sequence_parallel:
-            y = _GatherLinear.apply(x, self.weight, self.bias, self.comm)
+            y = _GatherLinear.apply(x, weight, bias, self.comm)
         else:
-            y = F.linear(copy_to_region(x, self.comm), self.weight, self.bias)
+            y = F.linear(copy_to_region(x, self.comm), weight, bias)
         if self.gather_output:
-            y = _interleave(gather_from_region(y, self.comm, -1), -1, self.comm.world_size, self.weight.partition_stride)
+            y = gather_from_region(y, self.comm, -1)
+            pieces = getattr(self.weight, "fused_pieces", None)
+            y = (_interleave(y, -1, self.comm.world_size, self.weight.partition_stride) if pieces is None
+                 else torch.cat([copies[0] for copies in _fused_to_dense(y, -1, pieces, self.comm.world_size)], -1))
         return y
 
     def extra_repr(self) -> str:
@@ -176,12 +306,13 @@ class DropoutRNG:
     """
 
     def __init__(self, seed: int | None = None, comm: Comm | None = None, exact: bool = False) -> None:
-        if comm is not None and seed is None:
-            raise ValueError("a DropoutRNG on ranks needs a seed (torch's global generator is shared by every virtual rank)")
         self.comm, self.exact = comm, exact
         self.manual_seed(seed)
 
     def manual_seed(self, seed: int | None) -> None:
+        if self.comm is not None and seed is None:
+            raise ValueError(f"rank {self.comm.rank}: a DropoutRNG on ranks needs a seed "
+                             "(torch's global generator is shared by every virtual rank)")
         self.default = None if seed is None else torch.Generator().manual_seed(seed)
         self.model_parallel = None if self.comm is None else torch.Generator().manual_seed(seed + 2718 + self.comm.rank)
 
@@ -229,12 +360,13 @@ def sync_sequence_parallel_grads(module: nn.Module, comm: Comm) -> None:
 
     Under SP the LayerNorms and the row layers' bias see only this rank's tokens, so each rank holds
     part of their gradient (Megatron: ``finalize_model_grads``). An explicit call, not a hook, so
-    gradient accumulation over micro-batches stays correct. One all-reduce of the flattened gradients.
+    gradient accumulation over micro-batches stays correct. One all-reduce of the flattened gradients,
+    recorded with phase "grad_sync".
     """
     grads = [p.grad for p in module.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
     if not grads:
         return
-    with comm.scope("sp_grads"):
+    with comm.phase("grad_sync"), comm.scope("sp_grads"):
         total = comm.all_reduce(torch.cat([g.flatten() for g in grads]))
     for g, summed in zip(grads, total.split([g.numel() for g in grads])):
         g.copy_(summed.view_as(g))
@@ -245,9 +377,9 @@ def gather_dense_grads(module: nn.Module, comm: Comm | None = None) -> dict[str,
 
     Sharded gradients are all-gathered and put back in dense order; replicated ones are checked to
     be equal on every rank (under SP, call ``sync_sequence_parallel_grads`` first). ``comm``
-    defaults to the one stored on the module's parallel layers.
+    defaults to the one stored on the module's parallel layers. Recorded with phase "grad_sync".
     """
-    return _gather_dense(module, comm, lambda p: p.grad, "gradient")
+    return _gather_dense(module, comm, lambda p: p.grad, "gradient", phase="grad_sync")
 
 
 def gather_dense_parameters(module: nn.Module, comm: Comm | None = None) -> dict[str, torch.Tensor]:
@@ -255,25 +387,40 @@ def gather_dense_parameters(module: nn.Module, comm: Comm | None = None) -> dict
     return _gather_dense(module, comm, lambda p: p.detach(), "value")
 
 
-def _gather_dense(module: nn.Module, comm: Comm | None, get: Callable, what: str) -> dict[str, torch.Tensor]:
+def _gather_dense(module: nn.Module, comm: Comm | None, get: Callable, what: str,
+                  phase: str | None = None) -> dict[str, torch.Tensor]:
     comm = comm or next((m.comm for m in module.modules() if isinstance(getattr(m, "comm", None), Comm)), None)
     if comm is None:
         raise ValueError(f"{type(module).__name__} holds no parallel layer with a comm: pass comm=")
     dense = {}
-    with comm.scope("gather_dense"):
+    with comm.phase(phase) if phase else nullcontext(), comm.scope("gather_dense"):
         for name, p in module.named_parameters():
             x = get(p)
             if x is None:
                 continue
             dim = getattr(p, "partition_dim", None)
-            if dim is not None:
+            if hasattr(p, "fused_pieces"):
+                layer, _, leaf = name.rpartition(".")
+                parent = layer.rpartition(".")[0]
+                for i, (piece, copies) in enumerate(zip(p.fused_pieces, _fused_to_dense(
+                        comm.all_gather(x, 0), 0, p.fused_pieces, comm.world_size))):
+                    path = (layer, str(i)) if piece.name is None else (parent, piece.name)
+                    dense_name = ".".join(filter(None, (*path, leaf)))
+                    _check_copies(torch.stack(copies), dense_name, what, comm, "replicated heads of ")
+                    dense[dense_name] = copies[0]
+            elif dim is not None:
                 dense[name] = _interleave(comm.all_gather(x, dim), dim, comm.world_size, p.partition_stride)
-                continue
-            copies = comm.all_gather(x.unsqueeze(0), 0)
-            diff = (copies - copies[0]).abs().max().item()
-            if diff != 0:
+            else:
                 hint = " (call ts.sync_sequence_parallel_grads first)" if getattr(p, "sequence_parallel", False) else ""
-                raise ValueError(f"rank {comm.rank}: the {what} of replicated parameter {name!r} differs between "
-                                 f"ranks by up to {diff:.3g}{hint}")
-            dense[name] = x.clone()
+                _check_copies(comm.all_gather(x.unsqueeze(0), 0), name, what, comm, "replicated parameter ", hint)
+                dense[name] = x.clone()
     return dense
+
+
+def _check_copies(copies: torch.Tensor, name: str, what: str, comm: Comm, kind: str, hint: str = "") -> None:
+    """ValueError unless the copies (stacked on dim 0) are equal; meta tensors have no values to compare."""
+    if copies.is_meta:
+        return
+    diff = (copies - copies[0]).abs().max().item()
+    if diff != 0:
+        raise ValueError(f"rank {comm.rank}: the {what} of {kind}{name!r} differs between ranks by up to {diff:.3g}{hint}")
