@@ -204,3 +204,48 @@ def test_a_partial_trace_raises_instead_of_hanging():
     trace = ts.run(fn, world_size=2).trace
     with pytest.raises(ts.SimulationError, match="cannot lay out the trace"):
         timeline(trace.filter(rank=0), TOY)
+
+
+def sp_column_layer(comm):
+    """A sequence-parallel column layer: backward is all-gather X, dX = dY W, reduce-scatter dX, dW = dYᵀ X."""
+    g = torch.Generator().manual_seed(0)
+    dense = torch.nn.Linear(32, 32, bias=False)
+    dense.weight.data = torch.randn(32, 32, generator=g)
+    layer = ts.ColumnParallelLinear.from_dense(dense, comm, sequence_parallel=True)
+    x = torch.randn(1, 64 // comm.world_size, 32, generator=g, requires_grad=True)
+    layer(x).sum().backward()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_overlap_tp_hides_the_input_gradient_reduce_scatter_behind_the_weight_gradient(overlap):
+    """t = 2, s = 64, 32 -> 32 features, float32, TOY (1 GB/s, 32 GFLOP/s):
+    all-gather of the 32 x 32 shard: 4096 B -> 4.096 µs; reduce-scatter of the 64 x 32 dX: half of
+    8192 B -> 4.096 µs; each matmul (Y, dX, dW) 2 · 64 · 32 · 16 FLOPs -> 2.048 µs."""
+    trace = ts.run(sp_column_layer, world_size=2, count_flops=True).trace
+    tl = timeline(trace, TOY, overlap_tp=overlap)
+    forward = 4.096e-6 + 2.048e-6
+    backward = 4.096e-6 + 2.048e-6 + (4.096e-6 if overlap else 4.096e-6 + 2.048e-6)  # dW runs under the reduce-scatter
+    for r in range(2):
+        assert tl.end(r) == pytest.approx(forward + backward, rel=1e-9)
+        assert tl.exposed(r) == pytest.approx(3 * 4.096e-6 - (2.048e-6 if overlap else 0.0), rel=1e-9)
+
+
+def test_exposed_by_axis_adds_up_to_exposed():
+    p, n, d = 3, 16, 8
+    q, k, v = (torch.randn(1, 2, n * p, d) for _ in range(3))
+    tl = timeline(ts.run(ring_attention_fn, q, k, v, True, True, world_size=p, count_flops=True).trace, TOY_LATENCY)
+    for r in range(p):
+        by_axis = tl.exposed_by_axis(r)
+        assert list(by_axis) == [None] and by_axis[None] == pytest.approx(tl.exposed(r), rel=1e-12)
+        assert tl.compute(r) + by_axis[None] + tl.idle(r) == pytest.approx(tl.end(r), rel=1e-12)
+
+
+def test_mfu_scales_compute_only():
+    p, n, d = 2, 16, 8
+    q, k, v = (torch.randn(1, 1, n * p, d) for _ in range(3))
+    trace = ts.run(ring_attention_fn, q, k, v, False, False, world_size=p, count_flops=True).trace
+    full, half = timeline(trace, TOY), timeline(trace, TOY, mfu=0.5)
+    assert half.compute(0) == pytest.approx(2 * full.compute(0), rel=1e-12)
+    assert half.comm(0) == pytest.approx(full.comm(0), rel=1e-12)
+    with pytest.raises(ValueError, match="mfu must be in"):
+        timeline(trace, TOY, mfu=0)
