@@ -33,6 +33,7 @@ from .sim.runtime import SimComm
 from .tensor_parallel import mappings
 from .tensor_parallel.data_parallel import sync_gradients
 from .tensor_parallel.hybrid import hybrid_positions, shard_hybrid
+from .tensor_parallel.tiny_llama import ParallelTinyLlama, TinyLlama
 from .tensor_parallel.blocks import MLP, ParallelTransformerBlock, SelfAttention, TransformerBlock
 from .tensor_parallel.llama import LlamaBlock, RMSNorm, rope
 from .tensor_parallel.layers import (ColumnParallelLinear, Dropout, DropoutRNG, RowParallelLinear,
@@ -45,7 +46,8 @@ __all__ = [
     "CollectiveMismatchError", "Comm", "CommEvent", "CommTrace", "ComputeSpan", "DeadlockError",
     "RankFailedError", "RunResult", "SimComm", "SimulationError", "TorchComm", "WaitMark", "Work",
     "format_bytes", "mappings", "run", "wire_bytes",
-    "DeviceMesh", "hybrid_positions", "init_device_mesh", "shard_hybrid", "sync_gradients",
+    "DeviceMesh", "ParallelTinyLlama", "TinyLlama", "hybrid_positions", "init_device_mesh", "shard_hybrid",
+    "sync_gradients",
     "attention_block", "blockwise_attention", "dense_attention", "online_softmax_merge", "ring_attention",
     "sequence_positions", "shard_sequence", "ulysses_attention", "unshard_sequence", "usp_attention", "usp_shard_sequence",
     "usp_unshard_sequence",
