@@ -2,23 +2,43 @@
 
 ``Comm`` checks arguments (a ``ValueError`` naming the rank, the op and the sizes), records a
 ``CommEvent`` per call, and hands the work to a backend: ``SimComm`` (virtual ranks, runtime.py)
-or ``TorchComm`` (real ``torch.distributed``, torch_comm.py). Collectives are functional: they
-return new tensors that no other rank shares, and never touch autograd (see mappings.py for the
-differentiable versions). Ranks (``rank``, ``src``, ``dst``, ``new_group``) are ranks *of this
-communicator's group*; ``CommEvent`` records global ranks.
+or ``TorchComm`` (real ``torch.distributed``, dist/torch_comm.py). Collectives are functional: they
+return new tensors that no other rank shares, and never touch autograd (see
+tensor_parallel/mappings.py for the differentiable versions). Ranks (``rank``, ``src``, ``dst``,
+``new_group``) are ranks *of this communicator's group*; ``CommEvent`` records global ranks. The
+collectives themselves (arguments, bytes, costs) are listed once, in ops.py.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+import operator
+from typing import Any, Iterator, Sequence
 
 import torch
 
+from .ops import REDUCE_OPS
 from .trace import CommEvent, Recorder
 
-REDUCE_OPS = ("sum", "avg", "max", "min", "prod")
+
+def normalized_dim(x: torch.Tensor, dim: int, where: str, name: str = "dim") -> int:
+    """``dim`` of ``x`` as a non-negative index, or a ValueError that starts with ``where`` (e.g. the rank and op)."""
+    if x.dim() == 0:
+        raise ValueError(f"{where} got {name}={dim} for a 0-d tensor (shape ()): it needs at least one dim")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{where} got {name}={dim} for a tensor of shape {tuple(x.shape)}")
+    return dim % x.dim()
+
+
+def _integer(value: Any, where: str, name: str) -> int:
+    """``value`` as an int (a bool or a float such as 1.0 is refused, not truncated)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{where}: {name} must be an integer rank, got {value!r} ({type(value).__name__})") from None
 
 
 class Work:
@@ -78,42 +98,44 @@ class Comm(ABC):
         with self.recorder.replay_scope(scope):
             yield
 
+    def phase(self, name: str):
+        """Record the calls made inside under phase ``name`` (one of ``ts.trace.PHASES``), e.g.
+        ``with comm.phase("grad_sync"):`` around gradient reductions called after backward."""
+        return self.recorder.push_phase(name)
+
     # ---- collectives ----------------------------------------------------------------------------
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim``, in rank order."""
-        dim = self._dim("all_gather", x, dim)
+        dim = normalized_dim(x, dim, self._where("all_gather"))
         self._record("all_gather", x)
         return self._all_gather(x, dim)
 
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Elementwise reduction of every rank's ``x`` (summed in rank order)."""
+        """Elementwise reduction of every rank's ``x`` (in rank order); ``op`` is one of ``REDUCE_OPS``
+        ("avg": the sum divided by world_size). Every rank must pass the same ``op``."""
         self._check_op("all_reduce", op)
         self._record("all_reduce", x)
-        if op == "avg":
-            return self._all_reduce(x, "sum") / self.world_size
         return self._all_reduce(x, op)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
         """Reduce every rank's ``x``, then keep this rank's chunk of ``dim``."""
         self._check_op("reduce_scatter", op)
-        dim = self._dim("reduce_scatter", x, dim)
+        dim = normalized_dim(x, dim, self._where("reduce_scatter"))
         self._divisible("reduce_scatter", x, dim, "dim")
         self._record("reduce_scatter", x)
-        if op == "avg":
-            return self._reduce_scatter(x, dim, "sum") / self.world_size
         return self._reduce_scatter(x, dim, op)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Every rank gets a copy of rank ``src``'s ``x`` (the other ranks' ``x`` gives shape and dtype)."""
-        self._peer("broadcast", src, "src", allow_self=True)
+        src = self._peer("broadcast", src, "src", allow_self=True)
         self._record("broadcast", x, root=src)
         return self._broadcast(x, src)
 
     def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
         """Chunk ``scatter_dim`` into world_size pieces, send piece j to rank j, concatenate what arrives along ``gather_dim``."""
-        scatter_dim = self._dim("all_to_all", x, scatter_dim)
-        gather_dim = self._dim("all_to_all", x, gather_dim)
+        scatter_dim = normalized_dim(x, scatter_dim, self._where("all_to_all"), "scatter_dim")
+        gather_dim = normalized_dim(x, gather_dim, self._where("all_to_all"), "gather_dim")
         self._divisible("all_to_all", x, scatter_dim, "scatter_dim")
         self._record("all_to_all", x)
         return self._all_to_all(x, scatter_dim, gather_dim)
@@ -126,32 +148,32 @@ class Comm(ABC):
 
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Blocking send: returns once rank ``dst`` has posted the matching receive (a rendezvous)."""
-        self._peer("send", dst, "dst")
+        dst = self._peer("send", dst, "dst")
         self._record("send", x, peer=dst)
         self._isend(x, dst).wait()
 
     def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
         """Blocking receive of a tensor shaped like ``like`` from rank ``src``."""
-        self._peer("recv", src, "src")
+        src = self._peer("recv", src, "src")
         self._record("recv", like, peer=src)
         return self._irecv(like, src).wait()
 
     def isend(self, x: torch.Tensor, dst: int) -> Work:
         """Post a send; ``.wait()`` returns once it is matched. Do not change ``x`` before then."""
-        self._peer("isend", dst, "dst")
+        dst = self._peer("isend", dst, "dst")
         event = self._record("send", x, peer=dst, blocking=False)
         return Work(self._isend(x, dst).wait, self.recorder, event)
 
     def irecv(self, like: torch.Tensor, src: int) -> Work:
         """Post a receive; ``.wait()`` returns the received tensor."""
-        self._peer("irecv", src, "src")
+        src = self._peer("irecv", src, "src")
         event = self._record("recv", like, peer=src, blocking=False)
         return Work(self._irecv(like, src).wait, self.recorder, event)
 
     def sendrecv(self, x: torch.Tensor, dst: int, src: int) -> torch.Tensor:
         """One ring shift: send ``x`` to ``dst`` and receive a tensor like it from ``src``, posted together."""
-        self._peer("sendrecv", dst, "dst")
-        self._peer("sendrecv", src, "src")
+        dst = self._peer("sendrecv", dst, "dst")
+        src = self._peer("sendrecv", src, "src")
         self._record("send", x, peer=dst)
         self._record("recv", x, peer=src, batched=True)
         return self._sendrecv(x, dst, src)
@@ -161,7 +183,7 @@ class Comm(ABC):
     def new_group(self, ranks: Sequence[int]) -> "Comm | None":
         """A communicator over ``ranks`` (ranks of this group). Every rank of this group must call it,
         in the same order, with the same ranks; ranks outside ``ranks`` get None."""
-        ranks = tuple(int(r) for r in ranks)
+        ranks = tuple(_integer(r, self._where("new_group"), "every rank") for r in ranks)
         if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.world_size for r in ranks):
             raise ValueError(f"rank {self.rank}: new_group needs distinct ranks in [0, {self.world_size}), "
                              f"got {list(ranks)}")
@@ -172,11 +194,6 @@ class Comm(ABC):
     def _where(self, op: str) -> str:
         return f"rank {self.rank} of group {self.group}: {op}"
 
-    def _dim(self, op: str, x: torch.Tensor, dim: int) -> int:
-        if not -x.dim() <= dim < max(x.dim(), 1):
-            raise ValueError(f"{self._where(op)} got dim={dim} for a tensor of shape {tuple(x.shape)}")
-        return dim % x.dim()
-
     def _divisible(self, op: str, x: torch.Tensor, dim: int, name: str) -> None:
         if x.shape[dim] % self.world_size:
             raise ValueError(f"{self._where(op)}: size {x.shape[dim]} of {name}={dim} (shape {tuple(x.shape)}) "
@@ -184,11 +201,14 @@ class Comm(ABC):
 
     def _check_op(self, op: str, reduce_op: str) -> None:
         if reduce_op not in REDUCE_OPS:
-            raise ValueError(f"{self._where(op)}: unknown reduce op {reduce_op!r}, expected one of {REDUCE_OPS}")
+            raise ValueError(f"{self._where(op)}: unknown reduce op {reduce_op!r}, expected one of {tuple(REDUCE_OPS)}")
 
-    def _peer(self, op: str, peer: int, name: str, allow_self: bool = False) -> None:
+    def _peer(self, op: str, peer: Any, name: str, allow_self: bool = False) -> int:
+        peer = _integer(peer, self._where(op), name)
         if not 0 <= peer < self.world_size or (peer == self.rank and not allow_self):
-            raise ValueError(f"{self._where(op)}: {name}={peer} must be another rank in [0, {self.world_size})")
+            raise ValueError(f"{self._where(op)}: {name}={peer} must be {'a' if allow_self else 'another'} rank "
+                             f"in [0, {self.world_size})")
+        return peer
 
     def _record(self, op: str, x: torch.Tensor, *, root: int = 0, peer: int | None = None,
                 blocking: bool = True, batched: bool = False) -> CommEvent:

@@ -1,28 +1,31 @@
-"""What a run communicated: one ``CommEvent`` per rank per call, and the tables built from them.
+"""What a run communicated: one ``CommEvent`` per rank per call, and the sums and tables built from them.
 
-Wire bytes follow the nccl-tests convention for ring algorithms on p ranks (design section 4):
+Each event carries its rank's wire bytes (``wire_bytes``: the table in ops.py). Aggregates say in
+their name what they add up, the same in ``CommTrace`` and ``ts.cost.Estimate``:
 
-    op              input per rank     sent = received per rank
-    all_gather      shard of n bytes   (p-1)·n
-    reduce_scatter  N bytes            (p-1)/p·N
-    all_reduce      N bytes            2(p-1)/p·N
-    all_to_all      N bytes            (p-1)/p·N
-    broadcast       N bytes            pipelined ring: the root sends N, the last rank receives N,
-                                       every other rank does both
-    send / recv     n bytes            the sender sends n, the receiver receives n
+    total(...)          the sum over every matching event of every rank
+    per_rank(...)       {rank: the sum over that rank's matching events}
+    mean_per_rank(...)  total / number of ranks: one rank's share
+    max_per_rank(...)   the busiest rank's sum
+    group_by(key)       {key: the sum over every event of every rank with that key}
+
+Tables (``rows``, ``table``) show the mean per rank, so they read like one GPU's share.
 """
 
 from __future__ import annotations
 
-import html
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Union
 
 import torch
 
-PHASES = ("forward", "backward")
+from .ops import wire_bytes
+from .table import Table
+
+# "grad_sync": gradient reductions called after backward (``Comm.phase("grad_sync")``).
+PHASES = ("forward", "backward", "grad_sync")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class CommEvent:
     sent_bytes: int
     recv_bytes: int
     scope: str
-    phase: str  # "forward" or "backward"
+    phase: str  # one of PHASES
     seq: int  # position in this rank's program order (shared with WaitMark and ComputeSpan)
     peer: int | None = None  # send/recv: the global rank on the other side
     blocking: bool = True  # False for isend/irecv, whose completion is a WaitMark
@@ -66,35 +69,6 @@ class ComputeSpan:
     phase: str
 
 
-def wire_bytes(op: str, nbytes: int, world_size: int, index: int = 0, root: int = 0) -> tuple[int, int]:
-    """(sent, received) bytes of one rank for ``op`` on ``world_size`` ranks; ``nbytes`` is its input.
-
-    ``index`` is the rank's position in the group and ``root`` the broadcast source (group ranks).
-    Fractions are rounded down to whole bytes.
-    """
-    p = world_size
-    if op == "all_gather":
-        moved = (p - 1) * nbytes
-    elif op in ("reduce_scatter", "all_to_all"):
-        moved = (p - 1) * nbytes // p
-    elif op == "all_reduce":
-        moved = 2 * (p - 1) * nbytes // p
-    elif op == "broadcast":
-        if p == 1:
-            return 0, 0
-        position = (index - root) % p
-        return (0 if position == p - 1 else nbytes), (0 if position == 0 else nbytes)
-    elif op == "send":
-        return nbytes, 0
-    elif op == "recv":
-        return 0, nbytes
-    elif op == "barrier":
-        moved = 0
-    else:
-        raise ValueError(f"unknown communication op {op!r}")
-    return moved, moved
-
-
 class Recorder:
     """One rank's log: scope stack, program order, events, waits and (optionally) FLOPs.
 
@@ -108,6 +82,7 @@ class Recorder:
         self.compute: list[ComputeSpan] = []
         self._scopes: list[str] = []
         self._replayed: str | None = None
+        self._phase: str | None = None
         self._seq = 0
         self.flop_counter: Any = None  # a tpsp_sim.flops.FlopCounter labelled with self.label, while counting
 
@@ -136,11 +111,24 @@ class Recorder:
         finally:
             self._replayed = previous
 
+    @contextmanager
+    def push_phase(self, phase: str) -> Iterator[None]:
+        """Record under ``phase`` (e.g. "grad_sync" after backward) instead of the one autograd says."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; phases are {PHASES}")
+        previous, self._phase = self._phase, phase
+        try:
+            yield
+        finally:
+            self._phase = previous
+
     def label(self) -> tuple[str, str]:
         return self.scope, self.phase()
 
-    @staticmethod
-    def phase() -> str:
+    def phase(self) -> str:
+        """The pushed phase if any, else "backward" inside an autograd backward and "forward" outside."""
+        if self._phase is not None:
+            return self._phase
         return "backward" if torch._C._current_graph_task_id() >= 0 else "forward"
 
     def _next_seq(self) -> int:
@@ -185,34 +173,87 @@ def _matches(event: Any, filters: dict[str, Any]) -> bool:
     return True
 
 
+# What the aggregates add up: an event field name, or a function of the event.
+Field = Union[str, Callable[[CommEvent], float]]
+
+
 @dataclass
 class CommTrace:
     """Everything the ranks of a run communicated, in (rank, program order).
 
-    Filters (``total``, ``filter``, ``count``) take event fields as keywords: a value to equal, a
-    predicate, or for ``scope`` a prefix (``scope="block0"`` also matches ``"block0/attn"``).
+    Filters (``filter``, ``count``, ``ops`` and the aggregates) take event fields as keywords: a value
+    to equal, a predicate, or for ``scope`` a prefix (``scope="block0"`` also matches
+    ``"block0/attn"``). The aggregates add up ``field``: an event field name, or a function of the
+    event (``ts.cost.Estimate`` passes each call's predicted seconds).
     """
 
     events: list[CommEvent] = field(default_factory=list)
     waits: list[WaitMark] = field(default_factory=list)
     compute: list[ComputeSpan] = field(default_factory=list)
+    world_size: int = 0  # ranks of the run (0: unknown, then the ranks that appear)
 
     @classmethod
     def from_recorders(cls, recorders: list[Recorder]) -> "CommTrace":
+        """The trace of a run from its recorders, one per rank in rank order."""
         return cls([e for r in recorders for e in r.events], [w for r in recorders for w in r.waits],
-                   [c for r in recorders for c in r.compute])
+                   [c for r in recorders for c in r.compute], len(recorders))
 
     def filter(self, **filters: Any) -> "CommTrace":
+        """The matching events, the waits on them, and the compute spans that match every filter on a
+        field a span has (rank, scope, phase, seq): a filter on the op or the bytes keeps all compute."""
         _check_fields(filters)
         events = [e for e in self.events if _matches(e, filters)]
         kept = {(e.rank, e.seq) for e in events}
         waits = [w for w in self.waits if (w.rank, w.event_seq) in kept]
-        rank_filter = {k: v for k, v in filters.items() if k == "rank"}
-        return CommTrace(events, waits, [c for c in self.compute if _matches(c, rank_filter)])
+        span_filters = {k: v for k, v in filters.items() if k in _SPAN_FIELDS}
+        return CommTrace(events, waits, [c for c in self.compute if _matches(c, span_filters)], self.world_size)
 
-    def total(self, field: str = "sent_bytes", **filters: Any) -> int:
-        """Sum of ``field`` over the events that match ``filters``."""
-        return sum(getattr(e, field) for e in self.filter(**filters).events)
+    @property
+    def ranks(self) -> list[int]:
+        """Every rank of the run, including those that recorded nothing."""
+        seen = {e.rank for e in self.events} | {w.rank for w in self.waits} | {c.rank for c in self.compute}
+        return sorted(seen | set(range(self.world_size)))
+
+    def total(self, field: Field = "sent_bytes", **filters: Any) -> float:
+        """The sum of ``field`` over every matching event of every rank (the sum over ranks)."""
+        get = _getter(field)
+        return sum(get(e) for e in self.filter(**filters).events)
+
+    def per_rank(self, field: Field = "sent_bytes", **filters: Any) -> dict[int, float]:
+        """{rank: the sum of ``field`` over that rank's matching events}, for every rank of the run
+        (0 where none match) that a ``rank`` filter keeps."""
+        get = _getter(field)
+        sums = {r: 0 for r in self.ranks if _matches(_Rank(r), {k: v for k, v in filters.items() if k == "rank"})}
+        for e in self.filter(**filters).events:
+            sums[e.rank] += get(e)
+        return sums
+
+    def mean_per_rank(self, field: Field = "sent_bytes", **filters: Any) -> float:
+        """One rank's share: ``total`` divided by the number of ranks in ``per_rank`` (0.0 if none)."""
+        sums = self.per_rank(field, **filters)
+        return sum(sums.values()) / len(sums) if sums else 0.0
+
+    def max_per_rank(self, field: Field = "sent_bytes", **filters: Any) -> float:
+        """The busiest rank's sum of ``field`` (0 if there are no ranks)."""
+        return max(self.per_rank(field, **filters).values(), default=0)
+
+    def group_by(self, key: Callable[[CommEvent], Any] | str | tuple[str, ...],
+                 field: Field = "sent_bytes") -> dict[Any, float]:
+        """{key: the sum of ``field`` over every event of every rank with that key}, in first-seen order.
+
+        ``key``: an event field name, a tuple of them (the key is then the tuple of values), or a function.
+        """
+        if isinstance(key, tuple):
+            names = key
+            key = lambda e: tuple(getattr(e, n) for n in names)  # noqa: E731
+        elif isinstance(key, str):
+            key = _getter(key)
+        get = _getter(field)
+        sums: dict[Any, float] = {}
+        for e in self.events:
+            k = key(e)
+            sums[k] = sums.get(k, 0) + get(e)
+        return sums
 
     def count(self, **filters: Any) -> int:
         return len(self.filter(**filters).events)
@@ -224,41 +265,28 @@ class CommTrace:
             counts[e.op] += 1
         return dict(counts)
 
-    def group_by(self, key: Callable[[CommEvent], Any] | str, field: str = "sent_bytes") -> dict[Any, int]:
-        """Totals of ``field`` per value of ``key`` (an event field name or a function), in first-seen order."""
-        get = (lambda e: getattr(e, key)) if isinstance(key, str) else key
-        totals: dict[Any, int] = {}
-        for e in self.events:
-            k = get(e)
-            totals[k] = totals.get(k, 0) + getattr(e, field)
-        return totals
-
     def rows(self) -> list[tuple[str, str, str, int, int, int]]:
         """(scope, phase, op, calls per rank, bytes sent per rank, bytes received per rank), in order of first call.
 
-        "Per rank" is the mean over the ranks of the run, so the numbers read like one GPU's share.
+        "Per rank" is the mean over the ranks of the run (rounded down), so the numbers read like one GPU's share.
         """
-        ranks = {e.rank for e in self.events} or {0}
         table: dict[tuple[str, str, str], list[int]] = {}
         for e in self.events:
             row = table.setdefault((e.scope, e.phase, e.op), [0, 0, 0])
             row[0] += 1
             row[1] += e.sent_bytes
             row[2] += e.recv_bytes
-        n = len(ranks)
+        n = len(self.ranks) or 1
         return [(s, p, o, c // n, sb // n, rb // n) for (s, p, o), (c, sb, rb) in table.items()]
 
-    def table(self) -> str:
-        header = ("scope", "phase", "op", "calls/rank", "sent/rank", "recv/rank")
+    def table(self, fmt: str = "text") -> str:
+        """Calls and bytes per rank for each (scope, phase, op), and their total: "text", "markdown" or "html"."""
         rows = self.rows()
         body = [(s or "-", p, o, str(c), format_bytes(sb), format_bytes(rb)) for s, p, o, c, sb, rb in rows]
-        body.append(("total", "", "", str(sum(r[3] for r in rows)),
-                     format_bytes(sum(r[4] for r in rows)), format_bytes(sum(r[5] for r in rows))))
-        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                 for row in [header, *body]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        total = ("total", "", "", str(sum(r[3] for r in rows)), format_bytes(sum(r[4] for r in rows)),
+                 format_bytes(sum(r[5] for r in rows)))
+        return Table(("scope", "phase", "op", "calls/rank", "sent/rank", "recv/rank"), body,
+                     frozenset({"calls/rank", "sent/rank", "recv/rank"}), [total]).render(fmt)
 
     def __str__(self) -> str:
         return self.table()
@@ -267,11 +295,21 @@ class CommTrace:
         return len(self.events)
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in ("scope", "phase", "op", "calls/rank", "sent/rank", "recv/rank"))
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (s or "-", p, o, c, format_bytes(sb), format_bytes(rb)))
-            + "</tr>" for s, p, o, c, sb, rb in self.rows())
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return self.table("html")
+
+
+@dataclass(frozen=True)
+class _Rank:
+    """Stands in for an event when a ``rank`` filter picks the ranks of ``per_rank``."""
+
+    rank: int
+
+
+_SPAN_FIELDS = {f.name for f in fields(ComputeSpan)} & {f.name for f in fields(CommEvent)}
+
+
+def _getter(field: Field) -> Callable[[Any], Any]:
+    return field if callable(field) else (lambda e: getattr(e, field))
 
 
 def _check_fields(filters: dict[str, Any]) -> None:

@@ -1,0 +1,122 @@
+"""The collectives, in one table: how each is called, what it moves, what it costs, how it is drawn.
+
+Every other module reads ``OPS`` (argument checks and messages, both backends, the trace's wire
+bytes, the cost model's latency steps, the plots' colours). Adding a collective is one entry here
+plus one method per backend.
+
+Per-rank wire bytes, ring algorithms on p ranks (the nccl-tests convention); n or N is the bytes of
+this rank's input, and fractions are rounded down to whole bytes. The latency steps are the
+messages a rank pays the per-message latency α for (``ts.cost``). The README's table is checked
+against this one, and both against ``OPS``, by tests/test_ops.py.
+
+| op | input per rank | sent per rank | received per rank | latency steps |
+|---|---|---|---|---|
+| all_gather | shard of n bytes | (p−1)·n | (p−1)·n | p−1 |
+| reduce_scatter | N | (p−1)/p·N | (p−1)/p·N | p−1 |
+| all_reduce | N | 2(p−1)/p·N | 2(p−1)/p·N | 2(p−1) |
+| all_to_all | N | (p−1)/p·N | (p−1)/p·N | 1 |
+| broadcast | N | N (0 on the last rank) | N (0 on the root) | p−1 |
+| send | n | n | 0 | 1 |
+| recv | n | 0 | n | 1 |
+| barrier | nothing | 0 | 0 | 2(p−1) |
+
+Broadcast is a pipelined ring starting at the root: the root only sends, the last rank of the ring
+only receives, every other rank does both. A barrier is priced as an all_reduce of nothing. On one
+rank (p = 1) nothing moves. ``new_group`` is a rendezvous of the group too (it moves no data and
+is not recorded); it is listed so that messages can name its argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# Reduce ops a collective accepts, with the torch.distributed.ReduceOp member of each.
+REDUCE_OPS: dict[str, str] = {"sum": "SUM", "avg": "AVG", "max": "MAX", "min": "MIN", "prod": "PRODUCT"}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One collective: its arguments after the tensor, its wire bytes and latency steps, its colour."""
+
+    name: str
+    params: tuple[str, ...]  # argument names the backends compare between ranks, in order (for messages)
+    wire: Callable[[int, int, int], tuple[int, int]]  # (nbytes, p, position) -> (sent, received), p >= 2
+    latency_steps: Callable[[int], int]  # p -> messages one rank pays α for, p >= 2
+    color: str  # in every figure
+
+
+def _same_both_ways(moved: Callable[[int, int], int]) -> Callable[[int, int, int], tuple[int, int]]:
+    def wire(nbytes: int, p: int, position: int) -> tuple[int, int]:
+        return moved(nbytes, p), moved(nbytes, p)
+    return wire
+
+
+def _broadcast(nbytes: int, p: int, position: int) -> tuple[int, int]:
+    """``position`` is the rank's distance from the root along the ring."""
+    return (0 if position == p - 1 else nbytes), (0 if position == 0 else nbytes)
+
+
+def _ring(p: int) -> int:
+    return p - 1
+
+
+def _two_rings(p: int) -> int:
+    return 2 * (p - 1)
+
+
+def _one_message(p: int) -> int:
+    """all_to_all: NCCL posts all p−1 sends and receives at once (grouped), so one latency, not p−1."""
+    return 1
+
+
+# In plot order (the stacking order of the bars); the colours are matplotlib's "Set2" in that order.
+OPS: dict[str, Op] = {op.name: op for op in (
+    Op("all_reduce", ("op",), _same_both_ways(lambda n, p: 2 * (p - 1) * n // p), _two_rings, "#66c2a5"),
+    Op("all_gather", ("dim",), _same_both_ways(lambda n, p: (p - 1) * n), _ring, "#fc8d62"),
+    Op("reduce_scatter", ("dim", "op"), _same_both_ways(lambda n, p: (p - 1) * n // p), _ring, "#8da0cb"),
+    Op("all_to_all", ("scatter_dim", "gather_dim"), _same_both_ways(lambda n, p: (p - 1) * n // p), _one_message,
+       "#e78ac3"),
+    Op("send", ("dst",), lambda n, p, position: (n, 0), lambda p: 1, "#a6d854"),
+    Op("recv", ("src",), lambda n, p, position: (0, n), lambda p: 1, "#ffd92f"),
+    Op("broadcast", ("src",), _broadcast, _ring, "#e5c494"),
+    Op("barrier", (), _same_both_ways(lambda n, p: 0), _two_rings, "#b3b3b3"),
+    Op("new_group", ("ranks",), _same_both_ways(lambda n, p: 0), lambda p: 0, "grey"),
+)}
+
+
+def spec(op: str) -> Op:
+    """The table entry of ``op`` (a ``ValueError`` naming the known ops if there is none)."""
+    if op not in OPS:
+        raise ValueError(f"unknown communication op {op!r}; ops are {sorted(OPS)}")
+    return OPS[op]
+
+
+def wire_bytes(op: str, nbytes: int, world_size: int, index: int = 0, root: int = 0) -> tuple[int, int]:
+    """(sent, received) bytes of one rank for ``op`` on ``world_size`` ranks; ``nbytes`` is its input.
+
+    ``index`` is the rank's position in the group and ``root`` the broadcast source (group ranks).
+    See the table in this module's docstring.
+    """
+    entry = spec(op)
+    if world_size == 1 and op not in ("send", "recv"):
+        return 0, 0
+    return entry.wire(nbytes, world_size, (index - root) % world_size)
+
+
+def latency_steps(op: str, world_size: int) -> int:
+    """Messages one rank pays the latency α for in ``op`` on ``world_size`` ranks (0 on one rank)."""
+    entry = spec(op)
+    if world_size == 1 and op not in ("send", "recv"):
+        return 0
+    return entry.latency_steps(world_size)
+
+
+def describe_call(op: str, x: torch.Tensor | None, params: tuple) -> str:
+    """``all_reduce(shape=(4,), dtype=torch.float32, op='sum')``: a call as error messages show it."""
+    tensor = "" if x is None else f"shape={tuple(x.shape)}, dtype={x.dtype}"
+    names = OPS[op].params if op in OPS else ()
+    args = [f"{n}={v!r}" for n, v in zip(names, params)]
+    return f"{op}({', '.join(filter(None, [tensor, *args]))})"
