@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_block, attention_block_backward, check_layout, check_qkv, online_softmax_merge
+from ..core.autograd import CommFunction
 from ..core.comm import Comm
 
 ALL = slice(None)
@@ -69,7 +70,7 @@ def _tile(step: int, rank: int, world_size: int, n: int, causal: bool, layout: s
     return (ALL, slice(0, half), False) if earlier else (slice(half, n), ALL, False)
 
 
-class _RingAttention(torch.autograd.Function):
+class _RingAttention(CommFunction):
     """forward: ring of K/V blocks with online softmax; backward: ring of K/V and dK/dV with the global lse."""
 
     @staticmethod
@@ -91,7 +92,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = shift.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.comm, ctx.scope, ctx.causal, ctx.layout = comm, comm.current_scope, causal, layout
+        ctx.causal, ctx.layout = causal, layout
         return out
 
     @staticmethod
@@ -103,25 +104,24 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros_like(q, dtype=acc)
         kv = torch.stack([k, v])
         carried = None  # the shift bringing the dK/dV accumulator of the block we hold next
-        with comm.replay_scope(ctx.scope):
-            for step in range(p):
-                shift = _Shift(comm, kv) if step < p - 1 else None
-                dkv = torch.zeros_like(kv, dtype=acc)
-                tile = _tile(step, r, p, n, ctx.causal, ctx.layout)
-                if tile is not None:
-                    rows, cols, masked = tile
-                    dq_tile, dk_tile, dv_tile = attention_block_backward(
-                        q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], dout[:, :, rows],
-                        lse[:, :, rows], delta[:, :, rows], causal=masked)
-                    dq[:, :, rows] += dq_tile
-                    dkv[0][:, :, cols], dkv[1][:, :, cols] = dk_tile, dv_tile
-                if carried is not None:
-                    dkv += carried.wait()
-                carried = _Shift(comm, dkv) if p > 1 else None
-                if shift is not None:
-                    kv = shift.wait()
+        for step in range(p):
+            shift = _Shift(comm, kv) if step < p - 1 else None
+            dkv = torch.zeros_like(kv, dtype=acc)
+            tile = _tile(step, r, p, n, ctx.causal, ctx.layout)
+            if tile is not None:
+                rows, cols, masked = tile
+                dq_tile, dk_tile, dv_tile = attention_block_backward(
+                    q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], dout[:, :, rows],
+                    lse[:, :, rows], delta[:, :, rows], causal=masked)
+                dq[:, :, rows] += dq_tile
+                dkv[0][:, :, cols], dkv[1][:, :, cols] = dk_tile, dv_tile
             if carried is not None:
-                dkv = carried.wait()  # our own block's dK/dV, home after p shifts
+                dkv += carried.wait()
+            carried = _Shift(comm, dkv) if p > 1 else None
+            if shift is not None:
+                kv = shift.wait()
+        if carried is not None:
+            dkv = carried.wait()  # our own block's dK/dV, home after p shifts
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
