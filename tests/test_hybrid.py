@@ -140,6 +140,7 @@ def test_bytes_per_axis_equal_the_closed_forms(attention):
         assert (sent(axis="cp", phase="forward"), sent(axis="cp", phase="backward")) == (cp_fwd, cp_bwd)
         assert sent(axis="dp_cp") == 1944 and trace.count(rank=rank, axis="dp_cp") == 1
         assert sent(axis="dp") == 0 and sent(axis=None) == 0
+        assert sent(phase="grad_sync") == 192 + 1944
 
 
 # ---- sync_gradients ---------------------------------------------------------------------------------

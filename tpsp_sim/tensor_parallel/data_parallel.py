@@ -33,7 +33,8 @@ def sync_gradients(module: nn.Module, mesh: DeviceMesh, op: str = "avg") -> None
        replica's loss is a mean over its own tokens (the global mean is the mean of the replicas'),
        "sum" when each rank's loss is already divided by the global token count.
 
-    Axes of one rank are skipped. Afterwards ``ts.gather_dense_grads(module, mesh["tp"])`` is the
+    Recorded with phase "grad_sync", under scopes "sp_grads" and "dp_grads". Axes of one rank are
+    skipped. Afterwards ``ts.gather_dense_grads(module, mesh["tp"])`` is the
     dense model's gradient of the global loss.
     """
     if op not in ("avg", "sum"):
@@ -51,7 +52,7 @@ def sync_gradients(module: nn.Module, mesh: DeviceMesh, op: str = "avg") -> None
     if not grads:
         return
     comm = mesh[replicas]
-    with comm.scope("dp_grads"):
+    with comm.phase("grad_sync"), comm.scope("dp_grads"):
         bucket = comm.all_reduce(torch.cat([g.flatten() for g in grads]), op=op)
     for g, reduced in zip(grads, bucket.split([g.numel() for g in grads])):
         g.copy_(reduced.view_as(g))
