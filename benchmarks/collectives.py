@@ -1,22 +1,28 @@
-"""What one simulated collective costs: fixed cost per call (µs) and cost per MB, next to a plain
-in-process copy of the same data (one thread computing every rank's result with ordinary torch ops).
+"""What one simulated collective costs: fixed cost per call (µs) as a ratio to one round of a bare
+``threading.Barrier`` among the same number of threads (the floor for anything that makes p threads
+meet), measured in the same run; and cost per MB next to a plain in-process copy of the same data.
 
-    python benchmarks/collectives.py [--world-sizes 2 4 8] [--calls 200] [--mb 1 16]
+    python benchmarks/collectives.py [--world-sizes 2 4 8] [--calls 200] [--mb 1 16] [--switch-interval S]
 
 The fixed cost is measured with a tiny tensor (p floats per rank): (time of a run making K calls - time of a run
-making none) / K, so thread start-up is not counted. Each number is the best of --repeats runs.
+making none) / K, so thread start-up is not counted; the barrier the same way, with p threads making K
+rounds. Each number is the best of --repeats runs, and the barrier is timed right before each op's row.
+``--switch-interval`` sets ``sys.setswitchinterval`` for this process only (CPython's default is 0.005 s).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import threading
 import time
 
 import torch
 
 import tpsp_sim as ts
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "sendrecv")
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "barrier", "sendrecv")
 
 
 def call(comm, op: str, x: torch.Tensor):
@@ -24,6 +30,8 @@ def call(comm, op: str, x: torch.Tensor):
         return comm.sendrecv(x, (comm.rank + 1) % comm.world_size, (comm.rank - 1) % comm.world_size)
     if op == "all_to_all":
         return comm.all_to_all(x, 0, 0)
+    if op == "barrier":
+        return comm.barrier()
     return getattr(comm, op)(x)
 
 
@@ -37,17 +45,7 @@ def in_process(op: str, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [total.clone() for _ in xs]
     if op == "all_gather":
         return [torch.cat(xs) for _ in xs]
-    if op == "reduce_scatter":
-        total = xs[0].clone()
-        for x in xs[1:]:
-            total += x
-        return [c.clone() for c in total.chunk(p)]
-    if op == "all_to_all":
-        pieces = [x.chunk(p) for x in xs]
-        return [torch.cat([pc[r] for pc in pieces]) for r in range(p)]
-    if op == "broadcast":
-        return [xs[0].clone() for _ in xs]
-    return [xs[(r - 1) % p].clone() for r in range(p)]  # ring shift
+    raise ValueError(op)
 
 
 def repeat_calls(comm, op: str, x: torch.Tensor, calls: int) -> None:
@@ -64,14 +62,29 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure(op: str, p: int, numel: int, calls: int, repeats: int) -> tuple[float, float]:
-    """(simulator µs per call, in-process copy µs per call) for one collective on p ranks."""
+def barrier_rounds(p: int, rounds: int) -> None:
+    """p threads meet ``rounds`` times at one threading.Barrier."""
+    barrier = threading.Barrier(p)
+
+    def body():
+        for _ in range(rounds):
+            barrier.wait()
+
+    threads = [threading.Thread(target=body) for _ in range(p)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def per_call(run, calls: int, repeats: int) -> float:
+    """µs per call: (best time of a run making ``calls`` calls - best time of one making none) / calls."""
+    return (best(lambda: run(calls), repeats) - best(lambda: run(0), repeats)) / calls * 1e6
+
+
+def sim_per_call(op: str, p: int, numel: int, calls: int, repeats: int) -> float:
     x = torch.ones(numel)
-    empty = best(lambda: ts.run(repeat_calls, op, x, 0, world_size=p), repeats)
-    full = best(lambda: ts.run(repeat_calls, op, x, calls, world_size=p), repeats)
-    xs = [torch.ones(numel) for _ in range(p)]
-    copy = best(lambda: [in_process(op, xs) for _ in range(calls)], repeats)
-    return (full - empty) / calls * 1e6, copy / calls * 1e6
+    return per_call(lambda k: ts.run(repeat_calls, op, x, k, world_size=p), calls, repeats)
 
 
 def main() -> None:
@@ -80,23 +93,30 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--mb", type=float, nargs="+", default=[1.0, 16.0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--switch-interval", type=float, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
 
-    print(f"fixed cost per call (p floats per rank, {args.calls} calls, best of {args.repeats})")
-    print(f"{'op':<15}{'p':>3}{'sim µs':>10}{'copy µs':>10}{'sim - copy':>12}")
+    print(f"load average {os.getloadavg()[0]:.2f}, switch interval {sys.getswitchinterval()} s; fixed cost per call "
+          f"(p floats per rank, {args.calls} calls, best of {args.repeats})")
+    print(f"{'op':<15}{'p':>3}{'sim µs':>10}{'barrier µs':>12}{'sim / barrier':>15}")
     for p in args.world_sizes:
         for op in OPS:
-            sim, copy = measure(op, p, p, args.calls, args.repeats)
-            print(f"{op:<15}{p:>3}{sim:>10.1f}{copy:>10.1f}{sim - copy:>12.1f}")
+            barrier = per_call(lambda k: barrier_rounds(p, k), args.calls, args.repeats)
+            sim = sim_per_call(op, p, p, args.calls, args.repeats)
+            print(f"{op:<15}{p:>3}{sim:>10.1f}{barrier:>12.1f}{sim / barrier:>15.2f}")
 
     print("\ncost per MB of each rank's input (all_reduce, all_gather), best of", args.repeats)
     print(f"{'op':<15}{'p':>3}{'MB':>6}{'sim µs/MB':>12}{'copy µs/MB':>12}{'ratio':>8}")
     for p in args.world_sizes:
         for mb in args.mb:
             numel = int(mb * 2**20 / 4) // p * p
+            xs = [torch.ones(numel) for _ in range(p)]
             for op in ("all_reduce", "all_gather"):
-                sim, copy = measure(op, p, numel, 5, args.repeats)
+                sim = sim_per_call(op, p, numel, 5, args.repeats)
+                copy = best(lambda: [in_process(op, xs) for _ in range(5)], args.repeats) / 5 * 1e6
                 print(f"{op:<15}{p:>3}{mb:>6.0f}{sim / mb:>12.0f}{copy / mb:>12.0f}{sim / copy:>8.2f}")
 
 

@@ -78,7 +78,7 @@ def test_waiting_for_a_rank_that_has_returned_is_a_deadlock():
 
 @pytest.mark.parametrize("calls, shown", [
     ((lambda c: c.all_reduce(torch.ones(2)), lambda c: c.all_gather(torch.ones(2))),
-     ["rank 0: all_reduce(shape=(2,), dtype=torch.float32, op='sum')", "rank 1: all_gather(shape=(2,), dtype=torch.float32, dim=0)"]),
+     ["rank 0: all_reduce(shape=(2,), dtype=torch.float32, op='sum')", "ranks 1-2: all_gather(shape=(2,), dtype=torch.float32, dim=0)"]),
     ((lambda c: c.all_gather(torch.ones(2, 3), dim=0), lambda c: c.all_gather(torch.ones(2, 3), dim=1)),
      ["dim=0", "dim=1"]),
     ((lambda c: c.all_reduce(torch.ones(2)), lambda c: c.all_reduce(torch.ones(3))),

@@ -1,0 +1,385 @@
+"""The shared state of one simulated run, and who waits for what.
+
+One lock guards the state. A rank that must wait registers *what* it waits for (a predicate)
+and sleeps on its own gate (a lock only it blocks on), outside the world lock. Whoever makes a
+predicate true wakes exactly the ranks concerned: completing a collective wakes the ranks of
+that call, matching a message wakes its two ends. So a rank in ``asleep`` is one whose predicate
+was false when it registered and that nobody has woken since: its predicate is still false, and
+only a running rank can make it true. When every live rank is in ``asleep`` (each wait is tested
+again, as the definition demands), no rank can ever progress: that is a deadlock, and it is
+reported then and only then. A rank whose message has already arrived is not stuck.
+
+A collective is a rendezvous: each rank of the group posts its input to the slot for that
+group's next call; the last to arrive checks that all ranks called the same thing (op, shape,
+dtype, device, arguments), computes every rank's output outside the lock (reducing in rank order,
+so runs are bitwise reproducible) and wakes the others. A ``send`` is matched with the next
+``recv`` on the same (group, src, dst) channel, in order, like NCCL; a blocking send returns only
+once matched, so ring-ordering deadlocks show up here.
+
+Failure: ``fail`` records the run's first error and wakes every sleeping rank (and fails the runs
+nested inside this one's ranks); every later call into the world raises a copy of that error, and
+once the run has ended (``close``) every call raises at once, whoever makes it.
+"""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from ..core.errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError, rank_failed
+from ..core.ops import describe_call
+from ..core.trace import Recorder
+
+MAX_LINES = 12  # per-rank lines an error message shows before summarising the rest
+
+
+class Aborted(BaseException):
+    """Raised inside a rank thread (asynchronously) to stop it after its run has already failed."""
+
+
+def copy_error(error: SimulationError) -> SimulationError:
+    """A fresh instance for each rank thread to raise (threads must not share one traceback)."""
+    if isinstance(error, RankFailedError):
+        return rank_failed(error.rank, error.__cause__) if error.__cause__ is not None else RankFailedError(error.rank, str(error))
+    return type(error)(str(error))
+
+
+def format_ranks(ranks: Iterable[int]) -> str:
+    """``[0, 1, 2, 3, 5, 7, 8]`` → ``"0-3, 5, 7-8"``."""
+    runs: list[list[int]] = []
+    for r in sorted(ranks):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def group_text(group: tuple[int, ...]) -> str:
+    """A group as messages show it: the tuple up to 8 ranks, ranges beyond (``(0-999)``)."""
+    return str(group) if len(group) <= 8 else f"({format_ranks(group)})"
+
+
+def summarise(lines: dict[int, str]) -> str:
+    """One line per distinct text, naming the ranks that share it; at most MAX_LINES lines."""
+    by_text: dict[str, list[int]] = {}
+    for rank in sorted(lines):
+        by_text.setdefault(lines[rank], []).append(rank)
+    out = [f"  {'rank' if len(ranks) == 1 else 'ranks'} {format_ranks(ranks)}: {text}"
+           for text, ranks in by_text.items()]
+    if len(out) > MAX_LINES:
+        rest = [r for ranks in list(by_text.values())[MAX_LINES - 1:] for r in ranks]
+        out = out[:MAX_LINES - 1] + [f"  ... and {len(rest)} more ranks ({format_ranks(rest)}), "
+                                     f"{len(out) - MAX_LINES + 1} different states"]
+    return "\n".join(out)
+
+
+def scope_text(scope: str) -> str:
+    return f" in scope {scope!r}" if scope else ""
+
+
+class _Slot:
+    """One call of a collective on one group: what each rank posted, then what each gets back."""
+
+    def __init__(self, size: int) -> None:
+        self.posted: dict[int, tuple[str, torch.Tensor | None, tuple, str]] = {}  # group rank -> (op, x, params, scope)
+        self.waiters: list[int] = []  # global ranks asleep on this slot
+        self.outputs: list[Any] | None = None
+        self.taken = 0
+        self.size = size
+
+
+class _Message:
+    """One posted send or receive on a channel."""
+
+    def __init__(self, scope: str, tensor: torch.Tensor | None = None, like: torch.Tensor | None = None) -> None:
+        self.tensor = tensor
+        self.like = like
+        self.scope = scope
+        self.matched = False
+        self.waiter: int | None = None  # global rank asleep on this message
+
+
+def _locked_gate() -> Any:
+    gate = _thread.allocate_lock()
+    gate.acquire()
+    return gate
+
+
+class SimWorld:
+    """The shared state of one simulated run."""
+
+    def __init__(self, recorders: list[Recorder], timeout: float | None) -> None:
+        self.world_size = len(recorders)
+        self.recorders = recorders
+        # Enter the C-level lock (`with world.lock`): an Aborted raised into a thread then cannot land
+        # between acquiring the lock and the `with` that releases it. Nothing sleeps holding it.
+        self.lock = threading.Lock()
+        self.gates = [_locked_gate() for _ in range(self.world_size)]
+        self.groups: list[tuple[int, ...]] = [tuple(range(self.world_size))]
+        self.slots: dict[tuple[int, int], _Slot] = {}
+        self.calls: dict[tuple[int, int], int] = {}  # (group id, global rank) -> calls made so far
+        self.sends: dict[tuple[int, int, int], deque[_Message]] = {}  # (group id, src, dst) -> unmatched
+        self.recvs: dict[tuple[int, int, int], deque[_Message]] = {}
+        self.blocked: dict[int, tuple[Callable[[], bool], Callable[[], str]]] = {}  # rank -> (ready, describe)
+        self.asleep: set[int] = set()  # blocked ranks not woken since their predicate was last false
+        self.finished: set[int] = set()  # ranks that have left fn
+        self.children: list[SimWorld] = []  # runs nested inside this run's ranks
+        self.thread_ids: dict[int, int] = {}  # rank -> thread ident, while the rank is inside fn
+        self.error: SimulationError | None = None
+        self.closed = False
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+
+    # ---- failure and the end of the run -------------------------------------------------------------
+
+    def fail(self, error: SimulationError) -> None:
+        """Record the run's first error, wake every rank so each raises it, fail nested runs. Lock held."""
+        if self.error is None:
+            self.error = error
+        for rank in list(self.asleep):
+            self._wake(rank)
+        for child in self.children:
+            with child.lock:
+                child.fail(SimulationError(f"the enclosing run failed: {error}"))
+
+    def adopt(self, child: "SimWorld") -> None:
+        """Register a run started inside one of this run's ranks: it fails when this run fails."""
+        with self.lock:
+            self.children.append(child)
+            if self.error is not None or self.closed:
+                with child.lock:
+                    child.fail(SimulationError(f"the enclosing run has already "
+                                               f"{'failed' if self.error else 'ended'}"))
+
+    def disown(self, child: "SimWorld") -> None:
+        with self.lock:
+            self.children.remove(child)
+
+    def close(self) -> None:
+        """The run has returned: every later call on its comms raises at once."""
+        with self.lock:
+            self.closed = True
+            for rank in list(self.asleep):
+                self._wake(rank)
+
+    def check_usable(self, rank: int) -> None:
+        """Raise if the run has failed or ended (read without the lock: both flags only ever turn on)."""
+        if self.error is not None:
+            raise copy_error(self.error)
+        if self.closed:
+            raise SimulationError(
+                f"rank {rank}: this comm belongs to a ts.run that has already returned; a comm (and a "
+                f"layer holding one) works only inside the fn of its own run, so build it there")
+
+    def check_timeout(self) -> None:
+        """Fail the run once it has passed its timeout."""
+        with self.lock:
+            if self.error is None and self.deadline is not None and time.monotonic() > self.deadline:
+                self.fail(SimulationError(f"the run passed its timeout of {self.timeout} s; "
+                                          f"ranks:\n{self.describe_ranks()}"))
+
+    def enter(self, rank: int) -> None:
+        """``rank``'s thread is about to call fn (raise instead if the run has already failed)."""
+        with self.lock:
+            self.check_usable(rank)
+            self.thread_ids[rank] = threading.get_ident()
+
+    def rank_done(self, rank: int) -> None:
+        """``rank`` has left fn (returned or raised): from now on nothing interrupts its thread."""
+        with self.lock:
+            self.thread_ids.pop(rank, None)
+            self.finished.add(rank)
+            self._check_deadlock()
+
+    def describe_ranks(self) -> str:
+        """What every rank is doing, identical ranks summarised. Lock held."""
+        lines = {}
+        for rank in range(self.world_size):
+            if rank in self.blocked:
+                lines[rank] = f"waits in {self.blocked[rank][1]()}"
+            elif rank in self.finished:
+                lines[rank] = "has returned from fn"
+            else:
+                lines[rank] = "running fn" + scope_text(self.recorders[rank].scope)
+        return summarise(lines)
+
+    # ---- waiting ------------------------------------------------------------------------------------
+
+    def _raise_if_failed(self, rank: int) -> None:
+        """Lock held."""
+        if self.error is not None or self.closed:
+            self.blocked.pop(rank, None)
+            self.asleep.discard(rank)
+            self.check_usable(rank)
+
+    def _block(self, rank: int, ready: Callable[[], bool], describe: Callable[[], str]) -> None:
+        """Register that ``rank`` waits for ``ready()`` (false now) and check for deadlock. Lock held."""
+        self.blocked[rank] = (ready, describe)
+        self.asleep.add(rank)
+        self._check_deadlock()
+        self._raise_if_failed(rank)
+
+    def _sleep(self, rank: int, ready: Callable[[], bool]) -> None:
+        """Sleep on this rank's gate until ``ready()``, after ``_block``. Lock NOT held."""
+        gate = self.gates[rank]
+        while True:
+            gate.acquire(timeout=1.0)  # woken, or a second passed (a spare check, never needed)
+            with self.lock:
+                self._raise_if_failed(rank)
+                if ready():
+                    del self.blocked[rank]
+                    self.asleep.discard(rank)
+                    return
+                self.asleep.add(rank)
+                self._check_deadlock()
+                self._raise_if_failed(rank)
+
+    def _wake(self, rank: int) -> None:
+        """Wake ``rank`` if it sleeps (its predicate may be true now). Lock held."""
+        if rank in self.asleep:
+            self.asleep.discard(rank)
+            gate = self.gates[rank]
+            if gate.locked():  # else a wake-up is already pending, and the rank re-checks after it
+                gate.release()
+
+    def _check_deadlock(self) -> None:
+        """Fail with DeadlockError if every live rank sleeps and no wait can be satisfied. Lock held."""
+        if self.error is not None or not self.asleep or len(self.asleep) + len(self.finished) < self.world_size:
+            return
+        if any(self.blocked[rank][0]() for rank in self.asleep):
+            return
+        self.fail(DeadlockError("every live rank is blocked and none can progress:\n" + self.describe_ranks()))
+
+    # ---- collectives ----------------------------------------------------------------------------
+
+    def collective(self, comm: Any, op: str, x: torch.Tensor | None, params: tuple,
+                   compute: Callable[[list], list]) -> Any:
+        """Post this rank's input for the group's next call and return this rank's output."""
+        me, gid, size = comm.global_rank, comm.group_id, comm.world_size
+        with self.lock:
+            self._raise_if_failed(me)
+            call = self.calls.get((gid, me), 0)
+            self.calls[gid, me] = call + 1
+            slot = self.slots.get((gid, call))
+            if slot is None:
+                slot = self.slots[gid, call] = _Slot(size)
+            slot.posted[comm.rank] = (op, None if x is None else x.detach(), params, comm.recorder.scope)
+            last = len(slot.posted) == size
+            if last:
+                self._check_signatures(comm, slot, call)
+            else:
+                slot.waiters.append(me)
+                self._block(me, lambda: slot.outputs is not None,
+                            lambda: self._describe_slot(comm, slot, call, op, x, params))
+        if last:
+            inputs = [slot.posted[r][1] for r in range(size)]
+            with torch.no_grad(), _disable_current_modes():
+                outputs = compute(inputs)
+            with self.lock:
+                self._raise_if_failed(me)
+                slot.outputs = outputs
+                for rank in slot.waiters:
+                    self._wake(rank)
+        else:
+            self._sleep(me, lambda: slot.outputs is not None)
+        with self.lock:
+            slot.taken += 1
+            if slot.taken == size:
+                del self.slots[gid, call]
+        return slot.outputs[comm.rank]
+
+    def _check_signatures(self, comm: Any, slot: _Slot, call: int) -> None:
+        """Every rank of the group must have called the same op on the same shape, dtype, device. Lock held."""
+        def signature(op, x, params, scope):
+            return op, None if x is None else (tuple(x.shape), x.dtype, x.device), params
+        if len({signature(*posted) for posted in slot.posted.values()}) == 1:
+            return
+        devices = {posted[1].device for posted in slot.posted.values() if posted[1] is not None}
+        lines = {}
+        for r, (op, x, params, scope) in slot.posted.items():
+            on = f" on {x.device}" if len(devices) > 1 and x is not None else ""
+            lines[r] = describe_call(op, x, params) + on + scope_text(scope)
+        self.fail(CollectiveMismatchError(f"ranks of group {group_text(comm.group)} made different calls at "
+                                          f"collective #{call} of the group:\n{summarise(lines)}"))
+        self._raise_if_failed(comm.global_rank)
+
+    def _describe_slot(self, comm: Any, slot: _Slot, call: int, op: str, x, params) -> str:
+        missing = [r for r in range(slot.size) if r not in slot.posted]
+        return (f"{describe_call(op, x, params)}, collective #{call} of group {group_text(comm.group)}, "
+                f"for group ranks [{format_ranks(missing)}] that have not called it"
+                f"{scope_text(slot.posted[comm.rank][3])}")
+
+    # ---- point to point -------------------------------------------------------------------------
+
+    def post(self, comm: Any, peer: int, message: _Message, sending: bool) -> None:
+        """Post a send (to ``peer``) or a receive (from ``peer``) and match it if the other side is there."""
+        with self.lock:
+            self._raise_if_failed(comm.global_rank)
+            self._post(comm, peer, message, sending)
+
+    def _post(self, comm: Any, peer: int, message: _Message, sending: bool) -> None:
+        """Lock held."""
+        me, other = comm.global_rank, comm.group[peer]
+        key = (comm.group_id, me, other) if sending else (comm.group_id, other, me)
+        waiting = (self.recvs if sending else self.sends).get(key)
+        if not waiting:
+            (self.sends if sending else self.recvs).setdefault(key, deque()).append(message)
+            return
+        send, recv = (message, waiting.popleft()) if sending else (waiting.popleft(), message)
+        x, like = send.tensor, recv.like
+        if x.shape != like.shape or x.dtype != like.dtype or x.device != like.device:
+            on = (f" on {like.device}", f" on {x.device}") if x.device != like.device else ("", "")
+            self.fail(CollectiveMismatchError(
+                f"rank {key[2]}{scope_text(recv.scope)} receives a tensor of shape {tuple(like.shape)} "
+                f"({like.dtype}){on[0]} from rank {key[1]}, which sends shape {tuple(x.shape)} ({x.dtype}){on[1]}"
+                f"{scope_text(send.scope)}"))
+            self._raise_if_failed(me)
+        recv.tensor = x
+        send.matched = recv.matched = True
+        for m in (send, recv):
+            if m.waiter is not None:
+                self._wake(m.waiter)
+
+    def wait_messages(self, comm: Any, messages: list[tuple[int, _Message, bool]]) -> None:
+        """Wait until every (peer, message, sending) posted by this rank is matched."""
+        me = comm.global_rank
+        ready = lambda: all(m.matched for _, m, _ in messages)
+        with self.lock:
+            self._raise_if_failed(me)
+            if ready():
+                return
+            for _, m, _ in messages:
+                m.waiter = me
+            self._block(me, ready, lambda: " and ".join(_describe_message(comm, *pms) for pms in messages
+                                                         if not pms[1].matched))
+        self._sleep(me, ready)
+
+    def sendrecv(self, comm: Any, send: _Message, dst: int, recv: _Message, src: int) -> None:
+        """Post a send and a receive together and wait for both (one lock hold, at most one sleep)."""
+        me = comm.global_rank
+        ready = lambda: send.matched and recv.matched
+        with self.lock:
+            self._raise_if_failed(me)
+            self._post(comm, dst, send, True)
+            self._post(comm, src, recv, False)
+            if ready():
+                return
+            send.waiter = recv.waiter = me
+            messages = [(dst, send, True), (src, recv, False)]
+            self._block(me, ready, lambda: " and ".join(_describe_message(comm, *pms) for pms in messages
+                                                         if not pms[1].matched))
+        self._sleep(me, ready)
+
+
+def _describe_message(comm: Any, peer: int, message: _Message, sending: bool) -> str:
+    x = message.tensor if sending else message.like
+    what = f"send to rank {comm.group[peer]}" if sending else f"recv from rank {comm.group[peer]}"
+    return (f"{what} (shape {tuple(x.shape)}, {x.dtype}) with no matching {'recv' if sending else 'send'} "
+            f"posted{scope_text(message.scope)}")
