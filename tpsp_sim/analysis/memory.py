@@ -29,16 +29,26 @@ Measured on ``ts.TransformerBlock`` / ``ts.ParallelTransformerBlock`` in bfloat1
 So the meter is the paper's count plus the LayerNorm statistics, 8bs bytes per layer (8bs/t under
 tp_sp): a fraction 8/(h(34 + 5as/h)) of the total, under 0.4% for h >= 64. The paper leaves them
 out as small. Scalars (1/sqrt(d), 1/(1-p)) are not saved.
+
+``budget(model, (dp, cp, tp), seq, micro_batch, recompute=...)`` is the whole memory of one GPU:
+weights, gradients and optimizer state (mixed-precision Adam: 2 + 2 + 12 = 16 bytes per parameter,
+ZeRO paper §3.1, before any sharding; here sharded over tp only) and the activations of every layer
+(see ``layer_activations``).
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
+from .models import Model, model as as_model
+
 MODES = ("none", "tp", "tp_sp")
+RECOMPUTE = ("none", "selective", "full")
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def activation_memory(mode: str, seq: int, batch: int, hidden: int, heads: int, t: int = 1) -> float:
@@ -51,6 +61,88 @@ def activation_memory(mode: str, seq: int, batch: int, hidden: int, heads: int, 
     if mode == "tp_sp":
         return s * b * h / t * (34 + 5 * a * s / h)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def layer_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 1, tp: int = 1,
+                      recompute: str = "none") -> float:
+    """Activation bytes one GPU keeps for one layer under TP+SP (Korthikanti et al. 2022, Table 2),
+    with the sequence split over ``cp`` context-parallel ranks (16-bit activations, 1-byte masks).
+
+    With s' = seq/cp tokens per cp rank, b = micro_batch, h = d_model, f = d_ff, a = heads, t = tp:
+
+        "none"       s'b(18h + 4f)/t + 5·a·s'·s·b/t    Table 2, TP + SP:     sbh/t (34 + 5as/h) at f = 4h, cp = 1
+        "selective"  s'b(18h + 4f)/t                   Table 2, + selective: 34·sbh/t
+        "full"       2·s'bh/t                          the layer's input only (Table 2 writes 2sbh: its
+                                                       input without SP; with SP it is the rank's shard)
+
+    18h + 4f per token: LayerNorm inputs 4h, qkv input 2h, q k v 6h, proj input 2h, fc1 input 2h,
+    fc1 and GELU outputs 4f, two residual dropout masks 2h (= 34h at f = 4h). The score term
+    5·a·s'·s·b/t is the softmax output, its mask and the dropped probabilities of this rank's s'
+    queries against all s keys, for a/t heads (Ulysses holds a/(t·cp) heads against s queries: the
+    same bytes). Flash-style kernels, and ``ring_attention``, keep none of it: "selective" is their
+    row. The count is the GPT block's; a Llama block (SwiGLU, GQA, no dropout) differs by a few h
+    per token, and the LayerNorm statistics (8bs/t bytes, memory.py's table) are left out as the
+    paper does.
+    """
+    m = as_model(model)
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    if seq % cp or (seq // cp) % tp:
+        raise ValueError(f"seq={seq} must split into cp={cp} pieces of a multiple of tp={tp} tokens")
+    s_local, b, h, f, a = seq // cp, micro_batch, m.d_model, m.d_ff, m.n_heads
+    if recompute == "full":
+        return 2 * s_local * b * h / tp
+    kept = s_local * b * (18 * h + 4 * f) / tp
+    return kept if recompute == "selective" else kept + 5 * a * s_local * seq * b / tp
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes per GPU: ``weights``, ``gradients``, ``optimizer`` state and ``activations`` (all layers)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_per_layer: float
+    parameters: float  # held by this GPU
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro_batch: int, *,
+           dtype: str = "bf16", optimizer: str = "adam", recompute: str = "none",
+           distributed_optimizer: bool = False) -> Budget:
+    """The memory of one GPU training ``model`` on a (dp, cp, tp) mesh, in bytes.
+
+    Weights and gradients in ``dtype``; ``optimizer="adam"`` keeps fp32 master weights, momentum and
+    variance (12 bytes per parameter; 8 when ``dtype="fp32"``, whose weights are their own master),
+    ``"none"`` nothing. So mixed-precision Adam holds 16 bytes per parameter, divided by tp (the
+    parameters a GPU holds, ``Model.parameters(tp)``). ``distributed_optimizer=True`` also splits the
+    optimizer state over the dp·cp replicas (ZeRO stage 1; Megatron's ``--use-distributed-optimizer``,
+    whose group is DP×CP); weights and gradients stay whole on every replica. Activations: ``layer_activations`` times the number of layers (no
+    pipeline parallelism: every layer is on every GPU). Not counted: the embedding and output
+    layer's activations (the logits), temporary buffers, the allocator's fragmentation, CUDA context.
+    """
+    m = as_model(model)
+    if len(mesh_shape) != 3 or any(int(n) != n or n < 1 for n in mesh_shape):
+        raise ValueError(f"mesh_shape must be (dp, cp, tp) of positive integers, got {mesh_shape}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    if optimizer not in ("adam", "none"):
+        raise ValueError(f"optimizer must be 'adam' or 'none', got {optimizer!r}")
+    dp, cp, tp = mesh_shape
+    if m.n_heads % tp:
+        raise ValueError(f"n_heads={m.n_heads} of {m.name} is not divisible by tp={tp}")
+    e = DTYPE_BYTES[dtype]
+    params = m.parameters(tp)
+    state = 0 if optimizer == "none" else (8 if e == 4 else 12)
+    per_layer = layer_activations(m, seq, micro_batch, cp, tp, recompute)
+    shards = dp * cp if distributed_optimizer else 1
+    return Budget(weights=params * e, gradients=params * e, optimizer=params * state / shards,
+                  activations=m.n_layers * per_layer, activations_per_layer=per_layer, parameters=params)
 
 
 class saved_tensor_meter:

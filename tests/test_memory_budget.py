@@ -1,0 +1,99 @@
+"""ts.memory.budget: 16 bytes per parameter for mixed-precision Adam, and activations per layer that match
+what the simulator's blocks save for backward (Korthikanti et al. 2022, Table 2) within 1%."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import tpsp_sim as ts
+from tpsp_sim.analysis.models import MODELS, Model
+from tpsp_sim.tensor_parallel.blocks import SelfAttention
+
+# Parameter counts written out from the published shapes (models.py), by hand:
+# Llama 3 8B layer: q, o 2·4096² = 33,554,432; k, v 2·4096·1024 = 8,388,608; SwiGLU 3·4096·14336 =
+# 176,160,768; norms 8,192 -> 218,112,000 x 32 = 6,979,584,000; embedding + output 2·128256·4096 =
+# 1,050,673,152; final norm 4,096.
+LLAMA3_8B = 8_030_261_248
+# Llama 3 70B layer: 134,217,728 + 16,777,216 + 704,643,072 + 16,384 = 855,654,400 x 80 = 68,452,352,000;
+# embedding + output 2·128256·8192 = 2,101,346,304; final norm 8,192.
+LLAMA3_70B = 70_553_706_496
+# Llama 3 70B on t = 8: (134,217,728 + 704,643,072)/8 + 16,777,216/8 + 16,384 = 106,971,136 per layer,
+# x 80 = 8,557,690,880; + 2,101,346,304/8 + 8,192 = 262,676,480.
+LLAMA3_70B_TP8 = 8_820_367_360
+
+
+def test_mixed_precision_adam_is_16_bytes_per_parameter():
+    for name, count in (("llama3-8b", LLAMA3_8B), ("llama3-70b", LLAMA3_70B)):
+        b = ts.memory.budget(name, (1, 1, 1), 8192, 1)
+        assert b.parameters == count
+        assert (b.weights, b.gradients, b.optimizer) == (2 * count, 2 * count, 12 * count)
+        assert b.weights + b.gradients + b.optimizer == 16 * count
+    b = ts.memory.budget("llama3-70b", (2, 4, 8), 8192, 1)
+    assert b.parameters == LLAMA3_70B_TP8 and b.weights + b.gradients + b.optimizer == 16 * LLAMA3_70B_TP8
+    sharded = ts.memory.budget("llama3-70b", (2, 4, 8), 8192, 1, distributed_optimizer=True)
+    assert sharded.optimizer == 12 * LLAMA3_70B_TP8 / 8 and sharded.weights == b.weights
+    fp32 = ts.memory.budget("llama3-8b", (1, 1, 1), 8192, 1, dtype="fp32")
+    assert fp32.weights + fp32.gradients + fp32.optimizer == 16 * LLAMA3_8B  # 4 + 4 + 8: no separate master copy
+
+
+def test_kv_heads_are_replicated_beyond_their_count():
+    """70B has 8 K/V heads: on t = 16 each K/V head sits on 2 ranks, so k, v do not shrink past t = 8."""
+    m = MODELS["llama3-70b"]
+    kv = 2 * 8192 * 1024
+    assert m.layer_parameters(16) == (2 * 8192**2 + 3 * 8192 * 28672) / 16 + kv / 8 + 2 * 8192
+
+
+def test_activation_rows_by_hand():
+    """Table 2 at s = 4096, b = 1, h = 8192, a = 64, f = 4h, t = 8, cp = 1 and 2."""
+    gpt = Model("gpt", 1, 8192, 64, 64, 4 * 8192, 1, mlp="gelu")
+    sbh = 4096 * 8192
+    assert ts.memory.layer_activations(gpt, 4096, 1, tp=8) == sbh / 8 * (34 + 5 * 64 * 4096 / 8192)
+    assert ts.memory.layer_activations(gpt, 4096, 1, tp=8, recompute="selective") == 34 * sbh / 8
+    assert ts.memory.layer_activations(gpt, 4096, 1, tp=8, recompute="full") == 2 * sbh / 8
+    # cp = 2: half the tokens; the scores of 2048 queries against all 4096 keys
+    assert ts.memory.layer_activations(gpt, 4096, 1, cp=2, tp=8) == 34 * sbh / 16 + 5 * 64 * 2048 * 4096 / 8
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        ts.memory.budget(gpt, (1, 1, 1), 64, 1, recompute="some")
+    with pytest.raises(ValueError, match="mesh_shape must be"):
+        ts.memory.budget(gpt, (1, 8), 64, 1)
+    with pytest.raises(ValueError, match="seq=100 must split into cp=3"):
+        ts.memory.budget(gpt, (1, 3, 1), 100, 1)
+
+
+def measure(recompute, t, s, b, h, a):
+    """Bytes saved for backward per rank by one TP+SP GPT block in bfloat16, dropout on (parameters excluded).
+
+    Recompute as Megatron does it, with torch.utils.checkpoint: "selective" checkpoints the attention
+    core (scores, softmax, dropout, P V), "full" the whole block. Reentrant checkpoints keep their
+    inputs with save_for_backward, so the meter sees them (a non-reentrant one holds the same tensors
+    by reference, out of the hooks' sight)."""
+    torch.manual_seed(0)
+    dense = ts.TransformerBlock(h, a, dropout=0.1, attn_dropout=0.1).to(torch.bfloat16)
+    x = torch.randn(b, s, h, dtype=torch.bfloat16)
+
+    def fn(comm):
+        par = ts.ParallelTransformerBlock.from_dense(dense, comm, "tp_sp")
+        if recompute == "selective":
+            core = SimpleNamespace(attention=None, head_dim=par.attn.head_dim, causal=True, attn_drop=par.attn.attn_drop)
+            par.attn.attention = lambda q, k, v: checkpoint(SelfAttention.attend, core, q, k, v, use_reentrant=True)
+        xi = ts.shard_sequence(x, comm.rank, t, dim=1).requires_grad_()
+        with ts.saved_tensor_meter(exclude=par.parameters()) as meter:
+            y = checkpoint(par, xi, use_reentrant=True) if recompute == "full" else par(xi)
+        y.float().sum().backward()  # the recomputation runs: the checkpointed block is a working one
+        return meter.nbytes
+
+    return ts.run(fn, world_size=t).outputs
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("s, b, h, a, t", [(64, 2, 64, 4, 2), (32, 3, 96, 8, 4), (128, 1, 128, 4, 1)])
+def test_budget_activations_match_the_meter_within_one_percent(recompute, s, b, h, a, t):
+    gpt = Model("gpt", 1, h, a, a, 4 * h, 1, mlp="gelu")
+    predicted = ts.memory.budget(gpt, (1, 1, t), s, b, recompute=recompute).activations
+    measured = measure(recompute, t, s, b, h, a)
+    assert len(set(measured)) == 1, "every rank saves the same"
+    assert abs(measured[0] - predicted) <= 0.01 * predicted, (measured[0], predicted)
+    if recompute == "full":
+        assert measured[0] == predicted  # exactly the block's input shard
