@@ -26,6 +26,8 @@ def every_call(comm, seed):
         out["all_gather"] = comm.all_gather(x, dim=1)
         out["all_reduce"] = comm.all_reduce(x)
         out["max"] = comm.all_reduce(x, op="max")
+        out["avg"] = comm.all_reduce(x, op="avg")  # gloo has no AVG: TorchComm sums, then divides
+        out["reduce_scatter_avg"] = comm.reduce_scatter(x, dim=0, op="avg")
         out["reduce_scatter"] = comm.reduce_scatter(x, dim=0)
         out["broadcast"] = comm.broadcast(x, src=p - 1)
         out["all_to_all"] = comm.all_to_all(x, scatter_dim=0, gather_dim=1)

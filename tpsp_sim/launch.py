@@ -18,7 +18,8 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
     """Call ``fn(comm, *args, **kwargs)`` on every rank; return ``RunResult(outputs, trace)``.
 
     ``backend="sim"`` runs ``world_size`` virtual ranks as threads of this process (timeout
-    default 600 s); ``"gloo"`` / ``"nccl"`` start real processes (timeout default 120 s; NCCL
+    default 600 s); ``"gloo"`` / ``"nccl"`` start real processes (timeout default 120 s,
+    counted once every process has joined; how failures are blamed: dist/processes.py; NCCL
     needs one GPU per rank, and tensor arguments are moved to each rank's GPU). ``count_flops``
     (simulator only) records the FLOPs each rank computes between communications, for
     ``ts.cost.timeline``.

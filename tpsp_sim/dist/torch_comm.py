@@ -9,98 +9,132 @@ The calls are recorded exactly as the simulator records them, so traces can be c
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 
 from ..core.comm import Comm
+from ..core.ops import REDUCE_OPS
 from ..core.trace import Recorder
+from .call_log import CallLog
 
 # torch 2.13 renamed these two (the old names warn FutureWarning); older torch has only the old names
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
-_OPS = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT, "max": dist.ReduceOp.MAX,
-        "min": dist.ReduceOp.MIN}
+_OPS = {op: getattr(dist.ReduceOp, member) for op, member in REDUCE_OPS.items()}
 
 
 class TorchComm(Comm):
-    """One process's communicator over a ``torch.distributed`` process group."""
+    """One process's communicator over a ``torch.distributed`` process group.
+
+    ``calls`` (set by ``ts.run``'s workers) logs every call before it reaches the backend, so the
+    parent can name mismatched calls and stalled ranks (call_log.py).
+    """
 
     def __init__(self, group: dist.ProcessGroup | None = None, recorder: Recorder | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, calls: CallLog | None = None) -> None:
         self.pg = group if group is not None else dist.group.WORLD
         ranks = tuple(dist.get_process_group_ranks(self.pg))
         super().__init__(dist.get_rank(self.pg), ranks, recorder or Recorder(dist.get_rank()))
         self.backend = dist.get_backend(self.pg)
         self._device = device or torch.device("cpu")
+        self._calls = calls
 
     @property
     def device(self) -> torch.device:
         return self._device
 
+    def _calling(self, op: str, x: torch.Tensor | None, params: tuple = (), pair: tuple[int, int] | None = None):
+        """Log ``op`` (if this comm has a call log) around the block that hands it to torch.distributed."""
+        if self._calls is None:
+            return nullcontext()
+        return self._calls.calling(op, x, params, self.group, self.current_scope, pair)
+
+    def _failures(self):
+        """Mark a failure inside the block (waiting on an isend or irecv) as caused by communication."""
+        return nullcontext() if self._calls is None else self._calls.failures()
+
     def _all_gather(self, x, dim):
-        x = x.detach().movedim(dim, 0).contiguous()
-        out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
-        _all_gather_single(out, x, group=self.pg)
+        with self._calling("all_gather", x, (dim,)):
+            x = x.detach().movedim(dim, 0).contiguous()
+            out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
+            _all_gather_single(out, x, group=self.pg)
         return out.movedim(0, dim).contiguous()
 
     def _all_reduce(self, x, op):
         out = x.detach().clone()
-        dist.all_reduce(out, op=_OPS[op], group=self.pg)
-        return out
+        with self._calling("all_reduce", x, (op,)):
+            dist.all_reduce(out, op=_OPS["sum" if op == "avg" else op], group=self.pg)
+        return out / self.world_size if op == "avg" else out  # gloo has no AVG; sum, then divide as the simulator
 
     def _reduce_scatter(self, x, dim, op):
-        x = x.detach().movedim(dim, 0).contiguous()
-        out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
-        _reduce_scatter_single(out, x, op=_OPS[op], group=self.pg)
-        return out.movedim(0, dim).contiguous()
+        with self._calling("reduce_scatter", x, (dim, op)):
+            x = x.detach().movedim(dim, 0).contiguous()
+            out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
+            _reduce_scatter_single(out, x, op=_OPS["sum" if op == "avg" else op], group=self.pg)
+        out = out.movedim(0, dim).contiguous()
+        return out / self.world_size if op == "avg" else out
 
     def _broadcast(self, x, src):
         out = x.detach().clone()
-        dist.broadcast(out, src=self.group[src], group=self.pg)
+        with self._calling("broadcast", x, (src,)):
+            dist.broadcast(out, src=self.group[src], group=self.pg)
         return out
 
     def _all_to_all(self, x, scatter_dim, gather_dim):
         p = self.world_size
         pieces = torch.stack(x.detach().chunk(p, scatter_dim)).contiguous()  # pieces[j] goes to rank j
         out = torch.empty_like(pieces)
-        dist.all_to_all_single(out, pieces, group=self.pg)
+        with self._calling("all_to_all", x, (scatter_dim, gather_dim)):
+            dist.all_to_all_single(out, pieces, group=self.pg)
         return torch.cat(out.unbind(0), gather_dim)
 
     def _barrier(self):
-        dist.barrier(group=self.pg)
+        with self._calling("barrier", None):
+            dist.barrier(group=self.pg)
 
     def _isend(self, x, dst):
-        return dist.isend(x.detach().contiguous(), dst=self.group[dst], group=self.pg)
+        pair = (self.global_rank, self.group[dst])
+        with self._calling("send", x, (dst,), pair):
+            work = dist.isend(x.detach().contiguous(), dst=self.group[dst], group=self.pg)
+        return _Pending(work, None, self._failures)
 
     def _irecv(self, like, src):
         out = torch.empty_like(like, memory_format=torch.contiguous_format)
-        return _Received(dist.irecv(out, src=self.group[src], group=self.pg), out)
+        with self._calling("recv", like, (src,), (self.group[src], self.global_rank)):
+            work = dist.irecv(out, src=self.group[src], group=self.pg)
+        return _Pending(work, out, self._failures)
 
     def _sendrecv(self, x, dst, src):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         ops = [dist.P2POp(dist.isend, x.detach().contiguous(), self.group[dst], self.pg),
                dist.P2POp(dist.irecv, out, self.group[src], self.pg)]
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        with self._calling("send", x, (dst,), (self.global_rank, self.group[dst])), \
+                self._calling("recv", x, (src,), (self.group[src], self.global_rank)):
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
         return out
 
     def _new_group(self, ranks):
         if self.world_size != dist.get_world_size():  # torch.distributed needs every process in new_group
             raise ValueError(f"rank {self.rank}: on {self.backend}, call new_group on the world communicator "
                              f"(this one spans {self.world_size} of {dist.get_world_size()} processes)")
-        pg = dist.new_group([self.group[r] for r in ranks])
+        with self._calling("new_group", None, (list(ranks),)):
+            pg = dist.new_group([self.group[r] for r in ranks])
         if self.rank not in ranks:
             return None
-        return TorchComm(pg, self.recorder, self._device)
+        return TorchComm(pg, self.recorder, self._device, self._calls)
 
 
-class _Received:
-    """An irecv's work handle that hands back the buffer it filled."""
+class _Pending:
+    """An isend's or irecv's work handle; ``wait`` hands back the buffer it filled (None for a send)."""
 
-    def __init__(self, work, out: torch.Tensor) -> None:
-        self.work, self.out = work, out
+    def __init__(self, work, out: torch.Tensor | None, failures) -> None:
+        self.work, self.out, self._failures = work, out, failures
 
-    def wait(self) -> torch.Tensor:
-        self.work.wait()
+    def wait(self) -> torch.Tensor | None:
+        with self._failures():
+            self.work.wait()
         return self.out

@@ -9,11 +9,13 @@ it runs any module-level function::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import json
 import os
+import signal
 import sys
-import time
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -23,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from ..core.result import RunResult
-from .torch_comm import TorchComm
 from ..core.trace import CommTrace, Recorder
+from .call_log import CallLog
+from .torch_comm import TorchComm
 
 
 def _map_tensors(obj: Any, f: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -38,41 +41,80 @@ def _map_tensors(obj: Any, f: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return obj
 
 
-def _call_on_this_process(fn: Callable, args: tuple, kwargs: dict, backend: str) -> tuple[Any, Recorder]:
+def _call_on_this_process(fn: Callable, args: tuple, kwargs: dict, backend: str,
+                          calls: CallLog | None = None) -> tuple[Any, Recorder]:
     """Run ``fn`` on this process's rank of the initialised default group; return (outputs on CPU, recorder)."""
     device = torch.device("cpu")
     if backend == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())) % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    comm = TorchComm(recorder=Recorder(dist.get_rank()), device=device)
+    comm = TorchComm(recorder=Recorder(dist.get_rank()), device=device, calls=calls)
     to_device = lambda t: t.to(device)  # noqa: E731
     out = fn(comm, *_map_tensors(args, to_device), **_map_tensors(kwargs, to_device))
     comm.recorder.finish()
     return _map_tensors(out, lambda t: t.detach().cpu()), comm.recorder
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int, parent_pipe: int) -> None:
+    """End this process as soon as the process that started it ends, however it ends.
+
+    Linux: the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG), even to a process
+    stuck in native code; a parent that died before that call is caught by the getppid check.
+    Everywhere: a thread waits on a pipe whose write end only the parent holds; the pipe reads
+    end-of-file once the parent is gone.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.read(parent_pipe, 1):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tpsp_sim-parent-watch", daemon=True).start()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` so that a reader sees all of it or no file."""
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(data)
+    os.replace(part, path)
+
+
 def _worker(work: Path, rank: int, world_size: int, backend: str, port: int, timeout: float) -> None:
+    """One rank of ``ts.run``: load fn, join the group, call fn; report to the parent through ``work``.
+
+    ``result{rank}.pkl`` holds (outputs, recorder), or ``error{rank}.pkl`` (exception, whether a
+    torch.distributed call raised it).
+    """
     result: tuple
+    calls = CallLog(work / f"calls{rank}")
     sys.path[:0] = [p for p in json.loads((work / "sys_path.json").read_text()) if p not in sys.path]
     try:
         fn, args, kwargs = cloudpickle.loads((work / "payload.pkl").read_bytes())
     except Exception as error:
         result = ("error", ImportError(f"rank {rank} could not load fn ({error}); define it at module level in an "
-                                       f"importable module or in a notebook cell"))
+                                       f"importable module or in a notebook cell"), False)
     else:
-        store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False, timeout=timedelta(seconds=timeout))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout))
         try:
-            outputs, recorder = _call_on_this_process(fn, args, kwargs, backend)
-            result = ("ok", outputs, recorder)
+            with calls.failures():
+                store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False,
+                                      timeout=timedelta(seconds=timeout))
+                dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                        timeout=timedelta(seconds=timeout))
+            calls.joined()
+            outputs, recorder = _call_on_this_process(fn, args, kwargs, backend, calls)
+            result = ("result", outputs, recorder)
         except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
-            result = ("error", _picklable(error))
-    if result[0] != "ok":
-        (work / f"failed{rank}").write_text(str(time.time_ns()))  # when: the first failure causes the others
-    (work / f"result{rank}.pkl").write_bytes(cloudpickle.dumps(result))
+            result = ("error", _picklable(error), calls.comm_failed)
+    _write_atomically(work / f"{result[0]}{rank}.pkl", cloudpickle.dumps(result[1:]))
     if dist.is_initialized():
-        if result[0] == "ok":
+        if result[0] == "result":
             dist.barrier()
         dist.destroy_process_group()
 
@@ -96,11 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
     parser.add_argument("--out", help="file for rank 0 to save the outputs and the trace")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    for name in ("--rank", "--world-size", "--port"):
+    for name in ("--rank", "--world-size", "--port", "--parent-pid", "--parent-pipe"):
         parser.add_argument(name, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=120.0, help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
     if a.worker:
+        _die_with_parent(a.parent_pid, a.parent_pipe)
         _worker(Path(a.worker), a.rank, a.world_size, a.backend, a.port, a.timeout)
         return
     if not a.target or ":" not in a.target:
