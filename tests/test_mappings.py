@@ -122,3 +122,43 @@ def test_backward_scope_is_the_forward_scope_even_when_backward_runs_outside_it(
 def test_split_of_an_indivisible_dim_names_the_sizes():
     with pytest.raises(ValueError, match=r"cannot split size 5 of dim 1 \(shape \(2, 5\)\) into 2 equal chunks"):
         ts.run(lambda comm: M.split_to_region(torch.ones(2, 5), comm, dim=1), world_size=2)
+
+
+class _DoubleThenSum(ts.CommFunction):
+    """forward: 2x, backward: all-reduce (a new Function that writes no scope code of its own)."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * ctx.comm.all_reduce(grad), None
+
+
+def test_a_new_comm_function_records_its_backward_under_the_forward_scope_by_construction():
+    def fn(comm, x):
+        x = x.clone().requires_grad_()
+        with comm.scope("outer"), comm.scope("mine"):
+            y = _DoubleThenSum.apply(x, comm)
+        y.sum().backward()  # outside the scope
+        return x.grad
+
+    res = ts.run(fn, torch.ones(3, dtype=torch.float64), world_size=3)
+    assert [(e.op, e.scope, e.phase) for e in res.trace.filter(rank=0).events] == [
+        ("all_reduce", "outer/mine", "backward")]
+    assert all(g.tolist() == [6.0] * 3 for g in res.outputs)  # 2 · (1 + 1 + 1)
+
+
+def test_a_comm_function_without_a_comm_argument_says_so():
+    class NoComm(ts.CommFunction):
+        @staticmethod
+        def forward(ctx, x):
+            return x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    with pytest.raises(TypeError, match="NoComm.forward needs a Comm argument"):
+        NoComm.apply(torch.ones(2))

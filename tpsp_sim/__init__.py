@@ -21,11 +21,13 @@ from .context_parallel.attention import (attention_block, blockwise_attention, d
 from .context_parallel.ring import ring_attention
 from .context_parallel.ulysses import ulysses_attention
 from .context_parallel.usp import usp_attention, usp_shard_sequence, usp_unshard_sequence
+from .core.autograd import CommFunction
 from .core.comm import Comm, Work
 from .core.mesh import DeviceMesh, init_device_mesh
 from .core.errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError
 from .core.result import RunResult
-from .core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark, format_bytes, wire_bytes
+from .core.ops import wire_bytes
+from .core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark, format_bytes
 from .dist.torch_comm import TorchComm
 from . import exercises
 from .launch import run
@@ -43,7 +45,7 @@ from .tensor_parallel.layers import (ColumnParallelLinear, Dropout, DropoutRNG, 
 __version__ = "0.2.0"
 
 __all__ = [
-    "CollectiveMismatchError", "Comm", "CommEvent", "CommTrace", "ComputeSpan", "DeadlockError",
+    "CollectiveMismatchError", "Comm", "CommEvent", "CommFunction", "CommTrace", "ComputeSpan", "DeadlockError",
     "RankFailedError", "RunResult", "SimComm", "SimulationError", "TorchComm", "WaitMark", "Work",
     "format_bytes", "mappings", "run", "wire_bytes",
     "DeviceMesh", "ParallelTinyLlama", "TinyLlama", "hybrid_positions", "init_device_mesh", "shard_hybrid",

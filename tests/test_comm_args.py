@@ -1,0 +1,69 @@
+"""Misuse of a Comm is a ValueError (or a mismatch) naming the argument, never a wrong answer or a stray error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tpsp_sim as ts
+from tpsp_sim import mappings
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda comm, x: comm.all_gather(x), "all_gather got dim=0"),
+    (lambda comm, x: comm.reduce_scatter(x), "reduce_scatter got dim=0"),
+    (lambda comm, x: comm.all_to_all(x, 0, 0), "all_to_all got scatter_dim=0"),
+    (lambda comm, x: mappings.g(x, comm), "gather_from_sequence_region got dim=1"),
+    (lambda comm, x: mappings.all_to_all(x, comm, 0, 0), "all_to_all got scatter_dim=0"),
+])
+def test_a_0d_tensor_names_the_op_and_its_shape(call, name):
+    with pytest.raises(ValueError, match=rf"rank \d.*{name} for a 0-d tensor \(shape \(\)\)"):
+        ts.run(lambda comm: call(comm, torch.tensor(1.0)), world_size=2)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda comm, x: comm.sendrecv(x, dst=1.0, src=1), r"sendrecv: dst must be an integer rank, got 1.0 \(float\)"),
+    (lambda comm, x: comm.send(x, dst="1"), r"send: dst must be an integer rank, got '1' \(str\)"),
+    (lambda comm, x: comm.broadcast(x, src=True), r"broadcast: src must be an integer rank, got True \(bool\)"),
+    (lambda comm, x: comm.new_group([0.5, 1]), r"new_group: every rank must be an integer rank, got 0.5 \(float\)"),
+])
+def test_a_rank_that_is_not_an_integer_is_named_not_truncated(call, message):
+    with pytest.raises(ValueError, match=message):
+        ts.run(lambda comm: call(comm, torch.ones(2)), world_size=2)
+
+
+def test_integer_like_ranks_are_accepted():
+    def fn(comm):
+        peer = torch.tensor(1 - comm.rank)  # a 0-d integer tensor is an index
+        return comm.sendrecv(torch.full((2,), float(comm.rank)), dst=peer, src=peer)
+
+    assert [out.tolist() for out in ts.run(fn, world_size=2).outputs] == [[1.0, 1.0], [0.0, 0.0]]
+
+
+def test_avg_on_one_rank_and_sum_on_another_is_a_mismatch():
+    def fn(comm):
+        return comm.all_reduce(torch.ones(3), op="avg" if comm.rank == 0 else "sum")
+
+    with pytest.raises(ts.CollectiveMismatchError, match=r"op='avg'.*\n.*op='sum'"):
+        ts.run(fn, world_size=2)
+
+
+def test_avg_is_the_mean_on_every_rank():
+    def fn(comm):
+        x = torch.full((4,), float(comm.rank))
+        return comm.all_reduce(x, op="avg"), comm.reduce_scatter(x, op="avg")
+
+    for full, shard in ts.run(fn, world_size=4).outputs:
+        assert full.tolist() == [1.5] * 4 and shard.tolist() == [1.5]  # (0 + 1 + 2 + 3) / 4
+
+
+def test_dropout_rng_on_ranks_refuses_a_missing_seed_however_it_is_given():
+    def fn(comm):
+        rng = ts.DropoutRNG(seed=3, comm=comm)
+        rng.manual_seed(None)
+
+    with pytest.raises(ValueError, match=r"rank \d: a DropoutRNG on ranks needs a seed"):
+        ts.run(fn, world_size=2)
+    with pytest.raises(ValueError, match="needs a seed"):
+        ts.run(lambda comm: ts.DropoutRNG(comm=comm), world_size=2)
+    assert ts.DropoutRNG().default is None  # no comm: torch's global generator, as before

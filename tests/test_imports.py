@@ -1,0 +1,108 @@
+"""The package's layers: its modules import each other without cycles, and only downwards.
+
+Every import in a module counts, also one inside a function (a lazy import hides a cycle, it does
+not remove it). Importing a submodule is not counted as importing its package's ``__init__``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "tpsp_sim"
+# Who may be imported by whom: a module of a layer imports only from its own layer and those listed.
+BELOW = {
+    "core": set(),
+    "sim": {"core"},
+    "dist": {"core"},
+}
+NEVER_BELOW_ANALYSIS = {"core", "sim", "dist"}  # analysis/ and viz/ are never imported by these
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules ``name`` imports (``from .x import y`` counts y when y is a module)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            subs = {f"{target}.{a.name}" for a in node.names} & known
+            found |= subs or ({target} & known)
+    return found - {name}
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_the_parser_sees_relative_imports():
+    g = graph()
+    assert "tpsp_sim.core.trace" in g["tpsp_sim.core.comm"]  # from .trace import ...
+    assert "tpsp_sim.core.comm" in g["tpsp_sim.sim.runtime"]  # from ..core.comm import ...
+    assert "tpsp_sim.analysis.cost" in g["tpsp_sim"]  # from .analysis import cost
+
+
+def cycle(g: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``g`` as a path that ends where it starts, or [] if there is none."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> list[str]:
+        state[m] = "open"
+        path.append(m)
+        for n in sorted(g.get(m, ())):
+            if state.get(n) == "open":
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        path.pop()
+        state[m] = "done"
+        return []
+
+    for m in sorted(g):
+        if m not in state and (found := visit(m)):
+            return found
+    return []
+
+
+def test_cycle_finds_a_cycle_and_only_a_cycle():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_cycles():
+    assert cycle(graph()) == []
+
+
+def test_lower_layers_import_only_below_them():
+    wrong = []
+    for m, targets in graph().items():
+        mine = layer(m)
+        for t in targets:
+            theirs = layer(t)
+            if mine in BELOW and theirs != mine and theirs not in BELOW[mine]:
+                wrong.append(f"{m} imports {t}")
+            if mine in NEVER_BELOW_ANALYSIS and theirs in ("analysis", "viz"):
+                wrong.append(f"{m} imports {t}")
+    assert not wrong, "\n".join(wrong)
