@@ -27,13 +27,23 @@ from tpsp_sim.dist.call_log import CallBook, CallLog
 # ---- the parent's bookkeeping, from call logs written by hand (no processes) ----------------------
 
 
-def logs(tmp_path: Path, world_size: int) -> tuple[list[CallLog], CallBook]:
-    paths = [tmp_path / f"calls{rank}" for rank in range(world_size)]
-    return [CallLog(path) for path in paths], CallBook(paths)
+@pytest.fixture
+def logs(tmp_path: Path):
+    """``logs(world_size)``: a call log per rank, written by hand, and the parent's book reading them."""
+    opened: list[CallLog] = []
+
+    def make(world_size: int) -> tuple[list[CallLog], CallBook]:
+        paths = [tmp_path / f"calls{rank}" for rank in range(world_size)]
+        opened.extend(CallLog(path) for path in paths)
+        return opened[-world_size:], CallBook(paths)
+
+    yield make
+    for log in opened:
+        log.close()
 
 
-def test_same_calls_are_no_mismatch_and_are_forgotten_once_complete(tmp_path):
-    (a, b), book = logs(tmp_path, 2)
+def test_same_calls_are_no_mismatch_and_are_forgotten_once_complete(tmp_path, logs):
+    (a, b), book = logs(2)
     for log in (a, b):
         with log.calling("all_reduce", torch.ones(2), ("sum",), (0, 1), "mlp"):
             pass
@@ -42,8 +52,8 @@ def test_same_calls_are_no_mismatch_and_are_forgotten_once_complete(tmp_path):
     assert book.stalled([0, 1])[0] == [0, 1]  # both returned from the only call: computing
 
 
-def test_different_collectives_at_the_same_step_name_each_ranks_call_and_scope(tmp_path):
-    (a, b, c), book = logs(tmp_path, 3)
+def test_different_collectives_at_the_same_step_name_each_ranks_call_and_scope(tmp_path, logs):
+    (a, b, c), book = logs(3)
     with a.calling("all_reduce", torch.ones(2), ("sum",), (0, 1, 2), "attn"):
         pass
     with b.calling("all_reduce", torch.ones(2), ("avg",), (0, 1, 2), ""):
@@ -57,8 +67,8 @@ def test_different_collectives_at_the_same_step_name_each_ranks_call_and_scope(t
                           "  rank 2: not called yet")
 
 
-def test_a_receive_shaped_unlike_its_send_is_a_mismatch(tmp_path):
-    (a, b), book = logs(tmp_path, 2)
+def test_a_receive_shaped_unlike_its_send_is_a_mismatch(tmp_path, logs):
+    (a, b), book = logs(2)
     with a.calling("send", torch.ones(2, 3), (1,), (0, 1), "", pair=(0, 1)):
         pass
     with b.calling("recv", torch.ones(3, 2), (0,), (0, 1), "", pair=(0, 1)):
@@ -68,8 +78,8 @@ def test_a_receive_shaped_unlike_its_send_is_a_mismatch(tmp_path):
                                     "sends shape (2, 3) (torch.float32) (message #0 between them)")
 
 
-def test_a_half_written_line_waits_for_its_end(tmp_path):
-    (a, b), book = logs(tmp_path, 2)
+def test_a_half_written_line_waits_for_its_end(tmp_path, logs):
+    (a, b), book = logs(2)
     with a.calling("barrier", None, (), (0, 1), ""):
         pass
     with open(tmp_path / "calls1", "a") as f:
@@ -78,8 +88,8 @@ def test_a_half_written_line_waits_for_its_end(tmp_path):
     assert book.last.keys() == {0}
 
 
-def test_the_rank_others_wait_for_is_blamed_not_the_waiting_one(tmp_path):
-    (a, b, c), book = logs(tmp_path, 3)
+def test_the_rank_others_wait_for_is_blamed_not_the_waiting_one(tmp_path, logs):
+    (a, b, c), book = logs(3)
     for log in (a, b, c):
         with log.calling("all_gather", torch.ones(2), (0,), (0, 1, 2), ""):
             pass
@@ -94,8 +104,8 @@ def test_the_rank_others_wait_for_is_blamed_not_the_waiting_one(tmp_path):
     assert where.splitlines()[0].endswith("collective #1 of group (0, 1, 2), for rank(s) 1")
 
 
-def test_ranks_that_all_wait_for_each_other_blame_nobody(tmp_path):
-    (a, b), book = logs(tmp_path, 2)
+def test_ranks_that_all_wait_for_each_other_blame_nobody(tmp_path, logs):
+    (a, b), book = logs(2)
     with a.calling("recv", torch.ones(2), (1,), (0, 1), "", pair=(1, 0)):
         pass
     with b.calling("recv", torch.ones(2), (0,), (0, 1), "", pair=(0, 1)):
@@ -105,8 +115,8 @@ def test_ranks_that_all_wait_for_each_other_blame_nobody(tmp_path):
     assert book.stalled([0, 1])[0] == []
 
 
-def test_a_dead_rank_is_named_with_its_signal_or_exit_code(tmp_path):
-    _, book = logs(tmp_path, 1)
+def test_a_dead_rank_is_named_with_its_signal_or_exit_code(tmp_path, logs):
+    _, book = logs(1)
     (tmp_path / "stderr0").write_text("Segmentation fault\n")
     book.read()
     killed = processes._died(0, -signal.SIGKILL, tmp_path, book)

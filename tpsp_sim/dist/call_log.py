@@ -31,7 +31,7 @@ class CallLog:
     """One worker's calls, one line each in ``path``, written before the call reaches the backend."""
 
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the process's lifetime
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open until close()
         self._counts: dict[tuple, int] = {}
         self.comm_failed = False  # a torch.distributed call of this process raised
 
@@ -49,7 +49,7 @@ class CallLog:
         self._counts[counted] = n + 1
         shape = None if x is None else [tuple(x.shape), str(x.dtype)]
         self._write({"key": [*counted, n], "what": [op, *([] if pair else [repr(params)])], "shape": shape,
-                     "call": describe_call(op, x, params), "scope": scope, "t": time.time()})
+                     "call": describe_call(op, x, params), "scope": scope})
         with self.failures():
             yield
 
@@ -61,6 +61,9 @@ class CallLog:
         except BaseException:
             self.comm_failed = True
             raise
+
+    def close(self) -> None:
+        self._file.close()
 
     def _write(self, line: dict) -> None:
         self._file.write(json.dumps(line, default=list) + "\n")

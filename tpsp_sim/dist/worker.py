@@ -112,6 +112,7 @@ def _worker(work: Path, rank: int, world_size: int, backend: str, port: int, tim
             result = ("result", outputs, recorder)
         except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
             result = ("error", _picklable(error), calls.comm_failed)
+    calls.close()
     _write_atomically(work / f"{result[0]}{rank}.pkl", cloudpickle.dumps(result[1:]))
     if dist.is_initialized():
         if result[0] == "result":
