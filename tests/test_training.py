@@ -1,6 +1,12 @@
 """Training end to end: a 2-layer Llama-style model, 20 AdamW steps in float32 on a (dp, cp, tp) mesh
-against the dense model on the same global batches; losses agree to 1e-5 at every step, and so do
-the final weights. On the simulator for every attention kind, and on 4 gloo processes."""
+against the dense model on the same global batches; losses agree to 1e-5 at every step. On the
+simulator for every attention kind, and on 4 gloo processes.
+
+Final weights: in float32 they agree to 1e-3 of Adam's largest possible drift (lr per step), not
+to 1e-5: Adam divides each update by the RMS of its gradient, so where a gradient element is near
+zero, rounding-level differences between the parallel and the dense sums (another order) become
+update-sized (measured up to 7e-5 over four seeds). The same run in float64 agrees to 1e-10 in
+losses and weights: the difference is rounding, not a wrong gradient."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import tpsp_sim as ts
 
 VOCAB, SEQ, BATCH, STEPS, LR = 32, 16, 4, 20, 1e-2
 TOL = 1e-5
+TOL_WEIGHTS = {torch.float32: 1e-3 * LR * STEPS, torch.float64: 1e-10}
 
 
 def make_model_and_data(steps=STEPS, seed=0):
@@ -55,22 +62,25 @@ def train_rank(comm, model, data, shape, names, attention):
     return losses, ts.gather_dense_parameters(par, tp)
 
 
-def check_training(shape, names, attention, steps=STEPS, backend="sim"):
+def check_training(shape, names, attention, steps=STEPS, backend="sim", dtype=torch.float32):
     model, data = make_model_and_data(steps)
+    model.to(dtype)
+    tol = TOL if dtype == torch.float32 else TOL_WEIGHTS[dtype]
     res = ts.run(train_rank, model, data, shape, names, attention, world_size=int(torch.tensor(shape).prod()),
                  backend=backend)
     dense_losses, dense_weights = train_dense(model, data)
     assert dense_losses[-1] < dense_losses[0] - 0.1  # it learns something
     for losses, weights in res.outputs:
-        assert max(abs(a - b) for a, b in zip(losses, dense_losses)) <= TOL, (losses, dense_losses)
+        assert max(abs(a - b) for a, b in zip(losses, dense_losses)) <= tol, (losses, dense_losses)
         assert weights.keys() == dense_weights.keys()
         for name, w in weights.items():
-            torch.testing.assert_close(w, dense_weights[name], rtol=0, atol=TOL, msg=name)
+            torch.testing.assert_close(w, dense_weights[name], rtol=0, atol=TOL_WEIGHTS[dtype], msg=name)
     return res
 
 
-def test_training_on_dp2_cp2_tp2_equals_dense():
-    res = check_training((2, 2, 2), ("dp", "cp", "tp"), "ring")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_on_dp2_cp2_tp2_equals_dense(dtype):
+    res = check_training((2, 2, 2), ("dp", "cp", "tp"), "ring", dtype=dtype)
     assert set(res.trace.group_by("axis")) == {"tp", "cp", "dp_cp", None}  # None: the loss all-reduce
 
 
