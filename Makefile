@@ -20,11 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lab: setup
-	$(RUN) $(BIN)/jupyter lab notebooks/
+	$(RUN) $(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)  # root (containers) needs it
 
 test: setup
-	$(RUN) $(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env \
+	$(RUN) $(BIN)/python -m pytest -rs tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with notebooks/nbval_sanitize.cfg $(PYTEST_ARGS)
+	@test -x /usr/bin/chromium || echo "NOTE: the browser test (tests/test_browser.py) was SKIPPED: /usr/bin/chromium is missing (apt-get install chromium)"
 
 # Re-execute every notebook in place so its stored outputs are current (after changing the package).
 notebooks: setup

@@ -4,7 +4,8 @@ Checked per notebook: a valid nbformat file named ``NN_name.ipynb``; every code 
 execution counts 1..n in order (a stale or out-of-order run fails); no error outputs; every output
 small; ``nbval-ignore-output`` exactly on the cells that display a widget or carry a
 ``# nondeterministic: <why>`` comment, and no other nbval escape hatch; a seed set; a markdown link
-to the next notebook. The ``bad_*`` tests show each check failing on a broken notebook.
+to the next notebook; no stored widget state (it needs a live kernel); the kernel named "Python 3
+(ipykernel)", as JupyterLab writes it. The ``bad_*`` tests show each check failing on a broken notebook.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ NONDETERMINISTIC = re.compile(r"^\s*# nondeterministic: \S.{4,}", re.MULTILINE) 
 ESCAPES = re.compile(r"NBVAL_|\b(nbval-skip|nbval-raises-exception|raises-exception|nbval-check-output)\b")
 SEED = re.compile(r"\b(manual_seed|random\.seed|default_rng)\(")
 LINK = re.compile(r"\]\(([^)\s]+\.ipynb)(#[^)\s]*)?\)")
+KERNEL_NAME = "Python 3 (ipykernel)"  # what JupyterLab writes: any other name marks the notebook modified on open
 MAX_OUTPUT = 150_000  # bytes of one stored output (a dpi-80 figure is ~30 kB)
 MAX_NOTEBOOK = 2_000_000  # bytes of the whole file
 
@@ -84,6 +86,20 @@ def check_tags(nb) -> list[str]:
     return problems
 
 
+def check_no_widget_state(nb) -> list[str]:
+    problems = ["widget state stored in the notebook's metadata"] if "widgets" in nb.metadata else []
+    return problems + [f"cell {i}: a stored widget output (it shows as text, or 'model not found', without a kernel)"
+                       for i, cell in enumerate(nb.cells) for out in cell.get("outputs", [])
+                       if WIDGET in out.get("data", {})]
+
+
+def check_kernel(nb) -> list[str]:
+    spec = nb.metadata.get("kernelspec", {})
+    if (spec.get("name"), spec.get("display_name")) != ("python3", KERNEL_NAME):
+        return [f"kernelspec {dict(spec)}: expected name 'python3', display_name {KERNEL_NAME!r}"]
+    return []
+
+
 def check_seeded(nb) -> list[str]:
     return [] if any(SEED.search(c.source) for c in nb.cells if c.cell_type == "code") else ["no seed is set (manual_seed, random.seed)"]
 
@@ -111,6 +127,7 @@ def all_problems(nb, name: str, existing: list[str], path: Path | None = None) -
     except nbformat.ValidationError as error:
         problems.append(f"invalid nbformat: {error.message}")
     problems += check_executed(nb) + check_no_errors(nb) + check_small(nb, path) + check_tags(nb) + check_seeded(nb)
+    problems += check_no_widget_state(nb) + check_kernel(nb)
     if NAME.match(name):
         problems += check_links_next(nb, name, existing)
     return problems
@@ -133,7 +150,8 @@ def test_notebook_is_a_clean_run(path):
 
 def executed(*sources: str, **tags: list[str]) -> nbformat.NotebookNode:
     """A notebook as a clean run would store it: seeded, linked to 01, counts 1..n, one output each."""
-    nb = new_notebook(cells=[new_markdown_cell("Next: [01](01_tensor_parallel.ipynb)")])
+    nb = new_notebook(cells=[new_markdown_cell("Next: [01](01_tensor_parallel.ipynb)")],
+                      metadata={"kernelspec": {"name": "python3", "display_name": KERNEL_NAME, "language": "python"}})
     for n, source in enumerate(("import torch\ntorch.manual_seed(0)",) + sources, start=1):
         cell = new_code_cell(source, execution_count=n,
                              outputs=[new_output("stream", name="stdout", text=f"{n}\n")])
@@ -208,3 +226,15 @@ def test_bad_links():
     assert check_links_next(nb, "00_intro.ipynb", []) != []
     assert check_links_next(nb, f"{LAST:02d}_last.ipynb", []) == []
     assert all_problems(executed(), "intro.ipynb", []) == ["name 'intro.ipynb' is not NN_lowercase_name.ipynb"]
+
+
+def test_bad_widget_state_or_kernel_name():
+    nb = executed("slider")
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb.cells[2].outputs = [new_output("display_data", data={WIDGET: {"model_id": "x"}, "text/plain": "VBox()"})]
+    assert check_no_widget_state(nb) == ["widget state stored in the notebook's metadata",
+                                         "cell 2: a stored widget output (it shows as text, or 'model not found', "
+                                         "without a kernel)"]
+    nb.metadata["kernelspec"]["display_name"] = "Python 3"
+    assert check_kernel(nb) == ["kernelspec {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}: "
+                                "expected name 'python3', display_name 'Python 3 (ipykernel)'"]

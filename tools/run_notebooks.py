@@ -3,7 +3,10 @@
 With no arguments, runs every ``notebooks/*.ipynb``. Each notebook runs top to bottom in a fresh
 kernel started in the notebook's own folder (as nbval does), with execution counts 1..n; a cell
 that raises stops it and leaves the file untouched. Timing metadata is not stored, so re-running
-an unchanged notebook gives the same file (images aside).
+an unchanged notebook gives the same file (images aside). Widget state is not stored (a widget
+needs a live kernel; a stored snapshot only shows as "model not found" or as its text repr), and
+every notebook names the kernel JupyterLab itself writes, "Python 3 (ipykernel)", so opening one
+does not mark it modified.
 """
 
 from __future__ import annotations
@@ -17,6 +20,16 @@ import nbformat
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def strip_widgets(nb) -> None:
+    """Drop stored widget state and the outputs that display a widget."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [out for out in cell.outputs if WIDGET not in out.get("data", {})]
 
 
 def run_notebook(path: Path, timeout: int = 300) -> float:
@@ -26,9 +39,11 @@ def run_notebook(path: Path, timeout: int = 300) -> float:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False, store_widget_state=False,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     elapsed = time.perf_counter() - start
+    strip_widgets(nb)
+    nb.metadata.kernelspec = nbformat.from_dict(KERNELSPEC)
     nbformat.validate(nb)
     nbformat.write(nb, path)
     return elapsed

@@ -6,6 +6,7 @@ and seconds *per rank* (the mean over the ranks of the run, like ``CommTrace.row
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -14,22 +15,80 @@ from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter
+from matplotlib.axis import Axis
+from matplotlib.ticker import Formatter, FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 from ..context_parallel.attention import shard_sequence
 from ..analysis.cost import Hardware, estimate, format_seconds, hardware
 from .collectives import rank_colors
 from ..analysis.timeline import Timeline
-from ..core.trace import CommEvent, CommTrace, format_bytes
+from ..core import ops
+from ..core.trace import PHASES, CommEvent, CommTrace
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send", "recv", "broadcast", "barrier")
-BYTES = FuncFormatter(lambda v, _: format_bytes(v))
+OPS = tuple(ops.OPS)  # stacking order
+HATCH = {"forward": None, "backward": "//", "grad_sync": ".."}  # one per trace.PHASES
 SECONDS = FuncFormatter(lambda v, _: format_seconds(v))
+
+
+UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def _unit(vmax: float) -> int:
+    """The power of 1024 whose unit the largest value on an axis is written in."""
+    return min(len(UNITS) - 1, max(0, int(math.log(max(abs(vmax), 1.0), 1024))))
+
+
+class BinaryLocator(MaxNLocator):
+    """Byte ticks at round multiples (1, 2, 4, 5 or 8 × a power of ten) of the axis's binary unit:
+    0, 8, 16, 24 MiB rather than 9.5, 19.1, 28.6 MiB; whole bytes only, so never "1 B, 1 B, 0 B"."""
+
+    def __init__(self) -> None:
+        super().__init__(nbins=6, steps=[1, 2, 4, 5, 8, 10])
+
+    def tick_values(self, vmin: float, vmax: float):
+        unit = 1024 ** _unit(max(abs(vmin), abs(vmax)))
+        self.set_params(integer=unit == 1)
+        return super().tick_values(vmin / unit, vmax / unit) * unit
+
+
+class BinaryFormatter(Formatter):
+    """A byte tick in the axis's unit, with no trailing zeros: "0 B", "512 KiB", "1.5 MiB"."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        vmax = max(abs(v) for v in self.axis.get_view_interval()) if self.axis is not None else abs(x)
+        power = _unit(vmax) if x else 0
+        return f"{x / 1024 ** power:.4g} {UNITS[power]}"
+
+
+class BinaryLogLocator(LogLocator):
+    """Byte ticks on a log axis at powers of two whose exponents are multiples of 1, 2, 5 or 10
+    (at most ``numticks``): 1 KiB, 1 MiB, 1 GiB, or 1 KiB, 32 KiB, 1 MiB, ... on shorter ranges."""
+
+    def tick_values(self, vmin: float, vmax: float):
+        low, high = math.log2(max(min(vmin, vmax), 1.0)), math.log2(max(vmin, vmax, 2.0))
+        numticks = self.numticks if isinstance(self.numticks, int) else 8
+        stride = next(s for s in (1, 2, 5, 10, 20, 30) if (high - low) / s < numticks)
+        return 2.0 ** (stride * np.arange(math.floor(low / stride), math.ceil(high / stride) + 1))
+
+
+def byte_axis(axis: Axis) -> None:
+    """Ticks of a bytes axis at round binary values (powers of 2 on a log axis), labelled in B/KiB/MiB/GiB."""
+    if axis.get_scale() == "log":
+        axis.set_major_locator(BinaryLogLocator(base=2, numticks=8))
+        axis.set_minor_locator(NullLocator())  # base-10 minor ticks would be labelled 2×10³ etc.
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1024 ** _unit(v):.4g} {UNITS[_unit(v)]}"))
+    else:
+        axis.set_major_locator(BinaryLocator())
+        axis.set_major_formatter(BinaryFormatter())
+
+
+def seconds_axis(axis: Axis) -> None:
+    axis.set_major_formatter(SECONDS)
 
 
 def op_color(op: str):
     """One colour per communication op, the same in every figure."""
-    return colormaps["Set2"](OPS.index(op) % 8) if op in OPS else "grey"
+    return ops.OPS[op].color if op in ops.OPS else "grey"
 
 
 def comm_bars(traces: CommTrace | dict[str, CommTrace], hw: Hardware | str | None = None,
@@ -45,13 +104,13 @@ def comm_bars(traces: CommTrace | dict[str, CommTrace], hw: Hardware | str | Non
 
 
 def _stacks(trace: CommTrace, bar: Callable[[CommEvent], str], hw: Hardware | str | None):
-    n = len({e.rank for e in trace.events}) or 1
+    n = len(trace.ranks) or 1
 
     def key(e: CommEvent) -> tuple[str, str, str]:
         return bar(e), e.op, e.phase
 
-    totals = estimate(trace, hw).group_by(key) if hw is not None else \
-        {k: v / n for k, v in trace.group_by(key).items()}
+    sums = estimate(trace, hw).group_by(key) if hw is not None else trace.group_by(key)
+    totals = {k: v / n for k, v in sums.items()}
     bars: dict[str, dict[tuple[str, str], float]] = {}
     for (name, op, phase), value in totals.items():
         bars.setdefault(name, {})[op, phase] = value
@@ -61,27 +120,30 @@ def _stacks(trace: CommTrace, bar: Callable[[CommEvent], str], hw: Hardware | st
 def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Hardware | str | None = None, title: str = "",
               by: str = "scope") -> Figure:
     """Bytes sent per rank, one bar per scope (``by="axis"``: per mesh axis; or per labelled trace), stacked by
-    op and phase (backward hatched); with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
+    op and phase (backward hatched //, grad_sync dotted); with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
     (one after another: a send and a receive posted together count twice — see the timeline)."""
-    panels = [(comm_bars(traces, by=by), "sent per rank", BYTES)]
+    panels = [(comm_bars(traces, by=by), "sent per rank", byte_axis)]
     if hw is not None:
-        panels.append((comm_bars(traces, hw, by), f"time per rank, calls in sequence\n({hardware(hw).name})", SECONDS))
+        panels.append((comm_bars(traces, hw, by), f"time per rank, calls in sequence\n({hardware(hw).name})", seconds_axis))
     fig = Figure(figsize=(4 + 1.2 * len(panels[0][0]), 3.6 * len(panels)))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    for ax, (bars, ylabel, formatter) in zip(axes, panels):
+    for ax, (bars, ylabel, style) in zip(axes, panels):
         scopes = list(bars)
         keys = sorted({k for stack in bars.values() for k in stack},
-                      key=lambda k: (OPS.index(k[0]) if k[0] in OPS else len(OPS), k[1] != "forward"))
+                      key=lambda k: (OPS.index(k[0]) if k[0] in OPS else len(OPS), PHASES.index(k[1])))
         bottom = np.zeros(len(scopes))
         for op, phase in keys:
             heights = np.array([bars[s].get((op, phase), 0.0) for s in scopes])
+            if not heights.any():  # e.g. receives: they send nothing
+                continue
             ax.bar(scopes, heights, bottom=bottom, color=op_color(op), edgecolor="black", linewidth=0.5,
-                   hatch="//" if phase == "backward" else None, label=f"{op} ({phase})")
+                   hatch=HATCH[phase], label=f"{op} ({phase})")
             bottom += heights
         ax.set_ylabel(ylabel)
-        ax.yaxis.set_major_formatter(formatter)
+        ax.margins(y=0.08)
+        style(ax.yaxis)
         ax.tick_params(axis="x", labelrotation=30)
-        if keys:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[0].set_title(title or "communication per scope")
     fig.tight_layout()
@@ -100,11 +162,11 @@ def plot_scaling(points: Sequence, x: str = "world_size", title: str = "") -> Fi
         axes[0].plot(xs, [p.sent for p in mine], marker="o", color=color, label=method)
         axes[1].plot(xs, [p.seconds for p in mine], marker="o", color=color, label=method)
         axes[1].plot(xs, [p.exposed for p in mine], marker=".", color=color, linestyle="--", label=f"{method} exposed")
-    for ax, ylabel, formatter in ((axes[0], "sent per rank", BYTES), (axes[1], "comm time per rank", SECONDS)):
+    for ax, ylabel, style in ((axes[0], "sent per rank", byte_axis), (axes[1], "comm time per rank", seconds_axis)):
         ax.set_xlabel({"world_size": "ranks", "seq": "sequence length"}.get(x, x))
         ax.set_xscale("log", base=2)
         ax.set_ylabel(ylabel)
-        ax.yaxis.set_major_formatter(formatter)
+        style(ax.yaxis)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[1].set_title("dashed: not hidden behind compute", fontsize=8)
@@ -128,7 +190,7 @@ def plot_timeline(tl: Timeline, title: str = "") -> Figure:
                 thin = (y + 0.15, 0.15) if s.label == "send" else (y, 0.15)  # sends above receives
                 lane, color = ((y + 0.35, 0.5) if s.blocking else thin), op_color(s.label)
             ax.broken_barh([(s.start, s.end - s.start)], lane, facecolors=color, edgecolor="black",
-                           linewidth=0.3, hatch="//" if s.phase == "backward" else None)
+                           linewidth=0.3, hatch=HATCH[s.phase])
     ax.set_yticks([len(ranks) - 1 - i + 0.5 for i in range(len(ranks))],
                   [f"rank {r}\nexposed {format_seconds(tl.exposed(r))}" for r in ranks], fontsize=8)
     ax.xaxis.set_major_formatter(SECONDS)
@@ -136,7 +198,7 @@ def plot_timeline(tl: Timeline, title: str = "") -> Figure:
     handles = [Patch(color="tab:blue", label="compute")]
     handles += [Patch(color=op_color(op), label=op) for op in sorted({s.label for s in tl.spans} - {"compute"})]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(title or "timeline (thin bars: isend/irecv in flight; hatched: backward)")
+    ax.set_title(title or "timeline (thin bars: isend/irecv in flight; hatched: backward, dotted: grad_sync)")
     fig.tight_layout()
     return fig
 
