@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make lab    set up .venv and open JupyterLab on notebooks/
 #   make test   set up .venv and run every test (pytest + nbval over the notebooks)
+#   make test-fast   the edit-test loop: pytest without real processes, slow tests or notebooks
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 PYTEST_ARGS ?=
 
-.PHONY: setup lab test notebooks bench clean
+.PHONY: setup lab test test-fast notebooks bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,9 @@ test: setup
 	$(RUN) $(BIN)/python -m pytest -rs tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with notebooks/nbval_sanitize.cfg $(PYTEST_ARGS)
 	@test -x /usr/bin/chromium || echo "NOTE: the browser test (tests/test_browser.py) was SKIPPED: /usr/bin/chromium is missing (apt-get install chromium)"
+
+test-fast: setup
+	$(RUN) $(BIN)/python -m pytest tests -m "not real and not slow and not browser" $(PYTEST_ARGS)
 
 # Re-execute every notebook in place so its stored outputs are current (after changing the package).
 notebooks: setup

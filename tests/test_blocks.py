@@ -302,6 +302,7 @@ def test_on_gloo_processes_equals_dense_and_the_simulators_trace(mode):
 
 # ---- the benchmark script runs ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)  # a subprocess; LocalTensorMode imports torch._dynamo (~10 s)
 def test_benchmark_script_runs_on_tiny_sizes():
     script = Path(__file__).parent.parent / "benchmarks" / "block.py"

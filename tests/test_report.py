@@ -6,13 +6,14 @@ import sys
 import pytest
 import torch
 
-from tpsp_sim.__main__ import main
+from tpsp_sim.__main__ import main, report
 from tpsp_sim.analysis.sweep import Config, record
 from tpsp_sim.core.trace import format_bytes
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_report_writes_plots_and_a_markdown_table(tmp_path, capsys):
     out = tmp_path / "report"
     main(["report", "--world-size", "2", "4", "--seq", "32", "64", "--hidden", "16", "--heads", "4",
@@ -29,8 +30,18 @@ def test_report_writes_plots_and_a_markdown_table(tmp_path, capsys):
     for p, s in ((2, 32), (4, 32), (2, 64)):
         sent = 4 * 2 * (p - 1) * (1 * s * 16 * 2) // p
         assert f"| tp | {p} | {s} | {format_bytes(sent)} |" in md
-    # Ulysses: 4 all-to-alls forward and 4 backward, (p-1)/p of each b·s/p·h input.
-    assert f"| ulysses | 4 | 32 | {format_bytes(8 * 3 * (32 // 4 * 16 * 2) // 4)} |" in md
+    # Ulysses: 4 all-to-alls forward and 4 backward, (p-1)/p of each b·s/p·h input; then the all-reduce
+    # of the replicated block's weight gradients, 12h² + 13h = 3280 bf16 parameters, 2(p-1)/p of them sent.
+    assert f"| ulysses | 4 | 32 | {format_bytes(8 * 3 * (32 // 4 * 16 * 2) // 4 + 2 * 3 * 3280 * 2 // 4)} |" in md
+
+
+def test_report_of_a_world_size_outside_the_sweep_is_not_empty(tmp_path):
+    """The bars, timelines and per-scope tables are of ``cfg`` even when the sweep leaves its world size out."""
+    cfg = Config(world_size=2, seq=32, hidden=16, heads=4, dtype=torch.float32, device="meta")
+    report(tmp_path, cfg, world_sizes=[4, 8], seqs=[64], hw="a100-nvlink", methods=["tp"])
+    md = (tmp_path / "report.md").read_text()
+    assert "| tp | 2 | 32 |" in md and "| tp | 2 | 64 |" in md  # cfg itself, and at the other sequence
+    assert "## tp: calls per scope" in md and (tmp_path / "timeline_tp.png").exists()
 
 
 def test_report_lists_what_cannot_run(tmp_path):
@@ -41,6 +52,7 @@ def test_report_lists_what_cannot_run(tmp_path):
     assert "ulysses on 3 ranks, seq 30" in md
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "tpsp_sim", "report", "--help"], capture_output=True, text=True,
                           timeout=120, check=False)

@@ -84,6 +84,7 @@ def test_training_on_dp2_cp2_tp2_equals_dense(dtype):
     assert set(res.trace.group_by("axis")) == {"tp", "cp", "dp_cp", None}  # None: the loss all-reduce
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["ring", "ulysses", "usp"])
 @pytest.mark.parametrize("dp, cp, t", [(1, 4, 2), (2, 4, 1)])
 def test_training_on_every_attention_kind(dp, cp, t, attention):
