@@ -282,3 +282,24 @@ def test_a_mismatched_collective_says_what_each_rank_called_without_waiting_for_
     assert str(info.value) == ("ranks of group (0, 1) made different calls at collective #0 of the group:\n"
                                "  rank 0: all_reduce(shape=(2,), dtype=torch.float32, op='sum') in scope 'attn'\n"
                                "  rank 1: all_reduce(shape=(3,), dtype=torch.float32, op='sum') in scope 'attn'")
+
+
+def _hangs_on_rank_1(value: int) -> int:
+    if sys.argv[sys.argv.index("--rank") + 1] == "1":  # the worker's own command line
+        time.sleep(600)
+    return value
+
+
+class HangsWhenLoadedOnRank1:
+    def __reduce__(self):
+        return _hangs_on_rank_1, (0,)
+
+
+@pytest.mark.real
+@pytest.mark.timeout(120)
+def test_a_rank_that_never_starts_is_named_not_the_ranks_waiting_for_it(monkeypatch):
+    monkeypatch.setattr(processes, "STARTUP_S", 5.0)
+    start = time.monotonic()
+    with pytest.raises(ts.SimulationError, match=r"^timeout: rank\(s\) (0, )?1 had not started after 6 s "):
+        ts.run(lambda comm, arg: arg, HangsWhenLoadedOnRank1(), world_size=2, backend="gloo", timeout=1)
+    assert time.monotonic() - start < 6 + 2

@@ -35,6 +35,10 @@ class CallLog:
         self._counts: dict[tuple, int] = {}
         self.comm_failed = False  # a torch.distributed call of this process raised
 
+    def started(self) -> None:
+        """This process has started and loaded fn; it now waits for the others to start."""
+        self._write({"started": time.time()})
+
     def joined(self) -> None:
         """This process has joined the process group."""
         self._write({"joined": time.time()})
@@ -76,6 +80,7 @@ class CallBook:
     def __init__(self, paths: list[Path]) -> None:
         self._paths = paths
         self._offsets = [0] * len(paths)
+        self.started: set[int] = set()  # ranks that have started and loaded fn
         self.joined_at: dict[int, float] = {}  # rank -> time.time() it joined the group
         self.last: dict[int, dict] = {}  # rank -> its latest call
         self._posted: dict[tuple, dict[int, dict]] = {}  # key -> rank -> call, until every party posted it
@@ -96,6 +101,9 @@ class CallBook:
                 self._take(rank, json.loads(line))
 
     def _take(self, rank: int, line: dict) -> None:
+        if "started" in line:
+            self.started.add(rank)
+            return
         if "joined" in line:
             self.joined_at[rank] = line["joined"]
             return

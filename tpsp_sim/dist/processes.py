@@ -20,7 +20,8 @@ the run at the first of:
 3. a rank's process ended without a result: ``RankFailedError`` with its exit code or signal;
 4. the run passed its ``timeout`` (counted from when every process had joined the group):
    ``SimulationError("timeout: ...")`` naming the stalled ranks (those others wait for) and where
-   each rank was;
+   each rank was; or, before that, the ranks that had not started (loaded fn) within
+   ``timeout + STARTUP_S`` seconds of the run's start;
 5. a call into ``torch.distributed`` failed and nothing above explains it within a second: that
    rank's error.
 """
@@ -100,7 +101,8 @@ def _start(work: Path, world_size: int, backend: str, port: int,
         for rank in range(world_size):
             cmd = [sys.executable, "-m", "tpsp_sim.dist.worker", "--worker", str(work), "--rank", str(rank),
                    "--world-size", str(world_size), "--backend", backend, "--port", str(port),
-                   "--timeout", str(timeout), "--parent-pid", str(os.getpid()), "--parent-pipe", str(read_end)]
+                   "--timeout", str(timeout), "--start-timeout", str(timeout + STARTUP_S),
+                   "--parent-pid", str(os.getpid()), "--parent-pipe", str(read_end)]
             with open(work / f"stdout{rank}", "wb") as out, open(work / f"stderr{rank}", "wb") as err:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, pass_fds=(read_end,)))
     except BaseException:
@@ -148,8 +150,11 @@ def _watch(procs: list[subprocess.Popen], work: Path, timeout: float) -> BaseExc
         deadline = (max(book.joined_at.values()) + timeout if len(book.joined_at) == world_size
                     else started + timeout + STARTUP_S)
         if now > deadline:
-            running = [rank for rank in range(world_size) if not results[rank] and rank not in errors]
-            return _timed_out(running, timeout, book)
+            # a rank whose collective has just timed out inside gloo still counts as waiting in it
+            unfinished = [rank for rank in range(world_size) if not results[rank]]
+            if len(book.joined_at) < world_size:
+                return _not_started(unfinished, timeout, book)
+            return _timed_out(unfinished, timeout, book)
         if errors and (now - min(seen_at.values()) > GRACE_S or all(code is not None for code in codes)):
             rank = min(errors, key=lambda r: (seen_at[r], r))
             return rank_failed(rank, errors[rank][0])
@@ -161,6 +166,16 @@ def _died(rank: int, code: int, work: Path, book: CallBook) -> RankFailedError:
     err = (work / f"stderr{rank}").read_text(errors="replace")[-2000:]
     return RankFailedError(rank, f"rank {rank}'s process {how} {book.where(rank)}, without a result"
                                  + (f"; its stderr ends:\n{err}" if err else ""))
+
+
+def _not_started(running: list[int], timeout: float, book: CallBook) -> SimulationError:
+    late = [rank for rank in running if rank not in book.started]
+    waiting = f"ranks {', '.join(map(str, sorted(book.started)))} waited" if book.started else "no rank waited"
+    if not late:
+        return SimulationError(f"timeout: every rank started, but the process group did not form within "
+                               f"{timeout + STARTUP_S:g} s")
+    return SimulationError(f"timeout: rank(s) {', '.join(map(str, late))} had not started after "
+                           f"{timeout + STARTUP_S:g} s (starting Python, importing torch, loading fn); {waiting}")
 
 
 def _timed_out(running: list[int], timeout: float, book: CallBook) -> SimulationError:

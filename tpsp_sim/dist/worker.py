@@ -86,8 +86,12 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(part, path)
 
 
-def _worker(work: Path, rank: int, world_size: int, backend: str, port: int, timeout: float) -> None:
+def _worker(work: Path, rank: int, world_size: int, backend: str, port: int, timeout: float,
+            start_timeout: float) -> None:
     """One rank of ``ts.run``: load fn, join the group, call fn; report to the parent through ``work``.
+
+    The ranks first wait (up to ``start_timeout`` seconds) until every one of them has started, so
+    that a slow start (importing torch on a busy machine) does not eat into the group's ``timeout``.
 
     ``result{rank}.pkl`` holds (outputs, recorder), or ``error{rank}.pkl`` (exception, whether a
     torch.distributed call raised it).
@@ -104,7 +108,11 @@ def _worker(work: Path, rank: int, world_size: int, backend: str, port: int, tim
         try:
             with calls.failures():
                 store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False,
-                                      timeout=timedelta(seconds=timeout))
+                                      timeout=timedelta(seconds=start_timeout))
+                calls.started()
+                store.set(f"started{rank}", "1")
+                store.wait([f"started{r}" for r in range(world_size)])
+                store.set_timeout(timedelta(seconds=timeout))
                 dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                         timeout=timedelta(seconds=timeout))
             calls.joined()
@@ -142,10 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("--rank", "--world-size", "--port", "--parent-pid", "--parent-pipe"):
         parser.add_argument(name, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=120.0, help=argparse.SUPPRESS)
+    parser.add_argument("--start-timeout", type=float, help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
     if a.worker:
         _die_with_parent(a.parent_pid, a.parent_pipe)
-        _worker(Path(a.worker), a.rank, a.world_size, a.backend, a.port, a.timeout)
+        _worker(Path(a.worker), a.rank, a.world_size, a.backend, a.port, a.timeout, a.start_timeout)
         return
     if not a.target or ":" not in a.target:
         parser.error("give the function as MODULE:FN")
