@@ -8,6 +8,7 @@ from functools import partial
 
 import pytest
 import torch
+from hypothesis import assume, given, settings, strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -237,6 +238,30 @@ def test_fused_column_gather_output_is_dense_concatenation():
         assert torch.equal(params["1.weight"], k.weight) and torch.equal(params["2.bias"], v.bias)
 
 
+@settings(max_examples=15, deadline=None)
+@given(t=st.integers(1, 4), kv=st.sampled_from([1, 2, 3, 4, 6, 8]), group=st.integers(1, 3),
+       head_dim=st.integers(1, 3), bias=st.booleans())
+def test_fused_column_round_trips_any_valid_gqa_split(t, kv, group, head_dim, bias):
+    """For every split or replication that fits, the fused layer's parameters gather back to the dense
+    ones exactly, under the dense names, and its gathered output is [q(x) | k(x) | v(x)]."""
+    heads = kv * group
+    assume((kv % t == 0 or t % kv == 0) and heads % t == 0)
+    torch.manual_seed(heads * 10 + head_dim)
+    q, k, v = (nn.Linear(8, n * head_dim, bias=bias).double() for n in (heads, kv, kv))
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+
+    def fn(comm):
+        layer = ts.ColumnParallelLinear.from_dense([q, k, v], comm, heads=(heads, kv, kv), names=("q", "k", "v"),
+                                                   gather_output=True)
+        return layer(x), ts.gather_dense_parameters(layer)
+
+    for y, params in ts.run(fn, world_size=t).outputs:
+        assert max_diff(y, torch.cat([q(x), k(x), v(x)], -1)) <= TOL
+        assert params.keys() == {f"{n}.{leaf}" for n in "qkv" for leaf in (("weight", "bias") if bias else ("weight",))}
+        for name, lin in (("q", q), ("k", k), ("v", v)):
+            assert torch.equal(params[f"{name}.weight"], lin.weight)
+
+
 def test_meta_tensors_gather_dense_shapes():
     """The meta device runs the whole path (forward, backward, gather) with shapes only."""
     with torch.device("meta"):
@@ -402,3 +427,33 @@ def test_context_parallel_llama_needs_global_positions(method, layout, p):
         assert max_diff(res.outputs[0][2][name], g) <= TOL, name
     wrong = ts.run(fn, world_size=p, use_global=False)
     assert max_diff(ts.unshard_sequence([o[0] for o in wrong.outputs], dim=1, layout=layout), y) > 1e-2
+
+
+# ---- real processes ---------------------------------------------------------------------------------
+
+def llama_tp_sp_step(comm, block, x, gy):
+    """One TP+SP step of a Llama block (module level: gloo workers import it by name)."""
+    par = ts.ParallelTransformerBlock.from_dense(block, comm, "tp_sp")
+    xi = local(x, comm, "tp_sp").requires_grad_()
+    with comm.scope("block0"):
+        y = par(xi)
+    y.backward(local(gy, comm, "tp_sp"))
+    ts.sync_sequence_parallel_grads(par, comm)
+    return y.detach(), xi.grad, ts.gather_dense_grads(par)
+
+
+@pytest.mark.real
+@pytest.mark.timeout(180)
+def test_gloo_runs_the_replicated_kv_block_like_the_simulator():
+    """t=4, 2 K/V heads: the replica groups (new_group) and their gradient all-reduce on real processes."""
+    block = make_llama(kv=2)
+    x, gy = inputs()
+    sim = ts.run(llama_tp_sp_step, block, x, gy, world_size=4)
+    real = ts.run(llama_tp_sp_step, block, x, gy, world_size=4, backend="gloo")
+    y, dx, grads = dense_run([block], x, gy)
+    for rank, out in enumerate(real.outputs):  # gloo sums in its own order: equal to dense within TOL, not bitwise
+        assert max_diff(out[0], ts.shard_sequence(y, rank, 4, dim=1)) <= TOL
+        assert max_diff(out[1], ts.shard_sequence(dx, rank, 4, dim=1)) <= TOL
+        assert all(max_diff(out[2][name], g) <= TOL for name, g in grads[0].items())
+    assert real.trace.filter(scope="block0").events == sim.trace.filter(scope="block0").events
+    assert real.trace.ops(scope="block0", phase="backward")["all_reduce"] == 4  # one replica sum per rank

@@ -256,8 +256,12 @@ class ColumnParallelLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
+        pieces = getattr(self.weight, "fused_pieces", None)
+        fused = "" if pieces is None else ", pieces=[" + ", ".join(  # e.g. "k 1/2 x2": 1 of 2 heads, on 2 ranks
+            f"{p.name or i} {p.local_rows // p.unit_rows}/{p.units}" + (f" x{p.replicas}" if p.replicas > 1 else "")
+            for i, p in enumerate(pieces)) + "]"
         return (f"in_features={self.weight.shape[1]}, out_features_per_rank={self.weight.shape[0]}, "
-                f"world_size={self.comm.world_size}, sequence_parallel={self.sequence_parallel}")
+                f"world_size={self.comm.world_size}, sequence_parallel={self.sequence_parallel}{fused}")
 
 
 class RowParallelLinear(nn.Module):
