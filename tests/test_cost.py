@@ -21,8 +21,10 @@ def closed_form(op: str, n: int, p: int) -> float:
     if op == "all_gather":
         N = p * n  # the full gathered size
         return A * (p - 1) + (p - 1) / p * N / B
-    if op in ("reduce_scatter", "all_to_all"):
+    if op == "reduce_scatter":
         return A * (p - 1) + (p - 1) / p * n / B
+    if op == "all_to_all":  # every pair posted at once (NCCL's grouped send/recv): one latency
+        return (A if p > 1 else 0.0) + (p - 1) / p * n / B
     if op == "all_reduce":
         return 2 * (A * (p - 1) + (p - 1) / p * n / B)
     if op == "broadcast":
@@ -56,11 +58,31 @@ def test_property_all_reduce_costs_a_reduce_scatter_plus_an_all_gather(p, elemen
     assert rs == pytest.approx(closed_form("reduce_scatter", N, p), rel=1e-12)
 
 
-def test_collective_time_uses_the_trace_byte_rules():
-    for op in ("all_gather", "all_reduce", "reduce_scatter", "all_to_all", "send"):
-        sent, received = ts.wire_bytes(op, 4096, 4)
-        steps = cost.ring_steps(op, 4)
-        assert cost.collective_time(op, 4096, 4, HW) == pytest.approx(steps * A + max(sent, received) / B)
+# Seconds of one call with an input of 6720 bytes on HW (α = 3 µs, B = 2 GB/s), worked out by hand:
+# e.g. all_gather on 4 ranks sends 3 · 6720 = 20160 B in 3 steps: 3 · 3 µs + 20160 B / 2 GB/s = 19.08 µs.
+HAND_MICROSECONDS = {  # op: (p = 2, p = 3, p = 4)
+    "all_gather": (3 + 3.36, 6 + 6.72, 9 + 10.08),
+    "reduce_scatter": (3 + 1.68, 6 + 2.24, 9 + 2.52),
+    "all_reduce": (6 + 3.36, 12 + 4.48, 18 + 5.04),
+    "all_to_all": (3 + 1.68, 3 + 2.24, 3 + 2.52),
+    "broadcast": (3 + 3.36, 6 + 3.36, 9 + 3.36),
+    "barrier": (6, 12, 18),
+    "send": (3 + 3.36,) * 3,
+    "recv": (3 + 3.36,) * 3,
+}
+
+
+@pytest.mark.parametrize("op", sorted(HAND_MICROSECONDS))
+def test_collective_time_equals_hand_computed_numbers(op):
+    for p, micros in zip((2, 3, 4), HAND_MICROSECONDS[op]):
+        assert cost.collective_time(op, 6720, p, HW) == pytest.approx(micros * 1e-6, rel=1e-12), p
+    if op not in ("send", "recv"):
+        assert cost.collective_time(op, 6720, 1, HW) == 0.0  # one rank: nothing moves, no message
+
+
+def test_ring_steps_are_the_messages_that_pay_latency():
+    assert [cost.ring_steps(op, 8) for op in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all",
+                                              "broadcast", "barrier", "send", "recv")] == [7, 7, 14, 1, 7, 14, 1, 1]
 
 
 def test_unknown_op_and_hardware_raise_value_errors():
@@ -120,21 +142,43 @@ def tp_and_sp_layer(comm, x):
     return y
 
 
-@pytest.mark.parametrize("p", [1, 2, 3, 4])
-def test_estimate_is_the_sum_over_its_events(p):
-    x = torch.randn(2, 6 * p, 5, dtype=torch.float64)
-    trace = ts.run(tp_and_sp_layer, x, world_size=p).trace
+def test_estimate_of_a_layer_equals_hand_computed_seconds():
+    """p = 2, x of 2·12·5 float64 = 960 B (its sequence shard 480 B), α = 3 µs, B = 2 GB/s. Per rank:
+    tp: an all_reduce of 960 B forward (f̄) and backward (f), each 2α + 960 B/B = 6 + 0.48 = 6.48 µs;
+    sp: all_gather of 480 B and reduce_scatter of 960 B, each α + 480 B/B = 3.24 µs, forward and backward;
+    misc: broadcast of 960 B (α + 960 B/B = 3.48 µs), then a send and a receive of 960 B (3.48 µs each)."""
+    trace = ts.run(tp_and_sp_layer, torch.randn(2, 12, 5, dtype=torch.float64), world_size=2).trace
     est = cost.estimate(trace, HW)
-    for r in range(p):
-        mine = trace.filter(rank=r).events
-        assert est.per_rank()[r] == pytest.approx(sum(cost.collective_time(e.op, e.nbytes, len(e.group), HW)
-                                                      for e in mine), rel=1e-12)
-        assert est.per_rank(phase="backward")[r] == pytest.approx(
-            sum(est.of(e) for e in mine if e.phase == "backward"), rel=1e-12)
-    assert est.total() == max(est.per_rank().values())
-    assert sum(est.per_scope().values()) == pytest.approx(sum(est.per_rank().values()) / p, rel=1e-12)
-    assert sum(row[-1] for row in est.rows()) == pytest.approx(sum(est.per_scope().values()), rel=1e-12)
-    assert "test link" in est.table() and "sp" in est._repr_html_()
+    us = 1e-6
+    per_rank = 2 * 6.48 + 4 * 3.24 + 3 * 3.48  # 36.36 µs
+    assert est.per_rank() == pytest.approx({0: per_rank * us, 1: per_rank * us}, rel=1e-12)
+    assert est.total() == pytest.approx(2 * per_rank * us, rel=1e-12)  # the sum over both ranks
+    assert est.mean_per_rank() == est.max_per_rank() == pytest.approx(per_rank * us, rel=1e-12)
+    assert est.total(phase="backward") == pytest.approx(2 * (6.48 + 2 * 3.24) * us, rel=1e-12)
+    assert est.group_by(("scope", "phase")) == pytest.approx(
+        {("tp", "forward"): 2 * 6.48 * us, ("sp", "forward"): 4 * 3.24 * us, ("tp", "backward"): 2 * 6.48 * us,
+         ("sp", "backward"): 4 * 3.24 * us, ("misc", "forward"): 6 * 3.48 * us}, rel=1e-12)
+    assert [row[-1] for row in est.rows() if row[:3] == ("misc", "forward", "send")] == pytest.approx([3.48 * us])
+    assert "| tp | forward | all_reduce | 1 | 960 B | 6.5 µs |" in est.table("markdown")
+    assert "test link" in str(est) and "<td" in est._repr_html_()
+
+
+def test_estimate_aggregates_tell_the_sum_the_mean_and_the_busiest_rank_apart():
+    """Ranks 0 and 1 all-reduce 960 B on a subgroup (6.48 µs each, as above); rank 2 only joins new_group."""
+    def fn(comm, x):
+        pair = comm.new_group([0, 1])
+        if pair is not None:
+            pair.all_reduce(x)
+
+    trace = ts.run(fn, torch.zeros(120, dtype=torch.float64), world_size=3).trace
+    est = cost.estimate(trace, HW)
+    assert est.per_rank() == pytest.approx({0: 6.48e-6, 1: 6.48e-6, 2: 0.0}, rel=1e-12)
+    assert est.total() == pytest.approx(12.96e-6, rel=1e-12)
+    assert est.mean_per_rank() == pytest.approx(4.32e-6, rel=1e-12)
+    assert est.max_per_rank() == pytest.approx(6.48e-6, rel=1e-12)
+    assert est.per_rank(rank=2) == {2: 0.0}
+    assert (trace.per_rank(), trace.total(), trace.mean_per_rank(), trace.max_per_rank()) == (
+        {0: 960, 1: 960, 2: 0}, 1920, 640.0, 960)
 
 
 @pytest.mark.parametrize("p", [2, 3, 4])
@@ -150,9 +194,10 @@ def test_estimate_of_a_tp_layer_is_four_all_reduces(p):
 
     est = cost.estimate(ts.run(layer, x, world_size=p).trace, HW)
     N = b * s * h * 8
-    assert est.total() == pytest.approx(2 * closed_form("all_reduce", N, p), rel=1e-12)
-    assert est.per_scope() == pytest.approx({("mlp", "forward"): closed_form("all_reduce", N, p),
-                                             ("mlp", "backward"): closed_form("all_reduce", N, p)}, rel=1e-12)
+    assert est.mean_per_rank() == pytest.approx(2 * closed_form("all_reduce", N, p), rel=1e-12)
+    assert est.group_by(("scope", "phase")) == pytest.approx(
+        {("mlp", "forward"): p * closed_form("all_reduce", N, p),
+         ("mlp", "backward"): p * closed_form("all_reduce", N, p)}, rel=1e-12)
 
 
 def test_estimate_filters_reject_unknown_fields_and_faster_links_are_faster():

@@ -24,9 +24,10 @@ def report(out: Path, cfg: Config, world_sizes: list[int], seqs: list[int], hw: 
         skipped.extend(w for w in why if w not in skipped)
         return points
 
-    by_ranks = run_sweep(world_sizes=world_sizes)  # at cfg.seq; world_sizes[0] is cfg.world_size
-    base = [p for p in by_ranks if p.world_size == cfg.world_size]
-    by_seq = base + run_sweep(seqs=seqs[1:]) if len(seqs) > 1 else []  # at cfg.world_size
+    by_ranks = run_sweep(world_sizes=world_sizes)  # at cfg.seq
+    base = [p for p in by_ranks if p.world_size == cfg.world_size] or run_sweep()  # cfg itself
+    other_seqs = [s for s in seqs if s != cfg.seq]
+    by_seq = base + run_sweep(seqs=other_seqs) if other_seqs else []  # at cfg.world_size
     by_ranks = by_ranks if len(world_sizes) > 1 else []
     sizes = f"{cfg.batch}x{cfg.seq} tokens, hidden {cfg.hidden}, {cfg.heads} heads"
     figures = {"comm.png": plot_comm({p.method: p.trace for p in base},
@@ -51,7 +52,7 @@ def report(out: Path, cfg: Config, world_sizes: list[int], seqs: list[int], hw: 
         if points:
             lines += [f"## {title}", "", table(points, hw), ""]
     for p in base:
-        lines += [f"## {p.method}: calls per scope", "", estimate(p.trace, hw).table(), ""]
+        lines += [f"## {p.method}: calls per scope", "", estimate(p.trace, hw).table("markdown"), ""]
     if skipped:
         lines += ["## Skipped (sizes that do not divide)", "", *(f"- {why}" for why in skipped), ""]
     (out / "report.md").write_text("\n".join(lines))

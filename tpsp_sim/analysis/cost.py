@@ -17,11 +17,12 @@ contention and the switch topology: it is the time one rank's link is busy.
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..core.trace import CommEvent, CommTrace, format_bytes, wire_bytes
+from ..core.ops import latency_steps, wire_bytes
+from ..core.table import Table
+from ..core.trace import CommEvent, CommTrace, format_bytes
 
 
 @dataclass(frozen=True)
@@ -68,17 +69,8 @@ def hardware(name: str | Hardware) -> Hardware:
 
 
 def ring_steps(op: str, world_size: int) -> int:
-    """Messages one rank sends in a ring ``op`` on ``world_size`` ranks (each pays the latency α)."""
-    p = world_size
-    if op in ("send", "recv"):
-        return 1
-    if p == 1:
-        return 0
-    steps = {"all_gather": p - 1, "reduce_scatter": p - 1, "all_to_all": p - 1, "broadcast": p - 1,
-             "all_reduce": 2 * (p - 1), "barrier": 2 * (p - 1)}
-    if op not in steps:
-        raise ValueError(f"unknown communication op {op!r}")
-    return steps[op]
+    """Messages one rank pays the latency α for in ``op`` on ``world_size`` ranks (``ops.latency_steps``)."""
+    return latency_steps(op, world_size)
 
 
 def collective_time(op: str, nbytes: int, world_size: int, hw: Hardware | str) -> float:
@@ -114,7 +106,9 @@ class Estimate:
     """Predicted seconds of every call in a trace, keyed by the call's (rank, seq).
 
     Calls are summed as if they ran one after another (``ts.timeline`` overlaps them where the
-    code does). Filters take ``CommEvent`` fields, as in ``CommTrace.filter``.
+    code does). Filters take ``CommEvent`` fields, as in ``CommTrace.filter``, and the aggregates
+    mean what they mean there: ``total`` is the sum over ranks, ``mean_per_rank`` one rank's share,
+    ``max_per_rank`` the busiest rank, ``group_by`` a sum.
     """
 
     trace: CommTrace
@@ -125,53 +119,49 @@ class Estimate:
         """Predicted seconds of one call of the trace."""
         return self.seconds[event.rank, event.seq]
 
-    def per_rank(self, **filters: Any) -> dict[int, float]:
-        """Seconds of each rank's matching calls."""
-        totals = {r: 0.0 for r in sorted({e.rank for e in self.trace.events})}
-        for e in self.trace.filter(**filters).events:
-            totals[e.rank] += self.of(e)
-        return totals
-
     def total(self, **filters: Any) -> float:
+        """Seconds of every matching call of every rank, added up (the sum over ranks)."""
+        return self.trace.total(self.of, **filters)
+
+    def per_rank(self, **filters: Any) -> dict[int, float]:
+        """{rank: seconds of that rank's matching calls}, for every rank of the trace."""
+        return self.trace.per_rank(self.of, **filters)
+
+    def mean_per_rank(self, **filters: Any) -> float:
+        """One rank's share: ``total`` divided by the number of ranks."""
+        return self.trace.mean_per_rank(self.of, **filters)
+
+    def max_per_rank(self, **filters: Any) -> float:
         """Seconds of the busiest rank's matching calls (0.0 if none)."""
-        return max(self.per_rank(**filters).values(), default=0.0)
+        return self.trace.max_per_rank(self.of, **filters)
 
-    def group_by(self, key: Callable[[CommEvent], Any] | str) -> dict[Any, float]:
-        """Mean seconds per rank for each value of ``key`` (an event field or a function), in first-seen order."""
-        get = (lambda e: getattr(e, key)) if isinstance(key, str) else key
-        n = len({e.rank for e in self.trace.events}) or 1
-        totals: dict[Any, float] = {}
-        for e in self.trace.events:
-            totals[get(e)] = totals.get(get(e), 0.0) + self.of(e) / n
-        return totals
-
-    def per_scope(self) -> dict[tuple[str, str], float]:
-        """Mean seconds per rank for each (scope, phase), in order of first call."""
-        return self.group_by(lambda e: (e.scope, e.phase))
+    def group_by(self, key: Callable[[CommEvent], Any] | str | tuple[str, ...]) -> dict[Any, float]:
+        """{key: seconds of every call of every rank with that key} (``CommTrace.group_by``), e.g.
+        ``group_by(("scope", "phase"))``."""
+        return self.trace.group_by(key, self.of)
 
     def rows(self) -> list[tuple[str, str, str, int, int, float]]:
-        """``CommTrace.rows()`` with the predicted seconds per rank in place of the bytes received."""
-        seconds = self.group_by(lambda e: (e.scope, e.phase, e.op))
-        return [(s, p, o, c, sb, seconds[s, p, o]) for s, p, o, c, sb, _ in self.trace.rows()]
+        """``CommTrace.rows()`` with the predicted seconds per rank (the mean) in place of the bytes received."""
+        seconds = self.group_by(("scope", "phase", "op"))
+        n = len(self.trace.ranks) or 1
+        return [(s, p, o, c, sb, seconds[s, p, o] / n) for s, p, o, c, sb, _ in self.trace.rows()]
 
-    def table(self) -> str:
-        """A Markdown table: scope, phase, op, calls/rank, sent/rank, predicted time/rank."""
-        lines = [f"| scope | phase | op | calls/rank | sent/rank | time/rank ({self.hardware.name}) |",
-                 "|---|---|---|---:|---:|---:|"]
-        lines += [f"| {s or '-'} | {p} | {o} | {c} | {format_bytes(sb)} | {format_seconds(t)} |"
-                  for s, p, o, c, sb, t in self.rows()]
-        return "\n".join(lines)
+    def table(self, fmt: str = "text") -> str:
+        """Calls, bytes sent and predicted seconds per rank for each (scope, phase, op), and their total:
+        "text", "markdown" or "html"."""
+        rows = self.rows()
+        body = [(s or "-", p, o, str(c), format_bytes(sb), format_seconds(t)) for s, p, o, c, sb, t in rows]
+        total = ("total", "", "", str(sum(r[3] for r in rows)), format_bytes(sum(r[4] for r in rows)),
+                 format_seconds(sum(r[5] for r in rows)))
+        return Table(("scope", "phase", "op", "calls/rank", "sent/rank", "time/rank"), body,
+                     frozenset({"calls/rank", "sent/rank", "time/rank"}), [total],
+                     title=f"predicted on {self.hardware.name}, calls one after another").render(fmt)
 
     def __str__(self) -> str:
         return self.table()
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in ("scope", "phase", "op", "calls/rank", "sent/rank", "time/rank"))
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in
-                                        (s or "-", p, o, c, format_bytes(sb), format_seconds(t))) + "</tr>"
-                       for s, p, o, c, sb, t in self.rows())
-        return (f"<p>{html.escape(self.hardware.name)}</p>"
-                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        return self.table("html")
 
 
 def estimate(trace: CommTrace, hw: Hardware | str) -> Estimate:

@@ -21,6 +21,7 @@ from .cost import Hardware, format_seconds, hardware
 from ..launch import run
 from ..context_parallel.ring import ring_attention
 from .timeline import Timeline, timeline
+from ..core.table import Table
 from ..core.trace import CommTrace, format_bytes
 from ..context_parallel.ulysses import ulysses_attention
 
@@ -98,7 +99,7 @@ def measure(method: str, cfg: Config, hw: Hardware | str) -> Point:
     """Record ``method`` on ``cfg`` and lay it out on ``hw``."""
     trace = record(method, cfg)
     tl = timeline(trace, hardware(hw))
-    return Point(method, cfg.world_size, cfg.seq, trace.total() / cfg.world_size,
+    return Point(method, cfg.world_size, cfg.seq, trace.mean_per_rank(),
                  max(tl.comm(r) for r in tl.ranks), max(tl.exposed(r) for r in tl.ranks), trace, tl)
 
 
@@ -117,10 +118,9 @@ def sweep(cfg: Config, hw: Hardware | str, methods: Iterable[str] = METHODS, wor
     return points, skipped
 
 
-def table(points: Iterable[Point], hw: Hardware | str) -> str:
-    """A Markdown table of the points: bytes sent and predicted seconds per rank on ``hw``."""
-    lines = [f"| method | ranks | seq | sent/rank | comm time ({hardware(hw).name}) | exposed |",
-             "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {p.method} | {p.world_size} | {p.seq} | {format_bytes(p.sent)} | {format_seconds(p.seconds)} | "
-              f"{format_seconds(p.exposed)} |" for p in points]
-    return "\n".join(lines)
+def table(points: Iterable[Point], hw: Hardware | str, fmt: str = "markdown") -> str:
+    """The points' bytes sent and predicted seconds per rank on ``hw``: "markdown" (default), "text" or "html"."""
+    rows = [(p.method, str(p.world_size), str(p.seq), format_bytes(p.sent), format_seconds(p.seconds),
+             format_seconds(p.exposed)) for p in points]
+    header = ("method", "ranks", "seq", "sent/rank", f"comm time ({hardware(hw).name})", "exposed")
+    return Table(header, rows, frozenset(header[1:])).render(fmt)
