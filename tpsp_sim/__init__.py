@@ -7,13 +7,15 @@ The package is layered; data flows one way, per-rank code → Comm → backend �
     dist/              real torch.distributed: TorchComm, processes, the torchrun worker
     tensor_parallel/   Megatron's mappings, parallel linears, transformer blocks (TP, TP+SP)
     context_parallel/  attention tiles, ring attention, Ulysses
-    analysis/          cost model, timeline, memory, sweeps
+    analysis/          cost model and clusters, timeline, memory, sweeps, the planner
     viz/               plots and the dashboard
 """
 
 from .analysis import cost, memory
 from .analysis.cost import Hardware
 from .analysis.memory import activation_memory, saved_tensor_meter
+from .analysis.models import Model
+from .analysis.plan import Plan, plan
 from .analysis.timeline import Timeline, timeline
 from .context_parallel.attention import (attention_block, blockwise_attention, dense_attention,
                                          online_softmax_merge, sequence_positions, shard_sequence,
@@ -56,6 +58,6 @@ __all__ = [
     "ColumnParallelLinear", "Dropout", "DropoutRNG", "MLP", "ParallelTransformerBlock", "RowParallelLinear",
     "SelfAttention", "TransformerBlock", "activation_memory", "gather_dense_grads", "gather_dense_parameters",
     "replicate", "saved_tensor_meter", "sync_sequence_parallel_grads", "LlamaBlock", "RMSNorm", "rope",
-    "Hardware", "Timeline", "cost", "memory", "timeline",
+    "Hardware", "Model", "Plan", "Timeline", "cost", "memory", "plan", "timeline",
     "exercises",
 ]

@@ -8,7 +8,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .analysis.cost import PRESETS, estimate, hardware
+from .analysis.cost import CLUSTERS, PRESETS, estimate, hardware
+from .analysis.models import MODELS, Model
+from .analysis.plan import IGNORES, plan, table as plan_table
+from .viz.plan_plot import plot_plans
 from .viz.plot import plot_comm, plot_scaling, plot_shards, plot_timeline
 from .analysis.sweep import METHODS, Config, sweep, table
 
@@ -59,6 +62,43 @@ def report(out: Path, cfg: Config, world_sizes: list[int], seqs: list[int], hw: 
     return [out / name for name in figures] + [out / "report.md"]
 
 
+PLAN_DOC = """``python -m tpsp_sim plan --model llama3-8b --seq 131072 --gpus 64 --cluster dgx-h100``: rank every
+TP x CP x DP split, attention kind and recompute mode by predicted step time, with the memory per GPU
+(ts.plan); print a Markdown table and save a stacked bar plot."""
+
+
+def add_plan_command(commands) -> None:
+    cmd = commands.add_parser("plan", help=PLAN_DOC.splitlines()[0], description=PLAN_DOC)
+    cmd.add_argument("--model", default="llama3-8b", help=f"a preset ({', '.join(sorted(MODELS))}) or 'custom'")
+    for flag in ("layers", "d-model", "heads", "kv-heads", "ffn", "vocab"):
+        cmd.add_argument(f"--{flag}", type=int, help=f"with --model custom: the model's {flag.replace('-', ' ')}")
+    cmd.add_argument("--seq", type=int, required=True, help="tokens per sequence")
+    cmd.add_argument("--gpus", type=int, required=True)
+    cmd.add_argument("--cluster", default="dgx-h100", choices=sorted(CLUSTERS))
+    cmd.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    cmd.add_argument("--global-batch-tokens", type=int, default=16 * 2**20, help="tokens per step (default 16M)")
+    cmd.add_argument("--mfu", type=float, default=0.5, help="fraction of peak FLOP/s for all compute (default 0.5)")
+    cmd.add_argument("--top", type=int, default=20, help="rows of the table (default 20)")
+    cmd.add_argument("--out", type=Path, default=Path("plan"), help="directory for plans.png (default ./plan)")
+
+
+def plan_command(a: argparse.Namespace) -> list[str]:
+    """Run the planner for the parsed ``plan`` arguments; the lines to print."""
+    if a.model == "custom":
+        sizes = (a.layers, a.d_model, a.heads, a.kv_heads or a.heads, a.ffn, a.vocab)
+        if None in sizes:
+            raise SystemExit("--model custom needs --layers --d-model --heads --ffn --vocab (and optionally --kv-heads)")
+        model = Model("custom", *sizes)
+    else:
+        model = a.model
+    plans = plan(model, a.seq, a.gpus, a.cluster, micro_batch=a.micro_batch, global_batch_tokens=a.global_batch_tokens,
+                 mfu=a.mfu, progress=lambda jobs: tqdm(jobs, desc="simulating one layer", unit="mesh"))
+    a.out.mkdir(parents=True, exist_ok=True)
+    figure = a.out / "plans.png"
+    plot_plans(plans, title=f"{a.model}, {a.seq} tokens, {a.gpus} GPUs of {a.cluster}").savefig(figure, dpi=100)
+    return [plan_table(plans, a.top), "", f"Ignored: {IGNORES}", "", str(figure)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tpsp_sim")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("--device", default="meta", choices=("meta", "cpu"),
                      help="meta: shapes only, nothing computed (fast at any size); cpu: real tensors")
     cmd.add_argument("--out", type=Path, required=True, help="directory for the PNGs and report.md")
+    add_plan_command(commands)
     a = parser.parse_args(argv)
+    if a.command == "plan":
+        for line in plan_command(a):
+            print(line)
+        return
     cfg = Config(world_size=a.world_size[0], seq=a.seq[0], batch=a.batch, hidden=a.hidden, heads=a.heads,
                  device=a.device)
     for path in report(a.out, cfg, a.world_size, a.seq, a.hardware, a.methods):

@@ -5,14 +5,16 @@ message) takes α + n/B. A ring collective on p ranks runs in p-1 steps (all_red
 a reduce-scatter, then an all-gather), each rank sending one piece per step; the bytes a rank
 sends over the whole call are exactly its wire bytes (``tpsp_sim.trace.wire_bytes``), so
 
-    all_gather, reduce_scatter, all_to_all   α·(p-1)  + (p-1)/p·N/B    (all_gather: N = p·n, n its shard)
+    all_gather, reduce_scatter               α·(p-1)  + (p-1)/p·N/B    (all_gather: N = p·n, n its shard)
+    all_to_all                               α        + (p-1)/p·N/B    (all pairs posted at once, as NCCL does)
     all_reduce                               2α·(p-1) + 2(p-1)/p·N/B
     broadcast (pipelined ring)               α·(p-1)  + N/B
     send / recv                              α        + n/B
     barrier (an all_reduce of nothing)       2α·(p-1)
 
 (Thakur, Rabenseifner & Gropp 2005; the nccl-tests "bus bandwidth" convention). The model ignores
-contention and the switch topology: it is the time one rank's link is busy.
+contention and the switch topology: it is the time one rank's link is busy. On a ``Cluster``
+(``cluster.py``) each call is priced on its group's link: intra-node, or inter-node if it spans nodes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable
 from ..core.ops import latency_steps, wire_bytes
 from ..core.table import Table
 from ..core.trace import CommEvent, CommTrace, format_bytes
+from .cluster import CLUSTERS, Cluster, Link, cluster
 
 
 @dataclass(frozen=True)
@@ -35,23 +38,23 @@ class Hardware:
     peak_flops: float  # FLOP/s of one accelerator (dense 16-bit matmul)
 
 
-# Bandwidths and FLOP/s are datasheet (nominal) numbers. Achieved bandwidth is lower: nccl-tests
-# all_reduce on H100 NVLink measures ~370 of the nominal 450 GB/s; for achieved numbers use e.g.
-# dataclasses.replace(H100_NVLINK, link_bandwidth=370e9). Latencies are order-of-magnitude per-step
-# NCCL latencies (a few µs within a node, more across), not datasheet values.
+# The one-link presets are the one-level clusters of ``CLUSTERS`` (datasheet sources in cluster.py).
+# Bandwidths and FLOP/s are nominal. Achieved bandwidth is lower: nccl-tests all_reduce on H100
+# NVLink measures ~370 of the nominal 450 GB/s; for achieved numbers use e.g.
+# dataclasses.replace(H100_NVLINK, link_bandwidth=370e9).
 
-# NVIDIA H100 SXM5 datasheet: NVLink 4 at 900 GB/s total (both directions), 989 TFLOP/s dense BF16.
-H100_NVLINK = Hardware("H100 NVLink", link_bandwidth=450e9, latency=2e-6, peak_flops=989e12)
-# NVIDIA A100 SXM4 datasheet: NVLink 3 at 600 GB/s total (both directions), 312 TFLOP/s dense BF16.
-A100_NVLINK = Hardware("A100 NVLink", link_bandwidth=300e9, latency=2e-6, peak_flops=312e12)
-# PCI Express 4.0 x16: 16 GT/s x 16 lanes, 128b/130b encoding = 31.5 GB/s per direction; A100 PCIe.
-PCIE_GEN4 = Hardware("A100 PCIe Gen4", link_bandwidth=31.5e9, latency=5e-6, peak_flops=312e12)
-# InfiniBand HDR (NVIDIA ConnectX-6): 200 Gb/s per port = 25 GB/s per direction; one per A100 (DGX A100).
-INFINIBAND_HDR = Hardware("A100 InfiniBand HDR", link_bandwidth=25e9, latency=5e-6, peak_flops=312e12)
-# InfiniBand NDR (NVIDIA ConnectX-7): 400 Gb/s per port = 50 GB/s per direction; one per H100 (DGX H100).
-INFINIBAND_NDR = Hardware("H100 InfiniBand NDR", link_bandwidth=50e9, latency=5e-6, peak_flops=989e12)
-# Liu et al. 2023 (Ring Attention): A100 hosts linked by 100 Gb/s InfiniBand, 12.5 GB/s (their ~24.5K-token block).
-A100_INFINIBAND = Hardware("A100 InfiniBand 100 Gb/s", link_bandwidth=12.5e9, latency=5e-6, peak_flops=312e12)
+
+def _one_link(key: str) -> Hardware:
+    c = CLUSTERS[key]
+    return Hardware(c.name, link_bandwidth=c.intra_node.bandwidth, latency=c.intra_node.latency, peak_flops=c.peak_flops)
+
+
+H100_NVLINK = _one_link("h100-nvlink")
+A100_NVLINK = _one_link("a100-nvlink")
+PCIE_GEN4 = _one_link("pcie-gen4")
+INFINIBAND_HDR = _one_link("ib-hdr")
+INFINIBAND_NDR = _one_link("ib-ndr")
+A100_INFINIBAND = _one_link("a100-ib")
 
 PRESETS: dict[str, Hardware] = {
     "h100-nvlink": H100_NVLINK, "a100-nvlink": A100_NVLINK, "pcie-gen4": PCIE_GEN4,
@@ -73,32 +76,81 @@ def ring_steps(op: str, world_size: int) -> int:
     return latency_steps(op, world_size)
 
 
-def collective_time(op: str, nbytes: int, world_size: int, hw: Hardware | str) -> float:
+def collective_time(op: str, nbytes: int, world_size: int, hw: Hardware | Link | str) -> float:
     """Seconds one rank spends in ``op`` (alpha-beta, ring); ``nbytes`` is its input, as in ``CommEvent.nbytes``."""
-    hw = hardware(hw)
+    if isinstance(hw, Link):
+        bandwidth, latency = hw.bandwidth, hw.latency
+    else:
+        bandwidth, latency = hardware(hw).link_bandwidth, hardware(hw).latency
     sent, received = wire_bytes(op, nbytes, world_size)  # broadcast: the root's share, N
-    return ring_steps(op, world_size) * hw.latency + max(sent, received) / hw.link_bandwidth
+    return ring_steps(op, world_size) * latency + max(sent, received) / bandwidth
 
 
-def event_time(event: CommEvent, hw: Hardware | str) -> float:
+def event_time(event: CommEvent, hw: Hardware | Link | str) -> float:
     """``collective_time`` of one recorded call, on the group it ran on."""
     return collective_time(event.op, event.nbytes, len(event.group), hw)
 
 
-def ring_overlap_block(hw: Hardware | str, dtype_bytes: int = 2) -> float:
-    """Smallest block of c tokens whose attention compute hides its K/V transfer (Liu et al. 2023, eq. in §3).
-
-    A ring step attends a block of c queries to a block of c keys: S = Q Kᵀ and S·V cost 2·c²·d
-    FLOPs each, 4·c²·d in all, i.e. 4·c²·d / F seconds. Meanwhile the next K and V blocks
-    (2·c·d elements of ``dtype_bytes``) cross the link in 2·c·d·dtype_bytes / B seconds. The
-    transfer is hidden when 4·c²·d / F >= 2·c·d·dtype_bytes / B, that is when
-
-        c >= dtype_bytes · F / (2·B)     (= F/B for 16-bit K/V),
-
-    independent of the head dim d (latency α is ignored). A100 NVLink: 312e12 / 300e9 ≈ 1.0K tokens.
-    """
+def _flops_and_bandwidth(hw: Hardware | Cluster | str, link: Link | None) -> tuple[float, float]:
+    """(peak FLOP/s, link bytes/s): ``link`` if given, else a cluster's inter-node link, else the one link."""
+    if isinstance(hw, Cluster) or (isinstance(hw, str) and hw not in PRESETS):
+        c = cluster(hw)
+        return c.peak_flops, (link or c.inter_node).bandwidth
     hw = hardware(hw)
-    return dtype_bytes * hw.peak_flops / (2 * hw.link_bandwidth)
+    return hw.peak_flops, link.bandwidth if link else hw.link_bandwidth
+
+
+def _kv_fraction(n_heads: int | None, n_kv_heads: int | None) -> float:
+    if (n_heads is None) != (n_kv_heads is None):
+        raise ValueError(f"give both n_heads and n_kv_heads or neither (got {n_heads}, {n_kv_heads})")
+    if n_heads is None:
+        return 1.0
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads} >= 1")
+    return n_kv_heads / n_heads
+
+
+def ring_overlap_block(hw: Hardware | Cluster | str, dtype_bytes: int = 2, n_heads: int | None = None,
+                       n_kv_heads: int | None = None, *, link: Link | None = None) -> float:
+    """Smallest block of c tokens whose forward attention hides its K/V transfer (Liu et al. 2023, §3).
+
+    A ring step attends c queries to c keys in each of the H query heads of dimension d: S = Q Kᵀ
+    and S·V cost 2·c²·d FLOPs each, 4·c²·d·H in all, i.e. 4·c²·d·H / F seconds. Meanwhile the next
+    K and V blocks — 2·c·d·H_kv elements of ``dtype_bytes`` (grouped-query attention sends only the
+    H_kv = ``n_kv_heads`` K/V heads) — cross the link in 2·c·d·H_kv·dtype_bytes / B seconds. The
+    transfer is hidden when 4·c²·d·H / F >= 2·c·d·H_kv·dtype_bytes / B, that is when
+
+        c >= (H_kv / H) · dtype_bytes · F / (2·B)     (= (H_kv / H) · F/B for 16-bit K/V),
+
+    independent of d (latency α is ignored). A100 NVLink, H_kv = H: 312e12 / 300e9 ≈ 1.0K tokens;
+    Llama 3 (H = 64 or 32, H_kv = 8) needs a block 8× or 4× smaller. ``hw``: a ``Hardware`` or
+    preset, or a ``Cluster`` (priced on its inter-node link, where a ring's transfers are slowest);
+    ``link`` picks the link explicitly.
+    """
+    flops, bandwidth = _flops_and_bandwidth(hw, link)
+    return _kv_fraction(n_heads, n_kv_heads) * dtype_bytes * flops / (2 * bandwidth)
+
+
+def ring_overlap_block_backward(hw: Hardware | Cluster | str, dtype_bytes: int = 2, grad_bytes: int = 4,
+                                n_heads: int | None = None, n_kv_heads: int | None = None, *,
+                                link: Link | None = None) -> float:
+    """Smallest block of c tokens whose backward attention hides its ring transfer (``ring_attention``'s backward).
+
+    The backward ring carries, per step, the K and V blocks (``dtype_bytes`` each element) *and* their
+    dK, dV accumulators (``grad_bytes``; assumed fp32, 4 bytes, as ``ring_attention`` and
+    flash-attention accumulate them, so that p partial sums are not rounded to 16 bits p times):
+    2·c·d·H_kv·(dtype_bytes + grad_bytes) bytes. The step's compute recomputes S = Q Kᵀ and forms
+    dV = Pᵀ dO, dP = dO Vᵀ, dQ = dS K, dK = dSᵀ Q: five c×c×d matmuls per head, 10·c²·d·H FLOPs,
+    2.5× the forward's four (torch's flop counter counts the same). Hidden when
+    10·c²·d·H / F >= 2·c·d·H_kv·(dtype_bytes + grad_bytes) / B:
+
+        c >= (H_kv / H) · (dtype_bytes + grad_bytes) · F / (5·B)    (= 1.2 · (H_kv / H) · F/B for bf16 K/V, fp32 dK/dV),
+
+    1.2× the forward threshold: the backward moves 3× the bytes for 2.5× the FLOPs. With 16-bit
+    accumulators it would be 0.8 · (H_kv / H) · F/B. ``hw`` and ``link`` as in ``ring_overlap_block``.
+    """
+    flops, bandwidth = _flops_and_bandwidth(hw, link)
+    return _kv_fraction(n_heads, n_kv_heads) * (dtype_bytes + grad_bytes) * flops / (5 * bandwidth)
 
 
 @dataclass(frozen=True)
@@ -112,7 +164,7 @@ class Estimate:
     """
 
     trace: CommTrace
-    hardware: Hardware
+    hardware: Cluster  # a one-link ``Hardware`` is a one-level cluster
     seconds: dict[tuple[int, int], float]
 
     def of(self, event: CommEvent) -> float:
@@ -164,10 +216,11 @@ class Estimate:
         return self.table("html")
 
 
-def estimate(trace: CommTrace, hw: Hardware | str) -> Estimate:
-    """Predicted time of every call of ``trace`` on ``hw`` (see ``Estimate``)."""
-    hw = hardware(hw)
-    return Estimate(trace, hw, {(e.rank, e.seq): event_time(e, hw) for e in trace.events})
+def estimate(trace: CommTrace, hw: Hardware | Cluster | str) -> Estimate:
+    """Predicted time of every call of ``trace`` on ``hw`` (see ``Estimate``): a ``Cluster`` (or a key of
+    ``CLUSTERS``) prices each call on its group's link (``Cluster.link_for``); a ``Hardware`` is one link."""
+    c = cluster(hw)
+    return Estimate(trace, c, {(e.rank, e.seq): event_time(e, c.link_for(e)) for e in trace.events})
 
 
 def format_seconds(t: float) -> str:

@@ -1,0 +1,88 @@
+"""ts.plan: deterministic, ranked, priced on the cluster's links; keeps TP inside a node when it can."""
+
+from __future__ import annotations
+
+import pytest
+
+import tpsp_sim as ts
+from tpsp_sim.__main__ import main
+from tpsp_sim.analysis.models import Model
+from tpsp_sim.analysis.plan import causal_overcount, plan, table
+
+TINY = Model("tiny", 2, 64, 4, 2, 128, 100)
+FAST = ts.cost.Link("fast", bandwidth=1e9, latency=1e-6)
+SLOW = ts.cost.Link("slow", bandwidth=1e8, latency=1e-5)
+PAIRS = ts.cost.Cluster("pairs", peak_flops=1e12, gpus_per_node=2, intra_node=FAST, inter_node=SLOW, memory_bytes=1e9)
+
+
+@pytest.fixture(scope="module")
+def tiny_plans():
+    return plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256)
+
+
+def test_small_case_is_deterministic_and_ranked(tiny_plans):
+    again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256)
+    assert again == tiny_plans
+    fitting = [p for p in tiny_plans if p.fits]
+    assert fitting and tiny_plans[:len(fitting)] == fitting  # the plans that fit come first
+    times = [p.step_time for p in fitting]
+    assert times == sorted(times)
+    meshes = {(p.dp, p.cp, p.tp) for p in tiny_plans}
+    assert meshes == {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)}
+    for p in fitting:
+        assert p.step_time == pytest.approx(p.compute + sum(p.exposed.values()) + p.idle, rel=1e-12)
+    lines = table(tiny_plans).splitlines()
+    assert lines[0].startswith("| # | dp | cp | tp | attention | recompute | step time") and len(lines) == 2 + len(tiny_plans)
+
+
+def test_gradient_all_reduce_is_priced_on_the_replicas_link(tiny_plans):
+    """dp = 4 on nodes of 2: the gradient all-reduce crosses nodes. Parameters by hand: per layer q, o 2·64² +
+    k, v 2·64·32 + SwiGLU 3·64·128 + norms 128 = 36,992; x 2 + embedding and output 2·100·64 + final norm 64
+    = 86,848, 2 bytes each; all_reduce on 4 ranks: 6α + 1.5·N/B on the slow link."""
+    p = next(p for p in tiny_plans if (p.dp, p.cp, p.tp, p.recompute) == (4, 1, 1, "selective"))
+    assert p.memory.parameters == 86_848
+    assert p.exposed["dp_cp"] == pytest.approx(6e-5 + 1.5 * 173_696 / 1e8, rel=1e-12)
+
+
+def test_causal_attention_is_charged_the_same_work_whatever_the_split(tiny_plans):
+    """Every GPU does 1/4 of the same causal work per step: cp = 1, ring and Ulysses compute alike once the
+    masked halves of diagonal tiles are discounted (causal_overcount)."""
+    computes = {(p.cp, p.attention): p.compute for p in tiny_plans
+                if p.tp == 1 and p.recompute == "selective" and p.runs}
+    assert len(computes) >= 4
+    first = next(iter(computes.values()))
+    assert all(c == pytest.approx(first, rel=1e-9) for c in computes.values()), computes
+
+
+def test_causal_overcount_by_hand():
+    m = Model("m", 1, 64, 4, 4, 128, 10)  # d = 16
+    assert causal_overcount(m, 64, 2, 1, "ring") == (2 * 32**2 * 16 * 4, 2.5 * 2 * 32**2 * 16 * 4)  # n = 32
+    assert causal_overcount(m, 64, 2, 1, "ulysses") == (2 * 64**2 * 16 * 2, 1.5 * 2 * 64**2 * 16 * 2)  # 2 heads, 64
+    assert causal_overcount(m, 64, 4, 2, "usp", 2) == (2 * 32**2 * 16 * 1, 2.5 * 2 * 32**2 * 16 * 1)
+
+
+def test_plans_that_do_not_fit_say_why():
+    small = ts.cost.Cluster("small", 1e12, 2, FAST, SLOW, memory_bytes=1e5)
+    plans = plan(TINY, 256, 4, small, global_batch_tokens=4 * 256)
+    assert not any(p.fits for p in plans) and not any(p.runs for p in plans)
+    assert all(p.why.startswith("needs ") and "of 0 GB" in p.why for p in plans)  # 0.0001 GB
+    with pytest.raises(ValueError, match="unknown attention or recompute"):
+        plan(TINY, 256, 4, PAIRS, attentions=("flash",))
+
+
+def test_plan_command_prints_the_table_and_saves_the_plot(tmp_path, capsys):
+    main(["plan", "--model", "custom", "--layers", "2", "--d-model", "64", "--heads", "4", "--kv-heads", "2",
+          "--ffn", "128", "--vocab", "100", "--seq", "256", "--gpus", "2", "--cluster", "dgx-h100",
+          "--global-batch-tokens", "512", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| # | dp | cp | tp |" in out and "Ignored: pipeline parallelism" in out
+    assert (tmp_path / "plans.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # 20 one-layer simulations of 8 to 64 ranks: 57 s measured at load average 15 on 2 cores
+def test_llama3_70b_at_128k_keeps_tensor_parallelism_inside_a_dgx_node():
+    plans = plan("llama3-70b", 131072, 64, "dgx-h100")
+    inside = [p for p in plans if p.fits and p.tp <= 8]
+    assert inside, "some plan with TP inside a node fits"
+    best = plans[0]
+    assert best.fits and best.tp <= 8, table(plans, 5)

@@ -1,0 +1,263 @@
+"""``ts.plan``: how to split a long-context training run over TP × CP × DP on a cluster, and will it fit.
+
+For every factorisation gpus = dp · cp · tp (tp innermost, then cp, then dp: Megatron's order, so
+a tp group is tp neighbouring ranks), every context-parallel attention (ring, Ulysses, USP with each
+Ulysses size u, 1 < u < cp) and every recompute mode:
+
+1. memory per GPU: ``ts.memory.budget`` (bf16 weights and gradients, Adam with the distributed
+   optimizer over dp·cp, Table 2 activations); a plan that does not fit in ``Cluster.memory_bytes``
+   is listed with why, and not simulated;
+2. one layer, forward and backward, simulated on meta tensors on a (cp, tp) mesh of virtual ranks
+   (``simulate_layer``: the hybrid TP+SP × CP block, Llama-shaped for "swiglu" models), laid out
+   on the cluster by ``ts.timeline`` with compute at ``mfu`` × peak (each call priced on its group's
+   link). The busiest rank's compute, exposed communication per axis and idle time, times the
+   layers and the micro-batches of a step (``global_batch_tokens`` / (dp · micro_batch · seq)),
+   plus the gradient all-reduce over dp·cp once per step (2 bytes per parameter, not overlapped),
+   is the step time. "full" recompute adds the layer's forward compute again.
+
+Causal attention: the simulator's kernels compute a masked (diagonal) tile whole, as a square, and
+count its FLOPs so; a causal flash kernel skips the masked half. Left as is, cp = 1 (one s × s
+diagonal) would be charged twice the attention FLOPs it needs, and context parallelism would look
+better than it is. So the busiest rank's compute is reduced by half of its diagonal tiles
+(``causal_overcount``), forward and backward. This corrects the compute only: a rank
+whose timeline waited on a transfer under the masked half is not re-laid out.
+
+What it ignores, plainly: pipeline parallelism; the embedding and output layer's compute and
+activations; kernels' efficiency beyond one stated MFU (default 0.5) for all compute; overlap of
+the gradient reduction with backward (Megatron's ``--overlap-grad-reduce`` hides most of it: the
+step times here are upper bounds on it); the sequence-parallel norm-gradient all-reduce (h values
+per layer); contention in the network. Attention kernels are assumed flash-style (no s × s scores
+kept, tiles recomputed in backward, as ``ring_attention`` does), so "selective" (Table 2's row: keep
+everything but the scores) costs no extra compute and "none" would be the same plan.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from ..core.errors import SimulationError
+from ..core.mesh import init_device_mesh
+from ..core.trace import CommTrace
+from ..launch import run
+from ..tensor_parallel.blocks import ParallelTransformerBlock, TransformerBlock
+from ..tensor_parallel.llama import LlamaBlock
+from .cluster import Cluster, cluster as as_cluster
+from .cost import collective_time, format_seconds
+from .memory import Budget, budget
+from .models import Model, model as as_model
+from .timeline import timeline
+
+ATTENTIONS = ("ring", "ulysses", "usp")
+RECOMPUTE = ("selective", "full")
+AXES = ("tp", "cp", "dp_cp")  # the columns of exposed communication
+IGNORES = ("pipeline parallelism; the embedding and output layer's compute and activations; kernel efficiency "
+           "beyond one MFU for all compute; overlap of the gradient all-reduce with backward (counted fully "
+           "exposed); the sequence-parallel norm-gradient all-reduce; network contention. Attention kernels are "
+           "assumed flash-style (no scores kept), so recompute 'selective' costs no extra compute.")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One way to run the step: mesh, attention, recompute; its predicted time (seconds) and memory (bytes per GPU)."""
+
+    dp: int
+    cp: int
+    tp: int
+    attention: str  # "ring", "ulysses", "usp(u=2)", or "-" when cp = 1
+    recompute: str
+    memory: Budget
+    fits: bool
+    why: str
+    step_time: float | None = None  # None: not simulated (does not fit, or cannot run)
+    compute: float = 0.0
+    exposed: dict[str, float] = field(default_factory=dict)  # per axis: "tp", "cp", "dp_cp"
+    idle: float = 0.0
+
+    @property
+    def runs(self) -> bool:
+        return self.step_time is not None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def simulate_layer(m: Model, cp: int, tp: int, attention: str, seq: int, micro_batch: int, ulysses: int = 1) -> CommTrace:
+    """The trace (with FLOPs) of one layer's forward and backward on a (cp, tp) mesh, on meta tensors.
+
+    "usp" runs on a (cp/ulysses, ulysses, tp) mesh whose two context axes are named "cp_ring" and
+    "cp_ulysses". Raises ValueError (or a ``SimulationError``) if the shapes do not split.
+    """
+    with torch.device("meta"):
+        if m.mlp == "swiglu":
+            dense = LlamaBlock(m.d_model, m.n_heads, m.n_kv_heads, m.d_ff).to(torch.bfloat16)
+        else:
+            dense = TransformerBlock(m.d_model, m.n_heads, m.d_ff).to(torch.bfloat16)
+    return run(_layer, dense, cp, tp, attention, seq, micro_batch, ulysses, world_size=cp * tp, count_flops=True).trace
+
+
+def _layer(comm, dense, cp: int, tp: int, attention: str, seq: int, micro_batch: int, ulysses: int) -> None:
+    if attention == "usp":
+        mesh = init_device_mesh(comm, (cp // ulysses, ulysses, tp), mesh_dim_names=("cp_ring", "cp_ulysses", "tp"))
+        context = (mesh["cp_ulysses"], mesh["cp_ring"])
+    else:
+        mesh = init_device_mesh(comm, (cp, tp), mesh_dim_names=("cp", "tp"))
+        context = mesh["cp"]
+    block = ParallelTransformerBlock.from_dense(dense, tp=mesh["tp"], cp=context, mode="tp_sp", attention=attention,
+                                                layout="zigzag")
+    x = torch.empty(micro_batch, seq // cp // tp, dense.d_model, dtype=torch.bfloat16, device="meta",
+                    requires_grad=True)
+    block(x).float().sum().backward()
+
+
+@dataclass(frozen=True)
+class _LayerTime:
+    compute: float
+    forward_compute: float
+    exposed: dict[str, float]
+    idle: float
+
+
+def causal_overcount(m: Model, seq: int, cp: int, tp: int, attention: str, ulysses: int = 1) -> tuple[float, float]:
+    """(forward, backward) FLOPs per rank, layer and sequence that the simulator counts beyond a causal
+    flash kernel (which skips masked halves and recomputes S in backward: 5 tile matmuls, 2.5× forward).
+
+    Each rank holds H/(u·tp) heads (u = ``ulysses``: cp for Ulysses, u for USP, 1 for ring) and runs a
+    ring over r = cp/u blocks of n = seq/r tokens. Zigzag ring tiles (``attention_block``, also USP's)
+    count one n × n diagonal tile whole (needed: half) and r − 1 half tiles exactly, with 5 matmuls
+    in backward, so the excess is
+
+        forward  F = 2 · n² · d · H / (u · tp),  n = seq · u / cp;    backward 2.5 · F.
+
+    Ulysses' local attention is one seq × seq diagonal (F as above with u = cp) through
+    ``scaled_dot_product_attention``, whose backward torch's flop counter counts as 4 full-square
+    matmuls (8 · seq² · d per head) against the causal 5 half-square ones (5 · seq² · d): excess 1.5 · F.
+    """
+    u = cp if attention == "ulysses" else ulysses
+    n = seq * u // cp
+    forward = 2 * n * n * m.head_dim * m.n_heads / (u * tp)
+    return forward, (1.5 if attention == "ulysses" else 2.5) * forward
+
+
+def _layer_time(trace: CommTrace, c: Cluster, mfu: float, overcount: tuple[float, float]) -> _LayerTime:
+    tl = timeline(trace, c, mfu=mfu)
+    r = max(tl.ranks, key=lambda rank: (tl.end(rank), -rank))  # the busiest rank
+    forward_extra, backward_extra = (flops / (mfu * c.peak_flops) for flops in overcount)
+    exposed = {axis: 0.0 for axis in AXES}
+    for axis, seconds in tl.exposed_by_axis(r).items():
+        # no axis: the subgroups of tp that sum replicated K/V weight gradients (t > n_kv_heads)
+        exposed["cp" if axis and axis.startswith("cp") else axis or "tp"] += seconds
+    forward = sum(s.end - s.start for s in tl.of(r, "compute") if s.phase == "forward")
+    return _LayerTime(tl.compute(r) - forward_extra - backward_extra, forward - forward_extra, exposed, tl.idle(r))
+
+
+def _attention_kinds(cp: int, attentions: Iterable[str]) -> list[tuple[str, str, int]]:
+    """(label, kind, ulysses size) of each context-parallel attention to try on ``cp`` ranks."""
+    if cp == 1:
+        return [("-", "ring", 1)]
+    kinds = []
+    for kind in attentions:
+        if kind == "usp":
+            kinds += [(f"usp(u={u})", "usp", u) for u in _divisors(cp) if 1 < u < cp]
+        else:
+            kinds.append((kind, kind, 1))
+    return kinds
+
+
+def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int = 1,
+         global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = ATTENTIONS,
+         recompute: Iterable[str] = RECOMPUTE, distributed_optimizer: bool = True,
+         progress: Callable[[list], Iterable] = iter) -> list[Plan]:
+    """Every (dp, cp, tp) × attention × recompute plan for ``model`` at ``seq`` tokens on ``gpus`` GPUs of
+    ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
+
+    A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
+    seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica. ``progress`` wraps the
+    list of layer simulations (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
+    """
+    m, c = as_model(model), as_cluster(cluster)
+    sequences = global_batch_tokens // seq
+    if sequences < 1:
+        raise ValueError(f"global_batch_tokens={global_batch_tokens} is less than one sequence of {seq} tokens")
+    attentions, modes = tuple(attentions), tuple(recompute)
+    unknown = [a for a in attentions if a not in ATTENTIONS] + [r for r in modes if r not in RECOMPUTE]
+    if unknown:
+        raise ValueError(f"unknown attention or recompute {unknown}; attentions are {ATTENTIONS}, recompute {RECOMPUTE}")
+    candidates: list[tuple[int, int, int, str, str, int, str, Budget]] = []
+    plans: list[Plan] = []
+    for tp in _divisors(gpus):
+        for cp in _divisors(gpus // tp):
+            dp = gpus // (tp * cp)
+            mesh = f"dp={dp}, cp={cp}, tp={tp}"
+            reason = _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp)
+            for label, kind, u in _attention_kinds(cp, attentions):
+                for mode in modes:
+                    if reason:
+                        plans.append(Plan(dp, cp, tp, label, mode, Budget(0, 0, 0, 0, 0, 0), False, reason))
+                        continue
+                    mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode,
+                                 distributed_optimizer=distributed_optimizer)
+                    if mem.total > c.memory_bytes:
+                        why = (f"needs {mem.total / 1e9:.1f} GB of {c.memory_bytes / 1e9:.0f} GB "
+                               f"(weights+grads+optimizer {(mem.total - mem.activations) / 1e9:.1f}, "
+                               f"activations {mem.activations / 1e9:.1f})")
+                        plans.append(Plan(dp, cp, tp, label, mode, mem, False, why))
+                    else:
+                        candidates.append((dp, cp, tp, label, kind, u, mode, mem))
+    layers: dict[tuple[int, int, str, int], _LayerTime | str] = {}
+    jobs = sorted({(cp, tp, kind, u) for _, cp, tp, _, kind, u, _, _ in candidates})
+    for cp, tp, kind, u in progress(jobs):
+        try:
+            overcount = tuple(micro_batch * f for f in causal_overcount(m, seq, cp, tp, kind, u))
+            layers[cp, tp, kind, u] = _layer_time(simulate_layer(m, cp, tp, kind, seq, micro_batch, u), c, mfu,
+                                                  overcount)
+        except (ValueError, SimulationError) as error:
+            cause = error.__cause__ if isinstance(error, SimulationError) and error.__cause__ else error
+            message = re.sub(r"^rank \d+: ", "", str(cause).splitlines()[0])  # whichever rank raised first
+            layers[cp, tp, kind, u] = f"cannot run: {message}"
+    for dp, cp, tp, label, kind, u, mode, mem in candidates:
+        layer = layers[cp, tp, kind, u]
+        if isinstance(layer, str):
+            plans.append(Plan(dp, cp, tp, label, mode, mem, False, layer))
+            continue
+        per_step = sequences // (dp * micro_batch) * m.n_layers  # layer passes per step on each GPU
+        compute = per_step * (layer.compute + (layer.forward_compute if mode == "full" else 0.0))
+        exposed = {axis: per_step * t for axis, t in layer.exposed.items()}
+        group = tuple(range(0, gpus, tp))  # rank 0's dp·cp replicas
+        exposed["dp_cp"] += collective_time("all_reduce", int(2 * mem.parameters), dp * cp, c.link(group))
+        step = compute + sum(exposed.values()) + per_step * layer.idle
+        why = f"uses {mem.total / 1e9:.1f} GB of {c.memory_bytes / 1e9:.0f} GB"
+        plans.append(Plan(dp, cp, tp, label, mode, mem, True, why, step, compute, exposed, per_step * layer.idle))
+    return sorted(plans, key=_rank)
+
+
+def _cannot_split(m: Model, seq: int, sequences: int, micro_batch: int, dp: int, cp: int, tp: int) -> str:
+    if m.n_heads % tp:
+        return f"n_heads={m.n_heads} is not divisible by tp={tp}"
+    if seq % (2 * cp * tp):
+        return f"seq={seq} does not split into 2·cp·tp = {2 * cp * tp} zigzag chunks"
+    if sequences % (dp * micro_batch):
+        return f"the batch of {sequences} sequences does not split into dp={dp} × micro_batch={micro_batch}"
+    return ""
+
+
+def _rank(p: Plan) -> tuple:
+    return (not p.fits, p.step_time if p.fits else p.memory.total or float("inf"), p.tp, p.cp, p.attention, p.recompute)
+
+
+def table(plans: list[Plan], top: int | None = None) -> str:
+    """A Markdown table of ``plans`` (the first ``top``), best first."""
+    head = ("#", "dp", "cp", "tp", "attention", "recompute", "step time", "compute", "exposed tp", "exposed cp",
+            "exposed dp×cp", "memory/GPU", "fits")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * 4 + "---|---|" + "---:|" * 6 + "---|"]
+    for i, p in enumerate(plans[:top], start=1):
+        times = ([format_seconds(p.step_time), format_seconds(p.compute)]
+                 + [format_seconds(p.exposed[a]) for a in AXES]) if p.runs else ["-"] * 5
+        memory = f"{p.memory.total / 1e9:.1f} GB" if p.memory.total else "-"
+        lines.append("| " + " | ".join([str(i), str(p.dp), str(p.cp), str(p.tp), p.attention, p.recompute, *times,
+                                        memory, ("yes: " if p.fits else "no: ") + p.why]) + " |")
+    return "\n".join(lines)

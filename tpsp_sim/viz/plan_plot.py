@@ -1,0 +1,38 @@
+"""The planner's figure: one stacked bar per plan, its step time split into compute, exposed
+communication per mesh axis, and idle time."""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+from ..analysis.plan import AXES, Plan
+from .plot import SECONDS
+
+PARTS = (("compute", "tab:blue"), ("tp", "tab:orange"), ("cp", "tab:green"), ("dp_cp", "tab:red"),
+         ("idle", "lightgrey"))
+
+
+def label(p: Plan) -> str:
+    """``dp=2 cp=4 tp=8 ring, full``."""
+    return f"dp={p.dp} cp={p.cp} tp={p.tp} {p.attention}, {p.recompute}"
+
+
+def plot_plans(plans: list[Plan], top: int = 10, title: str = "") -> Figure:
+    """Horizontal stacked bars of the first ``top`` plans that run, best at the top."""
+    shown = [p for p in plans if p.runs][:top]
+    fig = Figure(figsize=(9, 0.45 * len(shown) + 1.4))
+    ax = fig.subplots()
+    for i, p in enumerate(shown):
+        y, left = len(shown) - 1 - i, 0.0
+        values = {"compute": p.compute, **{a: p.exposed[a] for a in AXES}, "idle": p.idle}
+        for name, color in PARTS:
+            ax.barh(y, values[name], left=left, color=color, edgecolor="black", linewidth=0.3,
+                    label=(f"exposed {name}" if name in AXES else name) if i == 0 else None)
+            left += values[name]
+    ax.set_yticks(range(len(shown)), [label(p) for p in reversed(shown)], fontsize=8)
+    ax.xaxis.set_major_formatter(SECONDS)
+    ax.set_xlabel("predicted step time")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or "plans, best first", fontsize=10)
+    fig.tight_layout()
+    return fig
