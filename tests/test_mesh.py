@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tpsp_sim as ts
+from tpsp_sim.viz.plot import comm_bars
 
 
 def mesh_groups(comm, shape, names):
@@ -76,21 +77,28 @@ def test_coordinate_of_rank_5_on_2x2x2():
     assert out == [(a, b, c) for a in range(2) for b in range(2) for c in range(2)]
 
 
-def test_events_record_their_axis():
-    def step(comm):
-        mesh = ts.init_device_mesh(comm, (2, 2, 2), mesh_dim_names=("dp", "cp", "tp"))
-        x = torch.ones(4, dtype=torch.float64)
-        mesh["tp"].all_reduce(x)
-        mesh["cp"].all_gather(x)
-        mesh["dp", "cp"].all_reduce(x)
-        comm.all_reduce(x)
+def one_call_per_axis(comm):
+    mesh = ts.init_device_mesh(comm, (2, 2, 2), mesh_dim_names=("dp", "cp", "tp"))
+    x = torch.ones(4, dtype=torch.float64)
+    mesh["tp"].all_reduce(x)
+    mesh["cp"].all_gather(x)
+    mesh["dp", "cp"].all_reduce(x)
+    comm.all_reduce(x)
 
-    trace = ts.run(step, world_size=8).trace
+
+def test_events_record_their_axis():
+    trace = ts.run(one_call_per_axis, world_size=8).trace
     by_axis = trace.group_by("axis", "sent_bytes")
     # per rank: all_reduce 32 B on 2 ranks 2·1/2·32 = 32; all_gather 32 B on 2: 32;
     # all_reduce on 4: 2·3/4·32 = 48; the plain world comm on 8: 2·7/8·32 = 56 (axis None)
     assert by_axis == {"tp": 8 * 32, "cp": 8 * 32, "dp_cp": 8 * 48, None: 8 * 56}
     assert trace.count(axis="tp") == 8 and trace.count(axis=None) == 8
+
+
+def test_plot_comm_bars_per_axis():
+    bars = comm_bars(ts.run(one_call_per_axis, world_size=8).trace, by="axis")  # bytes per rank (the mean)
+    assert bars == {"tp": {("all_reduce", "forward"): 32}, "cp": {("all_gather", "forward"): 32},
+                    "dp_cp": {("all_reduce", "forward"): 48}, "-": {("all_reduce", "forward"): 56}}
 
 
 @pytest.mark.parametrize("shape, names, message", [

@@ -15,6 +15,8 @@ import torch
 
 import tpsp_sim as ts
 
+pytestmark = pytest.mark.slow  # 20 training steps on 8 virtual ranks: seconds each
+
 VOCAB, SEQ, BATCH, STEPS, LR = 32, 16, 4, 20, 1e-2
 TOL = 1e-5
 TOL_WEIGHTS = {torch.float32: 1e-3 * LR * STEPS, torch.float64: 1e-10}
