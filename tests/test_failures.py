@@ -12,13 +12,6 @@ import tpsp_sim as ts
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_threads():
-    before = threading.active_count()
-    yield
-    assert threading.active_count() == before, [t.name for t in threading.enumerate()]
-
-
 def timed_run(fn, world_size, **kwargs):
     start = time.monotonic()
     try:

@@ -28,6 +28,8 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
     if backend == "sim":
         return run_virtual(fn, args, kwargs, world_size, timeout=600.0 if timeout is None else timeout,
                            count_flops=count_flops)

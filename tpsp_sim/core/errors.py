@@ -24,19 +24,34 @@ class RankFailedError(SimulationError):
     def __init__(self, rank: int, message: str) -> None:
         super().__init__(message)
         self.rank = rank
+        self._message = message
+
+    def __str__(self) -> str:  # not the mixed-in type's __str__, which may read fields never set (UnicodeDecodeError)
+        return self._message
 
     def __reduce__(self):
         return (type(self), (self.rank, str(self)))
 
 
 def rank_failed(rank: int, cause: BaseException) -> RankFailedError:
-    """A RankFailedError that is also an instance of ``cause``'s type, so ``except ValueError`` still works."""
-    message = f"rank {rank} raised {type(cause).__name__}: {cause}"
+    """A RankFailedError that is also an instance of ``cause``'s type, so ``except ValueError`` still works.
+
+    Only ``Exception`` types are mixed in: a failure must never also be a ``SystemExit`` (an uncaught
+    one would end the script with its code, status 0 for ``sys.exit()``) or a ``KeyboardInterrupt``.
+    """
+    if isinstance(cause, SystemExit):
+        message = f"rank {rank} raised SystemExit (sys.exit with exit code {cause.code!r})"
+    else:
+        message = f"rank {rank} raised {type(cause).__name__}: {cause}"
+    if not isinstance(cause, Exception):
+        error = RankFailedError(rank, message)
+        error.__cause__ = cause
+        return error
     try:
         cls = _failed_types.setdefault(type(cause), type(f"RankFailedError[{type(cause).__name__}]",
                                                           (RankFailedError, type(cause)), {}))
         error = cls(rank, message)
-    except TypeError:  # the original type cannot be mixed in (layout conflict, required arguments)
+    except Exception:  # noqa: BLE001 - the original type cannot be mixed in (layout conflict, its own __init__)
         error = RankFailedError(rank, message)
     error.__cause__ = cause
     return error

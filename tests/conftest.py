@@ -1,0 +1,64 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+GRACE = 3.0  # seconds a test's threads and child processes get to end after it
+
+
+def _ours(thread: threading.Thread) -> bool:
+    """A thread running this project's code (a virtual rank, or a thread a test started)."""
+    target = getattr(thread, "_target", None)  # deleted once the target has returned
+    module = getattr(target, "__module__", None) or ""
+    return (thread.name.startswith("tpsp_sim") or module.split(".")[0] in ("tpsp_sim", "tests", "conftest")
+            or module.startswith("test_"))
+
+
+def _children() -> set[int]:
+    """Live (not zombie) child processes of this process, from /proc (Linux; elsewhere none are checked)."""
+    me, found = os.getpid(), set()
+    if not os.path.isdir("/proc"):
+        return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                _, rest = f.read().rsplit(")", 1)  # the command name may hold spaces and parentheses
+        except OSError:  # ended meanwhile
+            continue
+        state, ppid = rest.split()[:2]
+        if int(ppid) == me and state != "Z":
+            found.add(int(entry))
+    return found
+
+
+def _leftovers(threads_before: set[int], children_before: set[int]) -> tuple[list[str], set[int]]:
+    # threading.enumerate(), not is_alive(): a signal during Thread.join can make is_alive() lie (CPython 3.11)
+    threads = [f"{t.name} (target module {getattr(getattr(t, '_target', None), '__module__', '?')})"
+               for t in threading.enumerate() if t.ident not in threads_before and _ours(t)]
+    return threads, _children() - children_before
+
+
+@pytest.fixture(autouse=True)
+def nothing_outlives_a_test():
+    """Fail a test that leaves behind a thread running this project's code, or a child process.
+
+    Threads started by libraries for their own pools (asyncio, ZMQ, Jupyter) are not this project's
+    and are left alone. Leftovers get GRACE seconds to end before the test fails.
+    """
+    threads_before = {t.ident for t in threading.enumerate()}
+    children_before = _children()
+    yield
+    deadline = time.monotonic() + GRACE
+    threads, children = _leftovers(threads_before, children_before)
+    while (threads or children) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        threads, children = _leftovers(threads_before, children_before)
+    assert not threads and not children, (f"left behind after the test: threads {threads}, "
+                                          f"child processes {sorted(children)}")
