@@ -13,12 +13,14 @@ layers all-gather the cp piece over tp, so the attention sees the whole cp piece
 in order; Llama's RoPE gets those tokens' global positions (``context_positions``).
 
 Bytes per rank per block, with E = b·(s/cp)·h elements of the cp piece (h = d_model), e bytes each,
-e_acc the accumulation size (= e in float32/64), and E_kv = E·n_kv/n_heads/t elements of this
-rank's K (= V) after the tp gather (GPT: n_kv = n_heads; Llama with t > n_kv: E·/n_heads):
+e_acc the accumulation size (= e in float32/64), E_q = E/t elements of this rank's q after the tp
+gather and E_kv = E_q·n_kv/n_heads of its K (= V) (GPT: n_kv = n_heads; Llama with t > n_kv, where
+each rank holds one replicated K/V head: E_kv = E/n_heads):
 
-    tp  (TP+SP, blocks.py)   forward 4(t-1)/t·E·e        backward 6(t-1)/t·E·e
+    tp  (TP+SP, blocks.py)   forward 4(t-1)/t·E·e        backward 6(t-1)/t·E·e (+ the K/V replicas'
+                             weight-gradient all-reduce of blocks.py when n_kv < t)
     cp  ring                 forward (cp-1)·2E_kv·e      backward (cp-1)·2E_kv·e + cp·2E_kv·e_acc
-        ulysses (u = cp)     forward (u-1)/u·(2E/t + 2E_kv)·e, backward the same
+        ulysses (u = cp)     forward (u-1)/u·(2E_q + 2E_kv)·e, backward the same
         usp (u·r = cp)       ulysses axis as Ulysses on u, ring axis as ring on r (usp.py)
 
 and per step, from ``sync_gradients`` (data_parallel.py): 2(t-1)/t·P_sp·e on tp (the P_sp elements of
