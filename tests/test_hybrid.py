@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import seeded_randn
 import tpsp_sim as ts
 from tpsp_sim.tensor_parallel.hybrid import hybrid_positions, shard_hybrid
 
@@ -47,9 +48,7 @@ def dense_reference(dense, x, dy):
 
 
 def check_against_dense(dense, cp, t, attention, layout, mode="tp_sp", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, SEQ, dense.d_model, generator=g, dtype=torch.float64)
-    dy = torch.randn(2, SEQ, dense.d_model, generator=g, dtype=torch.float64)
+    x, dy = seeded_randn((2, SEQ, dense.d_model), (2, SEQ, dense.d_model), seed=seed)
     y_ref, dx_ref, grads_ref = dense_reference(dense, x, dy)
     res = ts.run(hybrid_rank, dense, x, dy, cp, t, attention, layout, mode, world_size=cp * t)
     covered = torch.cat([o[2] for o in res.outputs])
@@ -158,6 +157,14 @@ def test_sync_gradients_averages_over_dp_and_cp():
     for grad in out.outputs:
         assert grad.tolist() == [[2.5, 2.5]]  # (0 + 1 + ... + 5) / 6
     assert out.trace.ops() == {"all_reduce": 6} and out.trace.count(axis="dp_cp_tp") == 0
+
+
+def test_sync_gradients_rejects_an_unknown_op():
+    def bad(comm):
+        ts.sync_gradients(torch.nn.Linear(1, 1), ts.init_device_mesh(comm, (2,), mesh_dim_names=("dp",)), op="max")
+
+    with pytest.raises(ValueError, match="sync_gradients op must be 'avg' or 'sum', got 'max'"):
+        ts.run(bad, world_size=2, timeout=30)
 
 
 def test_from_dense_rejects_bad_arguments():

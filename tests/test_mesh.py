@@ -3,8 +3,13 @@ axis recorded on every event, bad shapes, and the same groups on real gloo proce
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tpsp_sim as ts
 from tpsp_sim.viz.plot import comm_bars
@@ -68,6 +73,27 @@ def test_groups_equal_hand_written_rank_lists(shape, names):
         assert mesh_shape == shape and size == len(outputs), rank
         for n, (local_rank, n_size, group_rank) in local.items():
             assert local_rank == group_rank and n_size == shape[names.index(n)]
+
+
+def every_group(comm, shape):
+    mesh = ts.init_device_mesh(comm, shape, mesh_dim_names=tuple(f"d{i}" for i in range(len(shape))))
+    return {key: group.group for key, group in mesh._groups.items()}
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(1, 3), min_size=1, max_size=4).filter(lambda s: math.prod(s) <= 24))
+def test_property_groups_are_the_ranks_that_differ_only_on_their_axes(shape):
+    """Checked with numpy's row-major unravel_index, not the mesh's own arithmetic."""
+    shape = tuple(shape)
+    outputs = ts.run(every_group, shape, world_size=math.prod(shape), timeout=60).outputs
+    coords = [np.unravel_index(r, shape) for r in range(math.prod(shape))]
+    for rank, groups in enumerate(outputs):
+        assert len(groups) == 2 ** len(shape) - 1  # one per non-empty subset of axes
+        for key, ranks in groups.items():
+            axes = [int(name[1:]) for name in key]
+            same_elsewhere = [r for r in range(len(coords))
+                              if all(coords[r][d] == coords[rank][d] for d in range(len(shape)) if d not in axes)]
+            assert list(ranks) == same_elsewhere  # exactly those ranks, in row-major (global rank) order
 
 
 def test_coordinate_of_rank_5_on_2x2x2():
