@@ -1,4 +1,4 @@
-"""Shared test fixtures."""
+"""Shared test fixtures and helpers (``from conftest import seeded_randn``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 GRACE = 3.0  # seconds a test's threads and child processes get to end after it
 
@@ -62,3 +63,10 @@ def nothing_outlives_a_test():
         threads, children = _leftovers(threads_before, children_before)
     assert not threads and not children, (f"left behind after the test: threads {threads}, "
                                           f"child processes {sorted(children)}")
+
+
+def seeded_randn(*shapes: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """Normal tensors of ``shapes``, drawn one after another from one generator seeded with ``seed``
+    (e.g. an input and its upstream gradient); the global generator is left alone."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=dtype) for shape in shapes]

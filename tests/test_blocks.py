@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import seeded_randn
 import tpsp_sim as ts
 
 TOL = 1e-10
@@ -28,9 +29,7 @@ def make_block(dropout=0.0, attn_dropout=0.0, causal=True, seed=0, dtype=torch.f
 
 
 def inputs(seed=1, b=B, s=S, h=H):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, s, h, generator=g, dtype=torch.float64),
-            torch.randn(b, s, h, generator=g, dtype=torch.float64))
+    return seeded_randn((b, s, h), (b, s, h), seed=seed)
 
 
 def local(x, comm, mode):

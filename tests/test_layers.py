@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import seeded_randn
 import tpsp_sim as ts
 
 TOL = 1e-10
@@ -18,7 +19,7 @@ def dense_linear(n_in, n_out, seed=0, bias=True):
 
 
 def randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return seeded_randn(shape, seed=seed)[0]
 
 
 def dense_run(linear, x, gy):

@@ -12,6 +12,7 @@ from hypothesis import assume, given, settings, strategies as st
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import seeded_randn
 import tpsp_sim as ts
 from tpsp_sim.tensor_parallel.layers import Dropout, DropoutRNG, replicate
 from tpsp_sim.tensor_parallel.llama import FusedQKVAttention, FusedSwiGLU
@@ -33,8 +34,7 @@ def make_llama(seed=0, h=H, heads=HEADS, kv=None, d_ff=D_FF, **kwargs):
 
 
 def inputs(seed=1, b=B, s=S, h=H):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, s, h, generator=g, dtype=torch.float64), torch.randn(b, s, h, generator=g, dtype=torch.float64)
+    return seeded_randn((b, s, h), (b, s, h), seed=seed)
 
 
 def dense_run(blocks, x, gy, positions=None):
