@@ -99,7 +99,7 @@ class Comm(ABC):
             yield
 
     def phase(self, name: str):
-        """Record the calls made inside under phase ``name`` (one of ``ts.trace.PHASES``), e.g.
+        """Record the calls made inside under phase ``name`` (one of ``tpsp_sim.core.trace.PHASES``), e.g.
         ``with comm.phase("grad_sync"):`` around gradient reductions called after backward."""
         return self.recorder.push_phase(name)
 
