@@ -166,7 +166,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.real
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_workers_die_with_their_parent_and_the_next_run_removes_its_directory(tmp_path, monkeypatch, sig):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
