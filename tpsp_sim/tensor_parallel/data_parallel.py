@@ -34,8 +34,8 @@ def sync_gradients(module: nn.Module, mesh: DeviceMesh, op: str = "avg") -> None
        "sum" when each rank's loss is already divided by the global token count.
 
     Recorded with phase "grad_sync", under scopes "sp_grads" and "dp_grads". Axes of one rank are
-    skipped. Afterwards ``ts.gather_dense_grads(module, mesh["tp"])`` is the
-    dense model's gradient of the global loss.
+    skipped. Afterwards ``ts.gather_dense_grads(module, mesh["tp"])`` is the dense model's gradient
+    of the global loss.
     """
     if op not in ("avg", "sum"):
         raise ValueError(f"rank {mesh.comm.rank}: sync_gradients op must be 'avg' or 'sum', got {op!r}")
