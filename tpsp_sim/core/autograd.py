@@ -25,10 +25,11 @@ class CommFunction(torch.autograd.Function):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "forward" in cls.__dict__:
-            cls.forward = staticmethod(_keeping_scope(cls, cls.__dict__["forward"].__func__))
-        if "backward" in cls.__dict__:
-            cls.backward = staticmethod(_replaying_scope(cls.__dict__["backward"].__func__))
+        own = cls.__dict__  # only what this class defines: a subclass of a subclass is not wrapped twice
+        if "forward" in own:
+            cls.forward = staticmethod(_keeping_scope(cls, getattr(own["forward"], "__func__", own["forward"])))
+        if "backward" in own:
+            cls.backward = staticmethod(_replaying_scope(getattr(own["backward"], "__func__", own["backward"])))
 
 
 def _keeping_scope(cls: type, forward):
