@@ -41,6 +41,7 @@ import torch
 
 from ..core.errors import SimulationError
 from ..core.mesh import init_device_mesh
+from ..core.table import Table
 from ..core.trace import CommTrace
 from ..launch import run
 from ..tensor_parallel.blocks import ParallelTransformerBlock, TransformerBlock
@@ -253,11 +254,11 @@ def table(plans: list[Plan], top: int | None = None) -> str:
     """A Markdown table of ``plans`` (the first ``top``), best first."""
     head = ("#", "dp", "cp", "tp", "attention", "recompute", "step time", "compute", "exposed tp", "exposed cp",
             "exposed dp×cp", "memory/GPU", "fits")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * 4 + "---|---|" + "---:|" * 6 + "---|"]
+    rows = []
     for i, p in enumerate(plans[:top], start=1):
         times = ([format_seconds(p.step_time), format_seconds(p.compute)]
                  + [format_seconds(p.exposed[a]) for a in AXES]) if p.runs else ["-"] * 5
         memory = f"{p.memory.total / 1e9:.1f} GB" if p.memory.total else "-"
-        lines.append("| " + " | ".join([str(i), str(p.dp), str(p.cp), str(p.tp), p.attention, p.recompute, *times,
-                                        memory, ("yes: " if p.fits else "no: ") + p.why]) + " |")
-    return "\n".join(lines)
+        rows.append((str(i), str(p.dp), str(p.cp), str(p.tp), p.attention, p.recompute, *times, memory,
+                     ("yes: " if p.fits else "no: ") + p.why))
+    return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits"}).render("markdown")
