@@ -3,14 +3,12 @@
 A message of n bytes over a link of bandwidth B (bytes/s per direction) with latency α (s per
 message) takes α + n/B. A ring collective on p ranks runs in p-1 steps (all_reduce in 2(p-1):
 a reduce-scatter, then an all-gather), each rank sending one piece per step; the bytes a rank
-sends over the whole call are exactly its wire bytes (``tpsp_sim.trace.wire_bytes``), so
+sends over the whole call are exactly its wire bytes. Both come from the table of collectives
+(``tpsp_sim/core/ops.py``: wire bytes and latency steps per op), so one call takes
 
-    all_gather, reduce_scatter               α·(p-1)  + (p-1)/p·N/B    (all_gather: N = p·n, n its shard)
-    all_to_all                               α        + (p-1)/p·N/B    (all pairs posted at once, as NCCL does)
-    all_reduce                               2α·(p-1) + 2(p-1)/p·N/B
-    broadcast (pipelined ring)               α·(p-1)  + N/B
-    send / recv                              α        + n/B
-    barrier (an all_reduce of nothing)       2α·(p-1)
+    latency_steps · α + max(sent, received) / B
+
+e.g. all_reduce 2α·(p-1) + 2(p-1)/p·N/B; all_to_all α + (p-1)/p·N/B (NCCL posts all its pairs at once).
 
 (Thakur, Rabenseifner & Gropp 2005; the nccl-tests "bus bandwidth" convention). The model ignores
 contention and the switch topology: it is the time one rank's link is busy. On a ``Cluster``
