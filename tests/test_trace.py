@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import tpsp_sim as ts
-from tpsp_sim.viz.plot import plot_comm, plot_timeline
+from tpsp_sim.core.trace import PHASES
+from tpsp_sim.viz.plot import HATCH, plot_comm, plot_timeline
 
 
 def uneven(comm, x):
@@ -84,6 +85,7 @@ def test_gradient_sums_after_backward_have_their_own_phase():
     assert {s.phase for s in tl.spans if s.kind == "comm"} == {"grad_sync"}
     plot_comm(res.trace, "h100-nvlink")
     plot_timeline(tl)
+    assert set(HATCH) == set(PHASES) and len(set(HATCH.values())) == len(PHASES)  # each phase drawn its own way
 
 
 def test_an_unknown_phase_is_refused():
