@@ -91,7 +91,6 @@ class _Slot:
         self.posted: dict[int, tuple[str, torch.Tensor | None, tuple, str]] = {}  # group rank -> (op, x, params, scope)
         self.waiters: list[int] = []  # global ranks asleep on this slot
         self.outputs: list[Any] | None = None
-        self.taken = 0
         self.size = size
 
 
@@ -144,7 +143,7 @@ class SimWorld:
         if self.error is None:
             self.error = error
         for rank in list(self.asleep):
-            self._wake(rank)
+            self._wake(rank, unregister=False)  # it stays blocked (in the runtime) until it raises
         for child in self.children:
             with child.lock:
                 child.fail(SimulationError(f"the enclosing run failed: {error}"))
@@ -167,7 +166,7 @@ class SimWorld:
         with self.lock:
             self.closed = True
             for rank in list(self.asleep):
-                self._wake(rank)
+                self._wake(rank, unregister=False)
 
     def check_usable(self, rank: int) -> None:
         """Raise if the run has failed or ended (read without the lock: both flags only ever turn on)."""
@@ -226,25 +225,27 @@ class SimWorld:
         self._check_deadlock()
         self._raise_if_failed(rank)
 
-    def _sleep(self, rank: int, ready: Callable[[], bool]) -> None:
+    def _sleep(self, rank: int, ready: Callable[[], bool], describe: Callable[[], str]) -> None:
         """Sleep on this rank's gate until ``ready()``, after ``_block``. Lock NOT held."""
         gate = self.gates[rank]
         while True:
             gate.acquire(timeout=1.0)  # woken, or a second passed (a spare check, never needed)
+            if rank not in self.blocked:  # woken by whoever made ready() true: it unregistered this rank
+                return
             with self.lock:
                 self._raise_if_failed(rank)
                 if ready():
-                    del self.blocked[rank]
+                    self.blocked.pop(rank, None)
                     self.asleep.discard(rank)
                     return
-                self.asleep.add(rank)
-                self._check_deadlock()
-                self._raise_if_failed(rank)
+                self._block(rank, ready, describe)
 
-    def _wake(self, rank: int) -> None:
-        """Wake ``rank`` if it sleeps (its predicate may be true now). Lock held."""
+    def _wake(self, rank: int, unregister: bool = True) -> None:
+        """Wake ``rank`` if it sleeps; ``unregister`` when its predicate is true now. Lock held."""
         if rank in self.asleep:
             self.asleep.discard(rank)
+            if unregister:
+                del self.blocked[rank]
             gate = self.gates[rank]
             if gate.locked():  # else a wake-up is already pending, and the rank re-checks after it
                 gate.release()
@@ -263,6 +264,8 @@ class SimWorld:
                    compute: Callable[[list], list]) -> Any:
         """Post this rank's input for the group's next call and return this rank's output."""
         me, gid, size = comm.global_rank, comm.group_id, comm.world_size
+        ready = lambda: slot.outputs is not None
+        describe = lambda: self._describe_slot(comm, slot, call, op, x, params)
         with self.lock:
             self._raise_if_failed(me)
             call = self.calls.get((gid, me), 0)
@@ -274,26 +277,25 @@ class SimWorld:
             last = len(slot.posted) == size
             if last:
                 self._check_signatures(comm, slot, call)
+                del self.slots[gid, call]  # every rank has posted: nobody looks it up again
             else:
                 slot.waiters.append(me)
-                self._block(me, lambda: slot.outputs is not None,
-                            lambda: self._describe_slot(comm, slot, call, op, x, params))
-        if last:
-            inputs = [slot.posted[r][1] for r in range(size)]
-            with torch.no_grad(), _disable_current_modes():
+                self._block(me, ready, describe)
+        if not last:
+            self._sleep(me, ready, describe)
+            return slot.outputs[comm.rank]
+        inputs = [slot.posted[r][1] for r in range(size)]  # detached: no autograd graph is built
+        if torch._C._len_torch_dispatch_stack():  # e.g. a rank's FlopCounterMode: not the rank's own work
+            with _disable_current_modes():
                 outputs = compute(inputs)
-            with self.lock:
-                self._raise_if_failed(me)
-                slot.outputs = outputs
-                for rank in slot.waiters:
-                    self._wake(rank)
         else:
-            self._sleep(me, lambda: slot.outputs is not None)
+            outputs = compute(inputs)
         with self.lock:
-            slot.taken += 1
-            if slot.taken == size:
-                del self.slots[gid, call]
-        return slot.outputs[comm.rank]
+            self._raise_if_failed(me)
+            slot.outputs = outputs
+            for rank in slot.waiters:
+                self._wake(rank)
+        return outputs[comm.rank]
 
     def _check_signatures(self, comm: Any, slot: _Slot, call: int) -> None:
         """Every rank of the group must have called the same op on the same shape, dtype, device. Lock held."""
@@ -343,28 +345,32 @@ class SimWorld:
             self._raise_if_failed(me)
         recv.tensor = x
         send.matched = recv.matched = True
-        for m in (send, recv):
-            if m.waiter is not None:
+        for m in (send, recv):  # wake a waiter only if this match completes its wait (sendrecv waits for two)
+            if m.waiter in self.asleep and self.blocked[m.waiter][0]():
                 self._wake(m.waiter)
 
     def wait_messages(self, comm: Any, messages: list[tuple[int, _Message, bool]]) -> None:
         """Wait until every (peer, message, sending) posted by this rank is matched."""
         me = comm.global_rank
         ready = lambda: all(m.matched for _, m, _ in messages)
+        if ready():  # matched under the lock by the other side; `matched` never turns back to False
+            return
+        describe = lambda: " and ".join(_describe_message(comm, *pms) for pms in messages if not pms[1].matched)
         with self.lock:
             self._raise_if_failed(me)
             if ready():
                 return
             for _, m, _ in messages:
                 m.waiter = me
-            self._block(me, ready, lambda: " and ".join(_describe_message(comm, *pms) for pms in messages
-                                                         if not pms[1].matched))
-        self._sleep(me, ready)
+            self._block(me, ready, describe)
+        self._sleep(me, ready, describe)
 
     def sendrecv(self, comm: Any, send: _Message, dst: int, recv: _Message, src: int) -> None:
         """Post a send and a receive together and wait for both (one lock hold, at most one sleep)."""
         me = comm.global_rank
         ready = lambda: send.matched and recv.matched
+        messages = [(dst, send, True), (src, recv, False)]
+        describe = lambda: " and ".join(_describe_message(comm, *pms) for pms in messages if not pms[1].matched)
         with self.lock:
             self._raise_if_failed(me)
             self._post(comm, dst, send, True)
@@ -372,10 +378,8 @@ class SimWorld:
             if ready():
                 return
             send.waiter = recv.waiter = me
-            messages = [(dst, send, True), (src, recv, False)]
-            self._block(me, ready, lambda: " and ".join(_describe_message(comm, *pms) for pms in messages
-                                                         if not pms[1].matched))
-        self._sleep(me, ready)
+            self._block(me, ready, describe)
+        self._sleep(me, ready, describe)
 
 
 def _describe_message(comm: Any, peer: int, message: _Message, sending: bool) -> str:
