@@ -1,7 +1,7 @@
 """The per-rank communicator every parallel layer is written against.
 
 ``Comm`` checks arguments (a ``ValueError`` naming the rank, the op and the sizes), records a
-``CommEvent`` per call, and hands the work to a backend: ``SimComm`` (virtual ranks, runtime.py)
+``CommEvent`` per call, and hands the work to a backend: ``SimComm`` (virtual ranks, sim/runtime.py)
 or ``TorchComm`` (real ``torch.distributed``, dist/torch_comm.py). Collectives are functional: they
 return new tensors that no other rank shares, and never touch autograd (see
 tensor_parallel/mappings.py for the differentiable versions). Ranks (``rank``, ``src``, ``dst``,
@@ -11,9 +11,9 @@ collectives themselves (arguments, bytes, costs) are listed once, in ops.py.
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-import operator
 from typing import Any, Iterator, Sequence
 
 import torch
