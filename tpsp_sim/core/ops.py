@@ -68,7 +68,7 @@ def _two_rings(p: int) -> int:
 
 
 def _one_message(p: int) -> int:
-    """all_to_all: NCCL posts all p−1 sends and receives at once (grouped), so one latency, not p−1."""
+    """A send or a receive; or all_to_all, whose p−1 sends and receives NCCL posts at once (grouped)."""
     return 1
 
 
@@ -79,8 +79,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("reduce_scatter", ("dim", "op"), _same_both_ways(lambda n, p: (p - 1) * n // p), _ring, "#8da0cb"),
     Op("all_to_all", ("scatter_dim", "gather_dim"), _same_both_ways(lambda n, p: (p - 1) * n // p), _one_message,
        "#e78ac3"),
-    Op("send", ("dst",), lambda n, p, position: (n, 0), lambda p: 1, "#a6d854"),
-    Op("recv", ("src",), lambda n, p, position: (0, n), lambda p: 1, "#ffd92f"),
+    Op("send", ("dst",), lambda n, p, position: (n, 0), _one_message, "#a6d854"),
+    Op("recv", ("src",), lambda n, p, position: (0, n), _one_message, "#ffd92f"),
     Op("broadcast", ("src",), _broadcast, _ring, "#e5c494"),
     Op("barrier", (), _same_both_ways(lambda n, p: 0), _two_rings, "#b3b3b3"),
     Op("new_group", ("ranks",), _same_both_ways(lambda n, p: 0), lambda p: 0, "grey"),
