@@ -106,3 +106,15 @@ def test_lower_layers_import_only_below_them():
             if mine in NEVER_BELOW_ANALYSIS and theirs in ("analysis", "viz"):
                 wrong.append(f"{m} imports {t}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_autograd_function_of_the_package_is_a_comm_function():
+    """So none can record its backward under the wrong scope (the exercises' solutions are the learner's own)."""
+    plain = []
+    for name, path in modules().items():
+        if name.startswith("tpsp_sim.exercises"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("autograd.Function") for b in node.bases):
+                plain.append(f"{name}.{node.name}")
+    assert plain == ["tpsp_sim.core.autograd.CommFunction"]
