@@ -5,7 +5,8 @@ execution counts 1..n in order (a stale or out-of-order run fails); no error out
 small; ``nbval-ignore-output`` exactly on the cells that display a widget or carry a
 ``# nondeterministic: <why>`` comment, and no other nbval escape hatch; a seed set; a markdown link
 to the next notebook; no stored widget state (it needs a live kernel); the kernel named "Python 3
-(ipykernel)", as JupyterLab writes it. The ``bad_*`` tests show each check failing on a broken notebook.
+(ipykernel)", as JupyterLab writes it. Figures are compared with a fresh run by nbval itself,
+extended in notebooks/conftest.py (tested at the end of this file). The ``bad_*`` tests show each check failing on a broken notebook.
 """
 
 from __future__ import annotations
@@ -238,3 +239,43 @@ def test_bad_widget_state_or_kernel_name():
     nb.metadata["kernelspec"]["display_name"] = "Python 3"
     assert check_kernel(nb) == ["kernelspec {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}: "
                                 "expected name 'python3', display_name 'Python 3 (ipykernel)'"]
+
+
+# ---- stored figures are compared with a fresh run (notebooks/conftest.py extends nbval) ------------
+
+def _figure_plugin():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("notebook_figures", NOTEBOOK_DIR / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _png_output(heights, size=(4, 3)) -> dict:
+    import base64
+    import io
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    fig.subplots().bar(["a", "b", "c"], heights)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    return {"output_type": "display_data", "data": {"image/png": base64.b64encode(buffer.getvalue()).decode()}}
+
+
+def test_a_fresh_figure_equal_to_the_stored_one_passes():
+    plugin = _figure_plugin()
+    assert plugin.figure_problems([_png_output([1, 2, 3])], [_png_output([1, 2, 3])]) == []
+
+
+def test_bad_stale_figures():
+    plugin = _figure_plugin()
+    fresh = [_png_output([1, 2, 3])]
+    stale = plugin.figure_problems(fresh, [_png_output([1, 2.5, 3])])          # one bar moved
+    assert len(stale) == 1 and stale[0].startswith("figure 0: ") and "stale" in stale[0]
+    assert plugin.figure_problems(fresh, [_png_output([1, 2, 3], size=(5, 3))]) == [
+        "figure 0: 320x240 px fresh, 400x240 px stored"]
+    assert plugin.figure_problems(fresh, []) == [
+        "the fresh run draws 1 figure(s), the notebook stores 0: re-run it (python tools/run_notebooks.py)"]
