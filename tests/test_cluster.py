@@ -6,7 +6,7 @@ import torch
 
 import tpsp_sim as ts
 from tpsp_sim import cost
-from tpsp_sim.analysis.sweep import Config, record
+from tpsp_sim.analysis.sweep import Config, measure, record
 
 FAST = cost.Link("fast", bandwidth=1e9, latency=1e-6)
 SLOW = cost.Link("slow", bandwidth=1e8, latency=1e-5)
@@ -153,3 +153,10 @@ def test_context_parallel_methods_all_reduce_their_replicated_weight_gradients()
     assert sync.events == []  # sharded weights: nothing to reduce
     sync = record("tp_sp", cfg).filter(phase="grad_sync")  # 2 LayerNorms (4h) and the 2 row biases (2h)
     assert {e.nbytes for e in sync.events} == {6 * 32 * 2}
+
+
+def test_the_sweep_prices_methods_on_a_cluster():
+    """The method sweep (and the report) take clusters: Ulysses on 4 ranks costs more across nodes of 2."""
+    cfg = Config(world_size=4, seq=64, hidden=32, heads=4)
+    inside, across = measure("ulysses", cfg, two_level(4)), measure("ulysses", cfg, two_level(2))
+    assert across.seconds > 5 * inside.seconds and across.sent == inside.sent

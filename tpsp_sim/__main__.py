@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .analysis.cost import CLUSTERS, PRESETS, estimate, hardware
+from .analysis.cluster import cluster
+from .analysis.cost import CLUSTERS, estimate
 from .analysis.models import MODELS, Model
 from .analysis.plan import IGNORES, plan, table as plan_table
 from .viz.plan_plot import plot_plans
@@ -47,7 +48,7 @@ def report(out: Path, cfg: Config, world_sizes: list[int], seqs: list[int], hw: 
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=100)
 
-    lines = [f"# Communication report: {hardware(hw).name}", "",
+    lines = [f"# Communication report: {cluster(hw).name}", "",
              f"One transformer block, forward and backward, {sizes}, on {cfg.world_size} ranks ({cfg.dtype}).",
              "Comm time counts transfers posted together once; exposed is the part not hidden behind compute.",
              "", table(base, hw), ""]
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("--batch", type=int, default=1)
     cmd.add_argument("--hidden", type=int, default=1024)
     cmd.add_argument("--heads", type=int, default=16)
-    cmd.add_argument("--hardware", default="h100-nvlink", choices=sorted(PRESETS))
+    cmd.add_argument("--hardware", default="h100-nvlink", choices=sorted(CLUSTERS),
+                     help="a one-link preset or a cluster (groups spanning nodes use its inter-node link)")
     cmd.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     cmd.add_argument("--device", default="meta", choices=("meta", "cpu"),
                      help="meta: shapes only, nothing computed (fast at any size); cpu: real tensors")

@@ -26,7 +26,8 @@ import torch
 from ..tensor_parallel.blocks import ParallelTransformerBlock, TransformerBlock
 from ..tensor_parallel.layers import sync_sequence_parallel_grads
 from ..core.comm import Comm
-from .cost import Hardware, format_seconds, hardware
+from .cluster import Cluster, cluster
+from .cost import Hardware, format_seconds
 from ..launch import run
 from ..context_parallel.ring import ring_attention
 from .timeline import Timeline, timeline
@@ -110,15 +111,15 @@ class Point:
     timeline: Timeline
 
 
-def measure(method: str, cfg: Config, hw: Hardware | str) -> Point:
+def measure(method: str, cfg: Config, hw: Hardware | Cluster | str) -> Point:
     """Record ``method`` on ``cfg`` and lay it out on ``hw``."""
     trace = record(method, cfg)
-    tl = timeline(trace, hardware(hw))
+    tl = timeline(trace, hw)
     return Point(method, cfg.world_size, cfg.seq, trace.mean_per_rank(),
                  max(tl.comm(r) for r in tl.ranks), max(tl.exposed(r) for r in tl.ranks), trace, tl)
 
 
-def sweep(cfg: Config, hw: Hardware | str, methods: Iterable[str] = METHODS, world_sizes: Iterable[int] = (),
+def sweep(cfg: Config, hw: Hardware | Cluster | str, methods: Iterable[str] = METHODS, world_sizes: Iterable[int] = (),
           seqs: Iterable[int] = (), progress: Callable[[list], Iterable] = iter) -> tuple[list[Point], list[str]]:
     """``measure`` every method on ``cfg``, or on ``cfg`` with each of ``world_sizes`` and then each of
     ``seqs``; ``progress`` wraps the list of runs (e.g. ``tqdm.tqdm``). Returns (points, why each
@@ -133,9 +134,9 @@ def sweep(cfg: Config, hw: Hardware | str, methods: Iterable[str] = METHODS, wor
     return points, skipped
 
 
-def table(points: Iterable[Point], hw: Hardware | str, fmt: str = "markdown") -> str:
+def table(points: Iterable[Point], hw: Hardware | Cluster | str, fmt: str = "markdown") -> str:
     """The points' bytes sent and predicted seconds per rank on ``hw``: "markdown" (default), "text" or "html"."""
     rows = [(p.method, str(p.world_size), str(p.seq), format_bytes(p.sent), format_seconds(p.seconds),
              format_seconds(p.exposed)) for p in points]
-    header = ("method", "ranks", "seq", "sent/rank", f"comm time ({hardware(hw).name})", "exposed")
+    header = ("method", "ranks", "seq", "sent/rank", f"comm time ({cluster(hw).name})", "exposed")
     return Table(header, rows, frozenset(header[1:])).render(fmt)
