@@ -6,7 +6,8 @@ controls (it needs ipywidgets: ``pip install -e .[notebooks]``). Every choice th
 gives a view: world sizes and sequence lengths are powers of two, so the sequence always divides
 (ring attention always runs); a method whose sizes do not divide (heads on too many ranks) is
 listed with the reason. Sliders act on release (``continuous_update=False``) and the status line
-says "computing…" while the simulator runs the block.
+says "computing…" while the simulator runs the block. ``stepper`` plays a sequence of figures (the
+step-by-step pictures of ``viz.steps``) with a Play button and a slider.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import html
 import io
 import time
-from typing import Any
+from typing import Any, Callable
 
 from matplotlib.figure import Figure
 
@@ -93,4 +94,28 @@ def dashboard(**defaults: Any):
     box = w.VBox([w.HBox(list(controls.values())[:3]), w.HBox(list(controls.values())[3:]), status, image, text])
     box.controls = controls  # for scripts and tests: box.controls["seq"].value = 8192 redraws
     box.image, box.table, box.status = image, text, status
+    return box
+
+
+def stepper(draw: Callable[[int], Figure], steps: int, description: str = "step"):
+    """A Play button linked to a slider over ``steps`` frames; frame i is the figure ``draw(i)``, drawn
+    once and kept (e.g. ``stepper(lambda i: steps.plot_ring_all_reduce(4, step=i), 7)``)."""
+    import ipywidgets as w
+
+    play = w.Play(min=0, max=steps - 1, interval=1500, description="play")
+    slider = w.IntSlider(min=0, max=steps - 1, description=description)
+    w.jslink((play, "value"), (slider, "value"))
+    image = w.Image(format="png", layout=w.Layout(max_width="100%", height="auto"))
+    frames: dict[int, tuple[bytes, int, int]] = {}
+
+    def show(change: Any = None) -> None:
+        if slider.value not in frames:
+            frames[slider.value] = png(draw(slider.value))
+        image.value, width, height = frames[slider.value]
+        image.width, image.height = str(width), str(height)
+
+    slider.observe(show, names="value")
+    show()
+    box = w.VBox([w.HBox([play, slider]), image])
+    box.slider, box.image = slider, image
     return box
