@@ -9,7 +9,9 @@ import torch
 
 import tpsp_sim as ts
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30),  # a rank's stray Aborted or exception fails the test
+              pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
 
 
 def timed_run(fn, world_size, **kwargs):

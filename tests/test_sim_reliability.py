@@ -12,7 +12,9 @@ import torch
 
 import tpsp_sim as ts
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60),  # a rank's stray Aborted or exception fails the test
+              pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
 
 
 def rank_threads() -> list[threading.Thread]:

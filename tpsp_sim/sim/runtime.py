@@ -29,7 +29,7 @@ from ..core.errors import SimulationError, rank_failed
 from ..core.flops import FlopCounter
 from ..core.result import RunResult
 from ..core.trace import CommTrace, Recorder
-from .world import Aborted, SimWorld, _Message, copy_error, format_ranks
+from .world import Aborted, SimWorld, _Message, copy_error, detached, format_ranks
 
 POLL = 0.05  # seconds between the supervisor's checks of the timeout and of failure
 GRACE = 0.5  # seconds a failed run's ranks get to stop before the error is reported without them
@@ -94,7 +94,7 @@ class SimComm(Comm):
         self.world.collective(self, "barrier", None, (), lambda xs: [None] * len(xs))
 
     def _isend(self, x, dst):
-        message = _Message(self.recorder.scope, tensor=x.detach().clone())
+        message = _Message(self.recorder.scope, tensor=detached(x).clone())
         self.world.post(self, dst, message, sending=True)
         return _SimWork(self, dst, message, sending=True)
 
@@ -105,7 +105,7 @@ class SimComm(Comm):
 
     def _sendrecv(self, x, dst, src):
         scope = self.recorder.scope
-        send, recv = _Message(scope, tensor=x.detach().clone()), _Message(scope, like=x)
+        send, recv = _Message(scope, tensor=detached(x).clone()), _Message(scope, like=x)
         self.world.sendrecv(self, send, dst, recv, src)
         return recv.tensor
 
@@ -152,7 +152,10 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
                 leave(rank)
 
     def leave(rank: int) -> None:
-        world.rank_done(rank)
+        world.rank_done(rank)  # from now on no Aborted is sent to this thread
+        # One sent earlier may still be pending: CPython 3.11 can deliver it late when several threads
+        # got one (the first to take its own clears the interpreter's flag). Drop it.
+        _async_raise(threading.get_ident(), None)
         done.put(rank)  # one C call; a second put after an Aborted is harmless (a set counts exits)
 
     def rank_main(rank: int) -> None:
@@ -224,7 +227,7 @@ def _stop(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
     with world.lock:
         for rank, ident in list(world.thread_ids.items()):
             if rank not in world.blocked:  # waiting ranks were woken and raise themselves
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(Aborted))
+                _async_raise(ident, Aborted)
                 del world.thread_ids[rank]  # never twice
     deadline = time.monotonic() + GRACE
     while len(exited) < world.world_size and time.monotonic() < deadline:
@@ -232,3 +235,8 @@ def _stop(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
             exited.add(done.get(timeout=max(0.0, deadline - time.monotonic())))
         except Empty:
             pass
+
+
+def _async_raise(ident: int, exc: type[BaseException] | None) -> None:
+    """Raise ``exc`` in thread ``ident`` at its next Python instruction; None cancels a pending one."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None if exc is None else ctypes.py_object(exc))

@@ -50,6 +50,11 @@ def copy_error(error: SimulationError) -> SimulationError:
     return type(error)(str(error))
 
 
+def detached(x: torch.Tensor) -> torch.Tensor:
+    """``x`` without autograd history (``detach`` only when needed: it is not free, called per rank per call)."""
+    return x.detach() if x.requires_grad else x
+
+
 def format_ranks(ranks: Iterable[int]) -> str:
     """``[0, 1, 2, 3, 5, 7, 8]`` → ``"0-3, 5, 7-8"``."""
     runs: list[list[int]] = []
@@ -273,7 +278,7 @@ class SimWorld:
             slot = self.slots.get((gid, call))
             if slot is None:
                 slot = self.slots[gid, call] = _Slot(size)
-            slot.posted[comm.rank] = (op, None if x is None else x.detach(), params, comm.recorder.scope)
+            slot.posted[comm.rank] = (op, None if x is None else detached(x), params, comm.recorder.scope)
             last = len(slot.posted) == size
             if last:
                 self._check_signatures(comm, slot, call)
