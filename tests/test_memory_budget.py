@@ -54,6 +54,9 @@ def test_activation_rows_by_hand():
     assert ts.memory.layer_activations(gpt, 4096, 1, tp=8, recompute="full") == 2 * sbh / 8
     # cp = 2: half the tokens; the scores of 2048 queries against all 4096 keys
     assert ts.memory.layer_activations(gpt, 4096, 1, cp=2, tp=8) == 34 * sbh / 16 + 5 * 64 * 2048 * 4096 / 8
+    # Llama 3 8B, t = 8: K = 12h + 4h·8/32 + 8f = 49152 + 4096 + 114688 = 167936 bytes per token
+    assert ts.memory.layer_activations("llama3-8b", 4096, 1, tp=8, recompute="selective") == 4096 * 167936 / 8
+    assert ts.memory.layer_activations("llama3-8b", 4096, 1, tp=8) == 4096 * 167936 / 8 + 2 * 32 * 4096**2 / 8
     with pytest.raises(ValueError, match="recompute must be one of"):
         ts.memory.budget(gpt, (1, 1, 1), 64, 1, recompute="some")
     with pytest.raises(ValueError, match="mesh_shape must be"):

@@ -68,20 +68,28 @@ def layer_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 
     """Activation bytes one GPU keeps for one layer under TP+SP (Korthikanti et al. 2022, Table 2),
     with the sequence split over ``cp`` context-parallel ranks (16-bit activations, 1-byte masks).
 
-    With s' = seq/cp tokens per cp rank, b = micro_batch, h = d_model, f = d_ff, a = heads, t = tp:
+    With s' = seq/cp tokens per cp rank, b = micro_batch, h = d_model, f = d_ff, a = heads, t = tp,
+    and K tensor-bytes per token (below):
 
-        "none"       s'b(18h + 4f)/t + 5·a·s'·s·b/t    Table 2, TP + SP:     sbh/t (34 + 5as/h) at f = 4h, cp = 1
-        "selective"  s'b(18h + 4f)/t                   Table 2, + selective: 34·sbh/t
-        "full"       2·s'bh/t                          the layer's input only (Table 2 writes 2sbh: its
-                                                       input without SP; with SP it is the rank's shard)
+        "none"       s'b·K/t + z·a·s'·s·b/t    Table 2, TP + SP:     sbh/t (34 + 5as/h) for GPT, cp = 1
+        "selective"  s'b·K/t                   Table 2, + selective: 34·sbh/t for GPT
+        "full"       2·s'bh/t                  the layer's input only (Table 2 writes 2sbh: its input
+                                               without SP; with SP it is the rank's shard)
 
-    18h + 4f per token: LayerNorm inputs 4h, qkv input 2h, q k v 6h, proj input 2h, fc1 input 2h,
-    fc1 and GELU outputs 4f, two residual dropout masks 2h (= 34h at f = 4h). The score term
-    5·a·s'·s·b/t is the softmax output, its mask and the dropped probabilities of this rank's s'
-    queries against all s keys, for a/t heads (Ulysses holds a/(t·cp) heads against s queries: the
-    same bytes). Flash-style kernels, and ``ring_attention``, keep none of it: "selective" is their
-    row. The count is the GPT block's; a Llama block (SwiGLU, GQA, no dropout) differs by a few h
-    per token, and the LayerNorm statistics (8bs/t bytes, memory.py's table) are left out as the
+    GPT block (``mlp="gelu"``), Table 2 term by term: K = 18h + 4f — LayerNorm inputs 4h, qkv input
+    2h, q k v 6h, proj input 2h, fc1 input 2h, fc1 and GELU outputs 4f, two residual dropout masks
+    2h (= 34h at f = 4h); z = 5: the softmax output, its dropout mask and the dropped probabilities.
+    This row is checked against ``saved_tensor_meter`` within 1% (tests/test_memory_budget.py).
+
+    Llama block (``mlp="swiglu"``, no dropout), the same accounting (a derivation: the package's own
+    ``LlamaBlock`` is unfused and keeps more, so the meter cannot check it): K = 12h + 4h·H_kv/H + 8f
+    — RMSNorm inputs 4h, qkv input 2h, q 2h, k and v 4h·H_kv/H (grouped-query attention keeps the
+    H_kv heads), o input 2h, MLP input 2h, gate and up outputs 4f, silu(gate) 2f and the product
+    2f (SwiGLU keeps twice GELU's 4f); z = 2: the softmax output only.
+
+    The score term is this rank's s' queries against all s keys for a/t heads (Ulysses holds a/(t·cp)
+    heads against s queries: the same bytes). Flash-style kernels, and ``ring_attention``, keep none
+    of it: "selective" is their row. Norm statistics (a few bytes per token) are left out, as the
     paper does.
     """
     m = as_model(model)
@@ -92,8 +100,12 @@ def layer_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 
     s_local, b, h, f, a = seq // cp, micro_batch, m.d_model, m.d_ff, m.n_heads
     if recompute == "full":
         return 2 * s_local * b * h / tp
-    kept = s_local * b * (18 * h + 4 * f) / tp
-    return kept if recompute == "selective" else kept + 5 * a * s_local * seq * b / tp
+    if m.mlp == "gelu":
+        per_token, score_bytes = 18 * h + 4 * f, 5
+    else:
+        per_token, score_bytes = 12 * h + 4 * h * m.n_kv_heads / m.n_heads + 8 * f, 2
+    kept = s_local * b * per_token / tp
+    return kept if recompute == "selective" else kept + score_bytes * a * s_local * seq * b / tp
 
 
 @dataclass(frozen=True)
