@@ -54,6 +54,18 @@ def test_causal_attention_is_charged_the_same_work_whatever_the_split(tiny_plans
     assert all(c == pytest.approx(first, rel=1e-9) for c in computes.values()), computes
 
 
+def test_overlap_tp_hides_part_of_tensor_parallelism(tiny_plans):
+    """Megatron's overlap of TP's backward reduce-scatters with the weight-gradient matmuls shortens TP plans only."""
+    overlapped = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, overlap_tp=True)
+    before = {(p.dp, p.cp, p.tp, p.attention, p.recompute): p for p in tiny_plans if p.runs}
+    for p in (p for p in overlapped if p.runs):
+        q = before[p.dp, p.cp, p.tp, p.attention, p.recompute]
+        if p.tp == 1:
+            assert p.step_time == q.step_time
+        else:
+            assert p.exposed["tp"] < q.exposed["tp"] and p.compute == q.compute
+
+
 def test_causal_overcount_by_hand():
     m = Model("m", 1, 64, 4, 4, 128, 10)  # d = 16
     assert causal_overcount(m, 64, 2, 1, "ring") == (2 * 32**2 * 16 * 4, 2.5 * 2 * 32**2 * 16 * 4)  # n = 32

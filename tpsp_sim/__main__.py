@@ -79,6 +79,8 @@ def add_plan_command(commands) -> None:
     cmd.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     cmd.add_argument("--global-batch-tokens", type=int, default=16 * 2**20, help="tokens per step (default 16M)")
     cmd.add_argument("--mfu", type=float, default=0.5, help="fraction of peak FLOP/s for all compute (default 0.5)")
+    cmd.add_argument("--overlap-tp", action="store_true",
+                     help="hide TP's backward reduce-scatters behind the weight-gradient matmuls (Megatron)")
     cmd.add_argument("--top", type=int, default=20, help="rows of the table (default 20)")
     cmd.add_argument("--out", type=Path, default=Path("plan"), help="directory for plans.png (default ./plan)")
 
@@ -93,7 +95,8 @@ def plan_command(a: argparse.Namespace) -> list[str]:
     else:
         model = a.model
     plans = plan(model, a.seq, a.gpus, a.cluster, micro_batch=a.micro_batch, global_batch_tokens=a.global_batch_tokens,
-                 mfu=a.mfu, progress=lambda jobs: tqdm(jobs, desc="simulating one layer", unit="mesh"))
+                 mfu=a.mfu, overlap_tp=a.overlap_tp,
+                 progress=lambda jobs: tqdm(jobs, desc="simulating one layer", unit="mesh"))
     a.out.mkdir(parents=True, exist_ok=True)
     figure = a.out / "plans.png"
     plot_plans(plans, title=f"{a.model}, {a.seq} tokens, {a.gpus} GPUs of {a.cluster}").savefig(figure, dpi=100)

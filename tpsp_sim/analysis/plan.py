@@ -144,8 +144,9 @@ def causal_overcount(m: Model, seq: int, cp: int, tp: int, attention: str, ulyss
     return forward, (1.5 if attention == "ulysses" else 2.5) * forward
 
 
-def _layer_time(trace: CommTrace, c: Cluster, mfu: float, overcount: tuple[float, float]) -> _LayerTime:
-    tl = timeline(trace, c, mfu=mfu)
+def _layer_time(trace: CommTrace, c: Cluster, mfu: float, overcount: tuple[float, float],
+                overlap_tp: bool) -> _LayerTime:
+    tl = timeline(trace, c, mfu=mfu, overlap_tp=overlap_tp)
     r = max(tl.ranks, key=lambda rank: (tl.end(rank), -rank))  # the busiest rank
     forward_extra, backward_extra = (flops / (mfu * c.peak_flops) for flops in overcount)
     exposed = {axis: 0.0 for axis in AXES}
@@ -171,13 +172,14 @@ def _attention_kinds(cp: int, attentions: Iterable[str]) -> list[tuple[str, str,
 
 def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int = 1,
          global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = ATTENTIONS,
-         recompute: Iterable[str] = RECOMPUTE, distributed_optimizer: bool = True,
+         recompute: Iterable[str] = RECOMPUTE, distributed_optimizer: bool = True, overlap_tp: bool = False,
          progress: Callable[[list], Iterable] = iter) -> list[Plan]:
     """Every (dp, cp, tp) × attention × recompute plan for ``model`` at ``seq`` tokens on ``gpus`` GPUs of
     ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
 
     A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
-    seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica. ``progress`` wraps the
+    seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica. ``overlap_tp``: hide
+    TP's backward reduce-scatters behind the weight-gradient matmuls (``ts.timeline``). ``progress`` wraps the
     list of layer simulations (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
     """
     m, c = as_model(model), as_cluster(cluster)
@@ -215,7 +217,7 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
         try:
             overcount = tuple(micro_batch * f for f in causal_overcount(m, seq, cp, tp, kind, u))
             layers[cp, tp, kind, u] = _layer_time(simulate_layer(m, cp, tp, kind, seq, micro_batch, u), c, mfu,
-                                                  overcount)
+                                                  overcount, overlap_tp)
         except (ValueError, SimulationError) as error:
             cause = error.__cause__ if isinstance(error, SimulationError) and error.__cause__ else error
             message = re.sub(r"^rank \d+: ", "", str(cause).splitlines()[0])  # whichever rank raised first
