@@ -249,3 +249,15 @@ def test_mfu_scales_compute_only():
     assert half.comm(0) == pytest.approx(full.comm(0), rel=1e-12)
     with pytest.raises(ValueError, match="mfu must be in"):
         timeline(trace, TOY, mfu=0)
+
+
+def test_overlap_tp_leaves_plain_tp_all_reduces_blocking():
+    """Plain TP records f's all-reduce after the whole linear backward: the compute after it needs dX."""
+    def tp_column_layer(comm):
+        dense = torch.nn.Linear(32, 32, bias=False)
+        layer = ts.ColumnParallelLinear.from_dense(dense, comm)
+        layer(torch.randn(1, 64, 32, requires_grad=True)).sum().backward()
+
+    trace = ts.run(tp_column_layer, world_size=2, count_flops=True).trace
+    assert trace.count(op="all_reduce", phase="backward") == 2
+    assert timeline(trace, TOY, overlap_tp=True).spans == timeline(trace, TOY).spans

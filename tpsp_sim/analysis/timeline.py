@@ -18,14 +18,15 @@ a one-link ``Hardware``; see ``cluster.py`` for which link prices a call):
 ``overlap_tp=True`` (off by default) models Megatron-LM's overlap of tensor parallelism's backward
 input-gradient reduction with the weight-gradient matmul (``LinearWithGradAccumulationAndAsync
 Communication``: dX = dY W, launch the reduction of dX asynchronously, dW = dYᵀ X, wait). Every
-backward ``all_reduce`` or ``reduce_scatter`` on the tensor-parallel axis (``axis`` "tp", or no
-mesh axis at all) is then asynchronous: the rank goes on computing, and waits for it before its
-next communication call or at its end. It is Megatron's overlap exactly when the layer's backward
-is written dX → reduction → dW, as the sequence-parallel column layer (``_GatherLinear``) is: the
-compute that follows is then the weight-gradient matmul, and nothing before the next call needs dX.
-The plain-TP column layer records its all-reduce (f's backward) *after* the whole linear backward,
-so what follows it there is the previous layer's backward, which needs dX: do not use
-``overlap_tp`` on such traces (it would hide the all-reduce behind work that depends on it).
+backward ``reduce_scatter`` on the tensor-parallel axis (``axis`` "tp", or no mesh axis at all) is
+then asynchronous: the rank goes on computing, and waits for it before its next communication call
+or at its end. That is Megatron's overlap because the sequence-parallel column layer
+(``_GatherLinear``) writes its backward dX → reduce-scatter → dW: the compute that follows is the
+weight-gradient matmul, and nothing before the next call needs dX. All-reduces are left blocking:
+the plain-TP column layer records its all-reduce (f's backward) *after* the whole linear backward,
+so what follows it is the previous layer's backward, which needs dX — overlapping it would hide the
+all-reduce behind work that depends on it (Megatron overlaps it because its layer computes dX,
+launches the all-reduce, then dW; this package's plain-TP layer does not).
 
 Per mesh axis: ``Timeline.exposed_by_axis(rank)`` splits the rank's exposed communication among the
 axes of the calls (``CommEvent.axis``), so that compute + exposed per axis + idle = the rank's end.
@@ -228,9 +229,8 @@ class _Replay:
         return moved
 
     def _overlapped(self, e: CommEvent) -> bool:
-        """A TP input-gradient reduction that ``overlap_tp`` runs under the compute after it."""
-        return (self.overlap_tp and e.phase == "backward" and e.op in ("all_reduce", "reduce_scatter")
-                and e.axis in ("tp", None))
+        """A TP input-gradient reduce-scatter that ``overlap_tp`` runs under the compute after it."""
+        return self.overlap_tp and e.phase == "backward" and e.op == "reduce_scatter" and e.axis in ("tp", None)
 
     def _finish_overlapped(self, r: int) -> bool:
         """Wait for rank ``r``'s overlapped reductions; False if one of them still lacks a rank."""
