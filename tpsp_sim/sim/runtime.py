@@ -34,7 +34,7 @@ from .world import Aborted, SimWorld, _Message, copy_error, detached, format_ran
 POLL = 0.05  # seconds between the supervisor's checks of the timeout and of failure
 GRACE = 0.5  # seconds a failed run's ranks get to stop before the error is reported without them
 
-_current = threading.local()  # in a rank thread: .world, the run it belongs to
+_current = threading.local()  # in a rank thread: .world and .rank, the run it belongs to and its rank
 
 
 # ---- what each collective computes, from every rank's input (in group-rank order) ---------------
@@ -136,6 +136,7 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
     recorders = [Recorder(r) for r in range(world_size)]
     world = SimWorld(recorders, timeout)
     parent: SimWorld | None = getattr(_current, "world", None)  # this run is nested in a rank of another
+    parent_rank: int = getattr(_current, "rank", -1)
     outputs: list[Any] = [None] * world_size
     done: SimpleQueue[int] = SimpleQueue()  # each rank puts its number as its very last step
     exited: set[int] = set()
@@ -159,7 +160,7 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
         done.put(rank)  # one C call; a second put after an Aborted is harmless (a set counts exits)
 
     def rank_main(rank: int) -> None:
-        _current.world = world
+        _current.world, _current.rank = world, rank
         recorder = recorders[rank]
         comm = SimComm(world, rank, world.groups[0], 0, recorder)
         recorder.flop_counter = FlopCounter(recorder.label) if count_flops else None
@@ -181,14 +182,14 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
             recorder.flop_counter = None
 
     if parent is not None:
-        parent.adopt(world)
+        parent.adopt(world, parent_rank)
     threads = [threading.Thread(target=main, args=(r,), name=f"tpsp_sim-rank{r}", daemon=True)
                for r in range(world_size)]
     try:
-        for rank, t in enumerate(threads):
+        for t in threads:
             t.start()
         _supervise(world, done, exited)
-    except BaseException as interruption:  # KeyboardInterrupt, or Aborted from the run this one is nested in
+    except BaseException as interruption:  # KeyboardInterrupt, say
         with world.lock:
             world.fail(SimulationError(f"interrupted ({type(interruption).__name__})"))
         exited.update(r for r, t in enumerate(threads) if t.ident is None)  # never started
@@ -197,7 +198,7 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
     finally:
         world.close()
         if parent is not None:
-            parent.disown(world)
+            parent.disown(world, parent_rank)
     if world.error is not None:
         error = copy_error(world.error)
         stuck = sorted(set(range(world_size)) - exited)
@@ -226,7 +227,9 @@ def _stop(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
     """After the run failed: interrupt every rank still computing in fn, then wait up to GRACE for all."""
     with world.lock:
         for rank, ident in list(world.thread_ids.items()):
-            if rank not in world.blocked:  # waiting ranks were woken and raise themselves
+            # Waiting ranks were woken and raise themselves; a rank supervising a nested run (failed with
+            # this one) stops its ranks and raises: an Aborted could land inside Thread.start there.
+            if rank not in world.blocked and rank not in world.nesting:
                 _async_raise(ident, Aborted)
                 del world.thread_ids[rank]  # never twice
     deadline = time.monotonic() + GRACE

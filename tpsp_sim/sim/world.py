@@ -135,6 +135,7 @@ class SimWorld:
         self.asleep: set[int] = set()  # blocked ranks not woken since their predicate was last false
         self.finished: set[int] = set()  # ranks that have left fn
         self.children: list[SimWorld] = []  # runs nested inside this run's ranks
+        self.nesting: set[int] = set()  # ranks supervising a nested run (they stop when it stops)
         self.thread_ids: dict[int, int] = {}  # rank -> thread ident, while the rank is inside fn
         self.error: SimulationError | None = None
         self.closed = False
@@ -153,18 +154,20 @@ class SimWorld:
             with child.lock:
                 child.fail(SimulationError(f"the enclosing run failed: {error}"))
 
-    def adopt(self, child: "SimWorld") -> None:
-        """Register a run started inside one of this run's ranks: it fails when this run fails."""
+    def adopt(self, child: "SimWorld", rank: int) -> None:
+        """Register a run started inside ``rank`` of this run: it fails when this run fails."""
         with self.lock:
             self.children.append(child)
+            self.nesting.add(rank)
             if self.error is not None or self.closed:
                 with child.lock:
                     child.fail(SimulationError(f"the enclosing run has already "
                                                f"{'failed' if self.error else 'ended'}"))
 
-    def disown(self, child: "SimWorld") -> None:
+    def disown(self, child: "SimWorld", rank: int) -> None:
         with self.lock:
             self.children.remove(child)
+            self.nesting.discard(rank)
 
     def close(self) -> None:
         """The run has returned: every later call on its comms raises at once."""
