@@ -107,6 +107,7 @@ def ticks(vmax: float, scale: str = "linear") -> list[str]:
 def test_byte_ticks_are_round_binary_values():
     # 30 MB = 28.6 MiB: ticks at multiples of 5 MiB, not 9.5, 19.1, 28.6 MiB
     assert ticks(30e6) == ["0 B", "5 MiB", "10 MiB", "15 MiB", "20 MiB", "25 MiB"]
+    assert ticks(3.3 * 2**20) == ["0 B", "1 MiB", "2 MiB", "3 MiB"]  # never 0.8, 1.6, 2.4 MiB
     assert ticks(1.0) == ["0 B", "1 B"]  # never "1 B, 1 B, 0 B" for fractions of a byte
     assert ticks(3 * 1024) == ["0 B", "0.5 KiB", "1 KiB", "1.5 KiB", "2 KiB", "2.5 KiB", "3 KiB"]
     log = ticks(2.0 ** 32, "log")

@@ -16,7 +16,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.axis import Axis
-from matplotlib.ticker import Formatter, FuncFormatter, LogLocator, MaxNLocator, NullLocator
+from matplotlib.ticker import Formatter, FuncFormatter, Locator, LogLocator, NullLocator
 
 from ..context_parallel.attention import shard_sequence
 from ..analysis.cost import Hardware, estimate, format_seconds, hardware
@@ -38,17 +38,23 @@ def _unit(vmax: float) -> int:
     return min(len(UNITS) - 1, max(0, int(math.log(max(abs(vmax), 1.0), 1024))))
 
 
-class BinaryLocator(MaxNLocator):
-    """Byte ticks at round multiples (1, 2, 4, 5 or 8 × a power of ten) of the axis's binary unit:
-    0, 8, 16, 24 MiB rather than 9.5, 19.1, 28.6 MiB; whole bytes only, so never "1 B, 1 B, 0 B"."""
+class BinaryLocator(Locator):
+    """Byte ticks at round values of the axis's binary unit (B, KiB, MiB, GiB): steps of 1, 2, 4, 5 or 8
+    × 10ⁿ of it, or ½, ¼, ⅛ (512, 256, 128 of the unit below) — 0, 5, 10, 15 MiB rather than 9.5, 19.1,
+    28.6 MiB, never 0.8 MiB; whole bytes only, so never "1 B, 1 B, 0 B"."""
 
-    def __init__(self) -> None:
-        super().__init__(nbins=6, steps=[1, 2, 4, 5, 8, 10])
+    STEPS = (0.125, 0.25, 0.5) + tuple(m * 10 ** n for n in range(4) for m in (1, 2, 4, 5, 8))
+    MAX_TICKS = 6  # intervals
+
+    def __call__(self):
+        return self.tick_values(*self.axis.get_view_interval())
 
     def tick_values(self, vmin: float, vmax: float):
-        unit = 1024 ** _unit(max(abs(vmin), abs(vmax)))
-        self.set_params(integer=unit == 1)
-        return super().tick_values(vmin / unit, vmax / unit) * unit
+        low, high = sorted((vmin, vmax))
+        unit = 1024 ** _unit(max(abs(low), abs(high)))
+        steps = [step for step in self.STEPS if unit > 1 or step >= 1]
+        step = next((st for st in steps if (high - low) / unit / st <= self.MAX_TICKS), steps[-1])
+        return np.arange(math.floor(low / unit / step), math.ceil(high / unit / step) + 1) * step * unit
 
 
 class BinaryFormatter(Formatter):
