@@ -132,7 +132,7 @@ def test_notebook_04_runs_in_jupyterlab_and_the_dashboard_responds(lab):
         page.locator("li[data-command='runmenu:run-all']").click()
         page.wait_for_function(QUEUED, timeout=10_000)
         page.wait_for_function(FINISHED, timeout=120_000)
-        prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
+        prompts = [e.text_content() for e in page.locator(".jp-CodeCell .jp-InputPrompt").all()]  # off-screen too
         errors = [e.text_content() for e in page.locator("[data-mime-type='application/vnd.jupyter.stderr']").all()]
         assert not errors, f"error output after Run All:\n{errors[0][-2000:]}"
         assert [p.strip() for p in prompts] == [f"[{n}]:" for n in range(1, len(prompts) + 1)], prompts
