@@ -82,6 +82,18 @@ def test_gpt_hybrid_block_contiguous_layout_and_plain_tp_mode(layout):
     check_against_dense(gpt(2), 2, 2, "ring", layout, mode="tp")
 
 
+def test_mode_defaults_to_tp_sp_with_cp_and_is_required_without():
+    def build(comm, with_cp):
+        mesh = ts.init_device_mesh(comm, (2, 2), mesh_dim_names=("cp", "tp"))
+        cp = mesh["cp"] if with_cp else None
+        return ts.ParallelTransformerBlock.from_dense(gpt(), tp=mesh["tp"], cp=cp, attention="ring").mode
+
+    assert ts.run(build, True, world_size=4).outputs == ["tp_sp"] * 4
+    with pytest.raises(ValueError, match=r"rank \d: ParallelTransformerBlock.from_dense: mode must be one of "
+                                         r"\('tp', 'tp_sp'\) \(required without cp\), got None"):
+        ts.run(build, False, world_size=4)
+
+
 def llama(n_kv_heads, seed=0):
     torch.manual_seed(seed)
     block = ts.LlamaBlock(d_model=96, n_heads=24, n_kv_heads=n_kv_heads, d_ff=64).double()

@@ -146,10 +146,17 @@ class ParallelTransformerBlock(nn.Module):
         (seed, rank); with ``exact_dropout`` the dense block's masks for ``block.manual_seed(seed)``.
 
         ``tp`` is another name for ``comm``. With ``cp`` the attention runs context-parallel over it
-        (``attention`` "ring", "ulysses", or "usp" with ``cp=(ulysses, ring)``; hybrid.py)."""
+        (``attention`` "ring", "ulysses", or "usp" with ``cp=(ulysses, ring)``; hybrid.py).
+
+        ``mode`` is required for the tensor-parallel block alone (``"tp"`` and ``"tp_sp"`` are the two
+        lessons, neither a silent default); with ``cp`` it defaults to ``"tp_sp"`` (Megatron-LM's
+        context parallelism runs with sequence parallelism)."""
         comm = _tensor_comm(comm, tp)
+        if mode is None and cp is not None:
+            mode = "tp_sp"
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ValueError(f"rank {comm.rank}: ParallelTransformerBlock.from_dense: mode must be one of {MODES}"
+                             f"{'' if cp is not None else ' (required without cp)'}, got {mode!r}")
         sp = mode == "tp_sp"
         rng = DropoutRNG(seed, comm, exact_dropout)
         seq = SEQUENCE_DIM if sp else None  # residual-stream tensors: sequence shards under SP, whole under TP
