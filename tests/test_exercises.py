@@ -294,3 +294,15 @@ def test_ring_attention_with_p_shifts_or_blocking_sends():
                     "on 2 ranks: forward: rank 0 sent 768 B; expected (p-1)·2·E·8 = 1·2·24·8 = 384 B")
     assert_rejected("ring_attention_forward", ring_forward(lambda p: p, lambda p: p - 1, blocking=True),
                     "on 2 ranks: deadlock")
+
+
+def test_every_exercise_is_posed_and_checked_in_its_notebook():
+    import json
+    from pathlib import Path
+
+    notebooks = Path(__file__).resolve().parent.parent / "notebooks"
+    for ex in EXERCISES.values():
+        cells = json.loads((notebooks / f"{ex.notebook}.ipynb").read_text())["cells"]
+        sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        stubs = [s for s in sources if f'check("{ex.name}", ' in s and "raise NotImplementedError" in s]
+        assert stubs, f"{ex.notebook} has no stub cell checked with check({ex.name!r}, ...)"
