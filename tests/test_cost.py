@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import tpsp_sim as ts
 from tpsp_sim import cost
+from tpsp_sim.core.ops import latency_steps
 from tpsp_sim.tensor_parallel.mappings import f, f_bar, g, g_bar
 
 HW = cost.Hardware("test link", link_bandwidth=2e9, latency=3e-6, peak_flops=1e12)
@@ -80,9 +81,25 @@ def test_collective_time_equals_hand_computed_numbers(op):
         assert cost.collective_time(op, 6720, 1, HW) == 0.0  # one rank: nothing moves, no message
 
 
-def test_ring_steps_are_the_messages_that_pay_latency():
-    assert [cost.ring_steps(op, 8) for op in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all",
-                                              "broadcast", "barrier", "send", "recv")] == [7, 7, 14, 1, 7, 14, 1, 1]
+def test_latency_steps_are_the_messages_that_pay_latency():
+    assert [latency_steps(op, 8) for op in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all",
+                                            "broadcast", "barrier", "send", "recv")] == [7, 7, 14, 1, 7, 14, 1, 1]
+
+
+def test_collective_time_on_a_cluster_takes_the_group_ranks():
+    """DGX H100: 1 MiB all_reduce on 8 ranks, 14 steps, 2·7/8·2^20 bytes: inside a node on NVLink 4
+    (2 µs, 450 GB/s), across nodes on NDR (5 µs, 50 GB/s)."""
+    inside = 14 * 2e-6 + 1.75 * 2**20 / 450e9
+    across = 14 * 5e-6 + 1.75 * 2**20 / 50e9
+    assert cost.collective_time("all_reduce", 2**20, 8, "dgx-h100", ranks=range(8)) == pytest.approx(inside, rel=1e-12)
+    assert cost.collective_time("all_reduce", 2**20, 8, cost.CLUSTERS["dgx-h100"], ranks=range(0, 64, 8)) == \
+           pytest.approx(across, rel=1e-12)
+    with pytest.raises(ValueError, match="cluster 'DGX H100' has two links .* pass ranks="):
+        cost.collective_time("all_reduce", 2**20, 8, "dgx-h100")
+    with pytest.raises(ValueError, match=r"ranks=\(0, 1\) are 2 ranks, world_size is 8"):
+        cost.collective_time("all_reduce", 2**20, 8, "dgx-h100", ranks=(0, 1))
+    # a one-level cluster needs no ranks: its one link
+    assert cost.collective_time("all_reduce", 2**20, 8, "h100-nvlink") == pytest.approx(inside, rel=1e-12)
 
 
 def test_unknown_op_and_hardware_raise_value_errors():

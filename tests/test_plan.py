@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing.resource_tracker
+
 import pytest
+import torch
 
 import tpsp_sim as ts
 from tpsp_sim.__main__ import main
@@ -64,6 +67,46 @@ def test_overlap_tp_hides_part_of_tensor_parallelism(tiny_plans):
             assert p.step_time == q.step_time
         else:
             assert p.exposed["tp"] < q.exposed["tp"] and p.compute == q.compute
+
+
+def full_mesh_step(comm, dense, dp, cp, tp, seq, parameters):
+    """One layer on the whole (dp, cp, tp) mesh, then the gradient all-reduce over dp·cp: what plan prices
+    from a (cp, tp) simulation and a closed form."""
+    mesh = ts.init_device_mesh(comm, (dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))
+    block = ts.ParallelTransformerBlock.from_dense(dense, tp=mesh["tp"], cp=mesh["cp"], attention="ring")
+    x = torch.empty(1, seq // cp // tp, dense.d_model, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    block(x).float().sum().backward()
+    mesh["dp", "cp"].all_reduce(torch.empty(parameters, dtype=torch.bfloat16, device="meta"))
+
+
+@pytest.mark.parametrize("dp, cp, tp", [(2, 2, 1), (2, 1, 2)])
+def test_plan_equals_a_full_mesh_simulation(tiny_plans, dp, cp, tp):
+    """The planner simulates one (cp, tp) slice and adds the dp·cp gradient all-reduce in closed form;
+    simulating every rank of the (dp, cp, tp) mesh gives the same exposed communication per axis."""
+    p = next(p for p in tiny_plans if (p.dp, p.cp, p.tp, p.attention, p.recompute)
+             == (dp, cp, tp, "ring" if cp > 1 else "-", "selective"))
+    with torch.device("meta"):
+        dense = ts.LlamaBlock(TINY.d_model, TINY.n_heads, TINY.n_kv_heads, TINY.d_ff).to(torch.bfloat16)
+    trace = ts.run(full_mesh_step, dense, dp, cp, tp, 256, int(p.memory.parameters), world_size=dp * cp * tp,
+                   count_flops=True).trace
+    tl = ts.timeline(trace, PAIRS, mfu=0.5)
+    per_step = 4 // dp * TINY.n_layers  # layer passes per step: 4 sequences over dp replicas, 2 layers
+    for r in tl.ranks:
+        exposed = tl.exposed_by_axis(r)
+        assert exposed["dp_cp"] == pytest.approx(p.exposed["dp_cp"], rel=1e-12)
+        for axis in ("tp", "cp"):
+            assert per_step * exposed.get(axis, 0.0) == pytest.approx(p.exposed[axis], rel=1e-12, abs=1e-15), axis
+
+
+@pytest.fixture(scope="module")
+def resource_tracker():
+    """multiprocessing's resource tracker, which a spawned pool starts once and which lives as long as pytest:
+    started before the test, so the check for leftover child processes does not count it."""
+    multiprocessing.resource_tracker.ensure_running()
+
+
+def test_workers_give_the_same_plans(tiny_plans, resource_tracker):
+    assert plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, workers=2) == tiny_plans
 
 
 def test_causal_overcount_by_hand():

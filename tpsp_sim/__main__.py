@@ -11,7 +11,8 @@ from tqdm import tqdm
 from .analysis.cluster import cluster
 from .analysis.cost import CLUSTERS, estimate
 from .analysis.models import MODELS, Model
-from .analysis.plan import IGNORES, plan, table as plan_table
+from .analysis.plan import IGNORES, PLANNED_RECOMPUTE, default_workers, plan, table as plan_table
+from .tensor_parallel.hybrid import ATTENTIONS
 from .viz.plan_plot import plot_plans
 from .viz.plot import plot_comm, plot_scaling, plot_shards, plot_timeline
 from .analysis.sweep import METHODS, Config, sweep, table
@@ -68,7 +69,8 @@ TP x CP x DP split, attention kind and recompute mode by predicted step time, wi
 (ts.plan); print a Markdown table and save a stacked bar plot."""
 
 
-def add_plan_command(commands) -> None:
+def add_plan_command(commands: argparse._SubParsersAction) -> None:
+    """Add the ``plan`` command to the ``commands`` of the top-level parser."""
     cmd = commands.add_parser("plan", help=PLAN_DOC.splitlines()[0], description=PLAN_DOC)
     cmd.add_argument("--model", default="llama3-8b", help=f"a preset ({', '.join(sorted(MODELS))}) or 'custom'")
     for flag in ("layers", "d-model", "heads", "kv-heads", "ffn", "vocab"):
@@ -79,6 +81,12 @@ def add_plan_command(commands) -> None:
     cmd.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     cmd.add_argument("--global-batch-tokens", type=int, default=16 * 2**20, help="tokens per step (default 16M)")
     cmd.add_argument("--mfu", type=float, default=0.5, help="fraction of peak FLOP/s for all compute (default 0.5)")
+    cmd.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=ATTENTIONS,
+                     help="context-parallel attentions to try (default: all)")
+    cmd.add_argument("--recompute", nargs="+", default=list(PLANNED_RECOMPUTE), choices=PLANNED_RECOMPUTE,
+                     help="recompute modes to try (default: all)")
+    cmd.add_argument("--workers", type=int, default=default_workers(),
+                     help="processes for the layer simulations (default: one per CPU)")
     cmd.add_argument("--overlap-tp", action="store_true",
                      help="hide TP's backward reduce-scatters behind the weight-gradient matmuls (Megatron)")
     cmd.add_argument("--top", type=int, default=20, help="rows of the table (default 20)")
@@ -95,8 +103,8 @@ def plan_command(a: argparse.Namespace) -> list[str]:
     else:
         model = a.model
     plans = plan(model, a.seq, a.gpus, a.cluster, micro_batch=a.micro_batch, global_batch_tokens=a.global_batch_tokens,
-                 mfu=a.mfu, overlap_tp=a.overlap_tp,
-                 progress=lambda jobs: tqdm(jobs, desc="simulating one layer", unit="mesh"))
+                 mfu=a.mfu, attentions=a.attentions, recompute=a.recompute, overlap_tp=a.overlap_tp,
+                 progress=lambda jobs: tqdm(jobs, desc="simulating one layer", unit="mesh"), workers=a.workers)
     a.out.mkdir(parents=True, exist_ok=True)
     figure = a.out / "plans.png"
     plot_plans(plans, title=f"{a.model}, {a.seq} tokens, {a.gpus} GPUs of {a.cluster}").savefig(figure, dpi=100)

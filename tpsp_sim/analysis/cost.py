@@ -18,7 +18,7 @@ contention and the switch topology: it is the time one rank's link is busy. On a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..core.ops import latency_steps, wire_bytes
 from ..core.table import Table
@@ -69,19 +69,34 @@ def hardware(name: str | Hardware) -> Hardware:
     return PRESETS[name]
 
 
-def ring_steps(op: str, world_size: int) -> int:
-    """Messages one rank pays the latency α for in ``op`` on ``world_size`` ranks (``ops.latency_steps``)."""
-    return latency_steps(op, world_size)
+def collective_time(op: str, nbytes: int, world_size: int, hw: Hardware | Cluster | Link | str, *,
+                    ranks: Sequence[int] | None = None) -> float:
+    """Seconds one rank spends in ``op`` (alpha-beta, ring); ``nbytes`` is its input, as in ``CommEvent.nbytes``.
 
-
-def collective_time(op: str, nbytes: int, world_size: int, hw: Hardware | Link | str) -> float:
-    """Seconds one rank spends in ``op`` (alpha-beta, ring); ``nbytes`` is its input, as in ``CommEvent.nbytes``."""
-    if isinstance(hw, Link):
-        bandwidth, latency = hw.bandwidth, hw.latency
-    else:
-        bandwidth, latency = hardware(hw).link_bandwidth, hardware(hw).latency
+    ``hw``: a ``Link``; a ``Hardware`` or one-link preset; or a ``Cluster`` or key of ``CLUSTERS``, as
+    ``estimate`` and ``timeline`` take. A cluster with two links prices the call on the link of its
+    group: pass the group's global ``ranks`` (``world_size`` of them), or the link itself,
+    ``cluster.link(ranks)``.
+    """
+    link = _link(hw, world_size, ranks)
     sent, received = wire_bytes(op, nbytes, world_size)  # broadcast: the root's share, N
-    return ring_steps(op, world_size) * latency + max(sent, received) / bandwidth
+    return latency_steps(op, world_size) * link.latency + max(sent, received) / link.bandwidth
+
+
+def _link(hw: Hardware | Cluster | Link | str, world_size: int, ranks: Sequence[int] | None) -> Link:
+    """The link a call of ``world_size`` ranks (``ranks``, where the cluster needs them) runs on."""
+    if isinstance(hw, Link):
+        return hw
+    c = cluster(hw)
+    if ranks is not None and len(ranks) != world_size:
+        raise ValueError(f"collective_time: ranks={tuple(ranks)} are {len(ranks)} ranks, world_size is {world_size}")
+    if c.gpus_per_node is None:
+        return c.intra_node
+    if ranks is None:
+        raise ValueError(f"collective_time: cluster {c.name!r} has two links (intra-node {c.intra_node.name}, "
+                         f"inter-node {c.inter_node.name}); pass ranks= (the group's global ranks) or the link, "
+                         f"cluster.link(ranks)")
+    return c.link(ranks)
 
 
 def event_time(event: CommEvent, hw: Hardware | Link | str) -> float:
@@ -108,8 +123,8 @@ def _kv_fraction(n_heads: int | None, n_kv_heads: int | None) -> float:
     return n_kv_heads / n_heads
 
 
-def ring_overlap_block(hw: Hardware | Cluster | str, dtype_bytes: int = 2, n_heads: int | None = None,
-                       n_kv_heads: int | None = None, *, link: Link | None = None) -> float:
+def ring_overlap_block(hw: Hardware | Cluster | str, dtype_bytes: int = 2, *, n_heads: int | None = None,
+                       n_kv_heads: int | None = None, link: Link | None = None) -> float:
     """Smallest block of c tokens whose forward attention hides its K/V transfer (Liu et al. 2023, §3).
 
     A ring step attends c queries to c keys in each of the H query heads of dimension d: S = Q Kᵀ
@@ -129,8 +144,8 @@ def ring_overlap_block(hw: Hardware | Cluster | str, dtype_bytes: int = 2, n_hea
     return _kv_fraction(n_heads, n_kv_heads) * dtype_bytes * flops / (2 * bandwidth)
 
 
-def ring_overlap_block_backward(hw: Hardware | Cluster | str, dtype_bytes: int = 2, grad_bytes: int = 4,
-                                n_heads: int | None = None, n_kv_heads: int | None = None, *,
+def ring_overlap_block_backward(hw: Hardware | Cluster | str, dtype_bytes: int = 2, *, grad_bytes: int = 4,
+                                n_heads: int | None = None, n_kv_heads: int | None = None,
                                 link: Link | None = None) -> float:
     """Smallest block of c tokens whose backward attention hides its ring transfer (``ring_attention``'s backward).
 

@@ -33,9 +33,13 @@ everything but the scores) costs no extra compute and "none" would be the same p
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from functools import partial
+from multiprocessing import get_context
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -45,6 +49,7 @@ from ..core.table import Table
 from ..core.trace import CommTrace
 from ..launch import run
 from ..tensor_parallel.blocks import ParallelTransformerBlock, TransformerBlock
+from ..tensor_parallel.hybrid import ATTENTIONS
 from ..tensor_parallel.llama import LlamaBlock
 from .cluster import Cluster, cluster as as_cluster
 from .cost import collective_time, format_seconds
@@ -52,8 +57,7 @@ from .memory import Budget, budget
 from .models import Model, model as as_model
 from .timeline import timeline
 
-ATTENTIONS = ("ring", "ulysses", "usp")
-RECOMPUTE = ("selective", "full")
+PLANNED_RECOMPUTE = ("selective", "full")  # memory.RECOMPUTE's "none" is "selective" under flash attention
 AXES = ("tp", "cp", "dp_cp")  # the columns of exposed communication
 IGNORES = ("pipeline parallelism; the embedding and output layer's compute and activations; kernel efficiency "
            "beyond one MFU for all compute; overlap of the gradient all-reduce with backward (counted fully "
@@ -172,24 +176,29 @@ def _attention_kinds(cp: int, attentions: Iterable[str]) -> list[tuple[str, str,
 
 def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int = 1,
          global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = ATTENTIONS,
-         recompute: Iterable[str] = RECOMPUTE, distributed_optimizer: bool = True, overlap_tp: bool = False,
-         progress: Callable[[list], Iterable] = iter) -> list[Plan]:
+         recompute: Iterable[str] = PLANNED_RECOMPUTE, distributed_optimizer: bool = True, overlap_tp: bool = False,
+         progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
     """Every (dp, cp, tp) × attention × recompute plan for ``model`` at ``seq`` tokens on ``gpus`` GPUs of
     ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
 
     A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
     seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica. ``overlap_tp``: hide
-    TP's backward reduce-scatters behind the weight-gradient matmuls (``ts.timeline``). ``progress`` wraps the
-    list of layer simulations (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
+    TP's backward reduce-scatters behind the weight-gradient matmuls (``ts.timeline``). ``cluster``: a
+    ``Cluster`` or a key of ``ts.cost.CLUSTERS``, as ``ts.timeline`` takes.
+
+    One layer is simulated per distinct (cp, tp, attention), shared by every dp and recompute mode (dp
+    adds only the gradient all-reduce, priced in closed form); ``workers`` > 1 runs these simulations
+    in that many processes (the plans are the same). ``progress`` wraps the simulations as they finish,
+    a sized iterable (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
     """
     m, c = as_model(model), as_cluster(cluster)
     sequences = global_batch_tokens // seq
     if sequences < 1:
         raise ValueError(f"global_batch_tokens={global_batch_tokens} is less than one sequence of {seq} tokens")
     attentions, modes = tuple(attentions), tuple(recompute)
-    unknown = [a for a in attentions if a not in ATTENTIONS] + [r for r in modes if r not in RECOMPUTE]
+    unknown = [a for a in attentions if a not in ATTENTIONS] + [r for r in modes if r not in PLANNED_RECOMPUTE]
     if unknown:
-        raise ValueError(f"unknown attention or recompute {unknown}; attentions are {ATTENTIONS}, recompute {RECOMPUTE}")
+        raise ValueError(f"unknown attention or recompute {unknown}; attentions are {ATTENTIONS}, recompute {PLANNED_RECOMPUTE}")
     candidates: list[tuple[int, int, int, str, str, int, str, Budget]] = []
     plans: list[Plan] = []
     for tp in _divisors(gpus):
@@ -211,17 +220,10 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
                         plans.append(Plan(dp, cp, tp, label, mode, mem, False, why))
                     else:
                         candidates.append((dp, cp, tp, label, kind, u, mode, mem))
-    layers: dict[tuple[int, int, str, int], _LayerTime | str] = {}
-    jobs = sorted({(cp, tp, kind, u) for _, cp, tp, _, kind, u, _, _ in candidates})
-    for cp, tp, kind, u in progress(jobs):
-        try:
-            overcount = tuple(micro_batch * f for f in causal_overcount(m, seq, cp, tp, kind, u))
-            layers[cp, tp, kind, u] = _layer_time(simulate_layer(m, cp, tp, kind, seq, micro_batch, u), c, mfu,
-                                                  overcount, overlap_tp)
-        except (ValueError, SimulationError) as error:
-            cause = error.__cause__ if isinstance(error, SimulationError) and error.__cause__ else error
-            message = re.sub(r"^rank \d+: ", "", str(cause).splitlines()[0])  # whichever rank raised first
-            layers[cp, tp, kind, u] = f"cannot run: {message}"
+    jobs = sorted({(cp, tp, kind, u) for _, cp, tp, _, kind, u, _, _ in candidates},
+                  key=lambda job: (-job[0] * job[1], job))  # the biggest meshes first: they take longest
+    layer_job = partial(_layer_job, m, c, seq, micro_batch, mfu, overlap_tp)
+    layers = _run_jobs(layer_job, jobs, workers, progress)
     for dp, cp, tp, label, kind, u, mode, mem in candidates:
         layer = layers[cp, tp, kind, u]
         if isinstance(layer, str):
@@ -236,6 +238,48 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
         why = f"uses {mem.total / 1e9:.1f} GB of {c.memory_bytes / 1e9:.0f} GB"
         plans.append(Plan(dp, cp, tp, label, mode, mem, True, why, step, compute, exposed, per_step * layer.idle))
     return sorted(plans, key=_rank)
+
+
+def _layer_job(m: Model, c: Cluster, seq: int, micro_batch: int, mfu: float, overlap_tp: bool,
+               job: tuple[int, int, str, int]) -> _LayerTime | str:
+    """One layer on the (cp, tp) mesh of ``job``, laid out on ``c``; or why it cannot run."""
+    cp, tp, kind, u = job
+    try:
+        overcount = tuple(micro_batch * f for f in causal_overcount(m, seq, cp, tp, kind, u))
+        return _layer_time(simulate_layer(m, cp, tp, kind, seq, micro_batch, u), c, mfu, overcount, overlap_tp)
+    except (ValueError, SimulationError) as error:
+        cause = error.__cause__ if isinstance(error, SimulationError) and error.__cause__ else error
+        message = re.sub(r"^rank \d+: ", "", str(cause).splitlines()[0])  # whichever rank raised first
+        return f"cannot run: {message}"
+
+
+class _Finished:
+    """The jobs of ``futures`` as they finish, sized (so ``tqdm`` shows a total)."""
+
+    def __init__(self, futures: dict) -> None:
+        self.futures = futures
+
+    def __len__(self) -> int:
+        return len(self.futures)
+
+    def __iter__(self) -> Iterator:
+        return (self.futures[f] for f in as_completed(self.futures))
+
+
+def _run_jobs(job_fn: Callable, jobs: list, workers: int, progress: Callable[[Iterable], Iterable]) -> dict:
+    """{job: job_fn(job)}, in this process (``workers`` <= 1) or in ``workers`` spawned ones."""
+    if workers <= 1 or len(jobs) <= 1:
+        return {job: job_fn(job) for job in progress(jobs)}
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(job_fn, job): job for job in jobs}
+        for _ in progress(_Finished(futures)):  # wait for each, showing progress
+            pass
+        return {job: f.result() for f, job in futures.items()}
+
+
+def default_workers() -> int:
+    """One process per CPU this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _cannot_split(m: Model, seq: int, sequences: int, micro_batch: int, dp: int, cp: int, tp: int) -> str:
