@@ -22,7 +22,7 @@ def test_presets_carry_their_datasheet_numbers():
     assert (h100.gpus_per_node, h100.intra_node.bandwidth, h100.inter_node.bandwidth) == (8, 450e9, 50e9)
     assert (a100.gpus_per_node, a100.intra_node.bandwidth, a100.inter_node.bandwidth) == (8, 300e9, 25e9)
     assert (pcie.intra_node.bandwidth, pcie.inter_node.bandwidth) == (31.5e9, 3.125e9)  # one 200 Gb/s port per 8
-    assert (h100.peak_flops, a100.peak_flops, h100.memory_bytes) == (989e12, 312e12, 80e9)
+    assert (h100.peak_flops, a100.peak_flops, h100.memory_bytes) == (989e12, 312e12, 85_899_345_920)  # 80 GiB
     for key, hw in cost.PRESETS.items():  # the one-link presets are one-level clusters with the same numbers
         one = cost.CLUSTERS[key]
         assert one.gpus_per_node is None and one.intra_node == one.inter_node

@@ -120,7 +120,7 @@ def test_plans_that_do_not_fit_say_why():
     small = ts.cost.Cluster("small", 1e12, 2, FAST, SLOW, memory_bytes=1e5)
     plans = plan(TINY, 256, 4, small, global_batch_tokens=4 * 256)
     assert not any(p.fits for p in plans) and not any(p.runs for p in plans)
-    assert all(p.why.startswith("needs ") and "of 0 GB" in p.why for p in plans)  # 0.0001 GB
+    assert all(p.why.startswith("needs ") and "of 0 GiB" in p.why for p in plans)  # 1e5 bytes: 0.0001 GiB
     with pytest.raises(ValueError, match="unknown attention or recompute"):
         plan(TINY, 256, 4, PAIRS, attentions=("flash",))
 

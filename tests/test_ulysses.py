@@ -56,7 +56,7 @@ def call_ulysses(comm, q, k, v):
 
 def test_ulysses_needs_heads_divisible_by_world_size():
     x, kv = torch.zeros(1, 6, 2, 4), torch.zeros(1, 3, 2, 4)
-    with pytest.raises(ValueError, match=r"rank \d: ulysses_attention needs heads divisible by world_size 4; got 6 query"):
+    with pytest.raises(ValueError, match=r"rank \d of its group: ulysses_attention needs heads divisible by world_size 4; got 6 query"):
         ts.run(call_ulysses, x, x, x, world_size=4)
     with pytest.raises(ValueError, match="got 6 query heads and 3 key/value heads"):
         ts.run(call_ulysses, x, kv, kv, world_size=2)

@@ -85,7 +85,9 @@ def one_level(hw: _OneLink, memory_bytes: float = math.inf) -> Cluster:
 # inside a node, more across), not datasheet values. Bandwidths are per GPU and per direction.
 H100_FLOPS = 989e12  # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16
 A100_FLOPS = 312e12  # NVIDIA A100 datasheet: 312 TFLOP/s dense BF16
-GB80 = 80e9  # H100 SXM5 80 GB HBM3; A100 80 GB HBM2e (datasheets, decimal GB)
+GIB80 = 80 * 2**30  # H100 SXM5 80 GB HBM3, A100 80 GB HBM2e: 80 GiB (nvidia-smi: 81,559 MiB)
+# No reserve is taken off for the CUDA context (~0.5 GiB) or allocator fragmentation: ``ts.plan`` counts a
+# plan that fills all 80 GiB as fitting, so one within a few GiB of the limit is optimistic.
 
 # NVLink 4 (H100 SXM5 datasheet): 900 GB/s per GPU, both directions together.
 NVLINK4 = Link("NVLink 4", 450e9, 2e-6)
@@ -104,15 +106,15 @@ IB_HDR_SHARED_BY_8 = Link("InfiniBand HDR 200 Gb/s, one port per 8 GPUs", 25e9 /
 IB_100G = Link("InfiniBand 100 Gb/s", 12.5e9, 5e-6)
 
 # DGX H100 user guide: 8 H100 SXM5 80 GB, NVLink 4 through NVSwitch, 8 ConnectX-7 400 Gb/s NDR.
-DGX_H100 = Cluster("DGX H100", H100_FLOPS, 8, NVLINK4, IB_NDR, GB80)
+DGX_H100 = Cluster("DGX H100", H100_FLOPS, 8, NVLINK4, IB_NDR, GIB80)
 # DGX A100 user guide (640 GB system): 8 A100 SXM4 80 GB, NVLink 3 through NVSwitch, 8 ConnectX-6 200 Gb/s HDR.
-DGX_A100 = Cluster("DGX A100", A100_FLOPS, 8, NVLINK3, IB_HDR, GB80)
+DGX_A100 = Cluster("DGX A100", A100_FLOPS, 8, NVLINK3, IB_HDR, GIB80)
 # A generic 8 x A100 PCIe 80 GB server: GPUs talk over PCIe Gen4 x16, one HDR port per node.
-PCIE_A100 = Cluster("8 x A100 PCIe Gen4", A100_FLOPS, 8, PCIE4, IB_HDR_SHARED_BY_8, GB80)
+PCIE_A100 = Cluster("8 x A100 PCIe Gen4", A100_FLOPS, 8, PCIE4, IB_HDR_SHARED_BY_8, GIB80)
 
 
 def _one_level(name: str, peak_flops: float, link: Link) -> Cluster:
-    return Cluster(name, peak_flops, None, link, link, GB80)
+    return Cluster(name, peak_flops, None, link, link, GIB80)
 
 
 CLUSTERS: dict[str, Cluster] = {

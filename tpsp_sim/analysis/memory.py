@@ -32,8 +32,10 @@ out as small. Scalars (1/sqrt(d), 1/(1-p)) are not saved.
 
 ``budget(model, (dp, cp, tp), seq, micro_batch, recompute=...)`` is the whole memory of one GPU:
 weights, gradients and optimizer state (mixed-precision Adam: 2 + 2 + 12 = 16 bytes per parameter,
-ZeRO paper §3.1, before any sharding; here sharded over tp only) and the activations of every layer
-(see ``layer_activations``).
+ZeRO paper §3.1, before any sharding; all three divided by tp, and with ``distributed_optimizer=True``
+the optimizer's 12 also by dp·cp) and the activations of every layer (see ``layer_activations``).
+``budget`` defaults to ``distributed_optimizer=False`` (the plain count); ``ts.plan`` passes True,
+as Megatron-LM runs long-context training.
 """
 
 from __future__ import annotations
@@ -134,8 +136,9 @@ def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro
     ``"none"`` nothing. So mixed-precision Adam holds 16 bytes per parameter, divided by tp (the
     parameters a GPU holds, ``Model.parameters(tp)``). ``distributed_optimizer=True`` also splits the
     optimizer state over the dp·cp replicas (ZeRO stage 1; Megatron's ``--use-distributed-optimizer``,
-    whose group is DP×CP); weights and gradients stay whole on every replica. Activations: ``layer_activations`` times the number of layers (no
-    pipeline parallelism: every layer is on every GPU). Not counted: the embedding and output
+    whose group is DP×CP); weights and gradients stay whole on every replica (default False; ``ts.plan``'s
+    default is True). Activations: ``layer_activations`` times the number of layers (no pipeline
+    parallelism: every layer is on every GPU). Not counted: the embedding and output
     layer's activations (the logits), temporary buffers, the allocator's fragmentation, CUDA context.
     """
     m = as_model(model)

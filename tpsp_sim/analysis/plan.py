@@ -58,6 +58,7 @@ from .models import Model, model as as_model
 from .timeline import timeline
 
 PLANNED_RECOMPUTE = ("selective", "full")  # memory.RECOMPUTE's "none" is "selective" under flash attention
+GIB = 2**30
 AXES = ("tp", "cp", "dp_cp")  # the columns of exposed communication
 IGNORES = ("pipeline parallelism; the embedding and output layer's compute and activations; kernel efficiency "
            "beyond one MFU for all compute; overlap of the gradient all-reduce with backward (counted fully "
@@ -214,9 +215,9 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
                     mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode,
                                  distributed_optimizer=distributed_optimizer)
                     if mem.total > c.memory_bytes:
-                        why = (f"needs {mem.total / 1e9:.1f} GB of {c.memory_bytes / 1e9:.0f} GB "
-                               f"(weights+grads+optimizer {(mem.total - mem.activations) / 1e9:.1f}, "
-                               f"activations {mem.activations / 1e9:.1f})")
+                        why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
+                               f"(weights+grads+optimizer {(mem.total - mem.activations) / GIB:.1f}, "
+                               f"activations {mem.activations / GIB:.1f})")
                         plans.append(Plan(dp, cp, tp, label, mode, mem, False, why))
                     else:
                         candidates.append((dp, cp, tp, label, kind, u, mode, mem))
@@ -235,7 +236,7 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
         group = tuple(range(0, gpus, tp))  # rank 0's dp·cp replicas
         exposed["dp_cp"] += collective_time("all_reduce", int(2 * mem.parameters), dp * cp, c.link(group))
         step = compute + sum(exposed.values()) + per_step * layer.idle
-        why = f"uses {mem.total / 1e9:.1f} GB of {c.memory_bytes / 1e9:.0f} GB"
+        why = f"uses {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB"
         plans.append(Plan(dp, cp, tp, label, mode, mem, True, why, step, compute, exposed, per_step * layer.idle))
     return sorted(plans, key=_rank)
 
@@ -304,7 +305,7 @@ def table(plans: list[Plan], top: int | None = None) -> str:
     for i, p in enumerate(plans[:top], start=1):
         times = ([format_seconds(p.step_time), format_seconds(p.compute)]
                  + [format_seconds(p.exposed[a]) for a in AXES]) if p.runs else ["-"] * 5
-        memory = f"{p.memory.total / 1e9:.1f} GB" if p.memory.total else "-"
+        memory = f"{p.memory.total / GIB:.1f} GiB" if p.memory.total else "-"
         rows.append((str(i), str(p.dp), str(p.cp), str(p.tp), p.attention, p.recompute, *times, memory,
                      ("yes: " if p.fits else "no: ") + p.why))
     return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits"}).render("markdown")

@@ -21,10 +21,10 @@ HEADS, SEQ = 1, 2
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *,
                       causal: bool = False) -> torch.Tensor:
     """This rank's attention output for its contiguous sequence shard ``q, k, v`` ([b, heads, s/p, d])."""
-    check_qkv(q, k, v, f"rank {comm.rank}: ulysses_attention")
+    check_qkv(q, k, v, f"rank {comm.rank} of its group: ulysses_attention")
     if q.shape[HEADS] % comm.world_size or k.shape[HEADS] % comm.world_size:
-        raise ValueError(f"rank {comm.rank}: ulysses_attention needs heads divisible by world_size {comm.world_size}; "
-                         f"got {q.shape[HEADS]} query heads and {k.shape[HEADS]} key/value heads")
+        raise ValueError(f"rank {comm.rank} of its group: ulysses_attention needs heads divisible by world_size "
+                         f"{comm.world_size}; got {q.shape[HEADS]} query heads and {k.shape[HEADS]} key/value heads")
     with comm.scope("ulysses_attn"):
         q, k, v = (all_to_all(x, comm, scatter_dim=HEADS, gather_dim=SEQ) for x in (q, k, v))
         out = dense_attention(q, k, v, causal=causal)
