@@ -103,6 +103,18 @@ def test_coordinate_of_rank_5_on_2x2x2():
     assert out == [(a, b, c) for a in range(2) for b in range(2) for c in range(2)]
 
 
+def test_size_and_local_rank_take_a_dim_index_as_pytorch_does():
+    def sizes(comm):
+        mesh = ts.init_device_mesh(comm, (2, 3, 1), mesh_dim_names=("dp", "cp", "tp"))
+        return [mesh.size(d) for d in range(3)], [mesh.get_local_rank(d) for d in range(3)]
+
+    out = ts.run(sizes, world_size=6).outputs
+    assert out[5] == ([2, 3, 1], [1, 2, 0])  # 5 = 1·3 + 2
+    with pytest.raises(ts.RankFailedError, match=r"has dims 0 .. 2, not 3"):
+        ts.run(lambda comm: ts.init_device_mesh(comm, (2, 3, 1), mesh_dim_names=("dp", "cp", "tp")).size(3),
+               world_size=6, timeout=30)
+
+
 def one_call_per_axis(comm):
     mesh = ts.init_device_mesh(comm, (2, 2, 2), mesh_dim_names=("dp", "cp", "tp"))
     x = torch.ones(4, dtype=torch.float64)

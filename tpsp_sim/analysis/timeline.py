@@ -28,6 +28,13 @@ so what follows it is the previous layer's backward, which needs dX — overlapp
 all-reduce behind work that depends on it (Megatron overlaps it because its layer computes dX,
 launches the all-reduce, then dW; this package's plain-TP layer does not).
 
+So ``overlap_tp`` models one half of Megatron's sequence-parallel backward overlap, precisely: the
+reduce-scatter of dX hidden behind dW = dYᵀ X. The other half is not modelled: Megatron also launches
+the all-gather that rebuilds the column layer's saved input shard (X from its sequence shards)
+asynchronously and computes dX = dY W under it; here that backward all-gather stays blocking, so
+TP+SP backward is charged for it in full. The predicted TP exposure with ``overlap_tp=True`` is
+therefore an upper bound on Megatron's (``ts.plan``'s ``overlap_tp`` is this one).
+
 Per mesh axis: ``Timeline.exposed_by_axis(rank)`` splits the rank's exposed communication among the
 axes of the calls (``CommEvent.axis``), so that compute + exposed per axis + idle = the rank's end.
 """
@@ -117,7 +124,8 @@ class Timeline:
 def timeline(trace: CommTrace, hw: Cluster | Hardware | str, *, mfu: float = 1.0, overlap_tp: bool = False) -> Timeline:
     """Lay out every rank's recorded program on ``hw`` (see the module docstring). Needs the whole trace.
 
-    ``mfu``: the fraction of ``peak_flops`` compute runs at; ``overlap_tp``: Megatron's overlap of TP's
+    ``hw``: a ``Cluster`` or a key of ``ts.cost.CLUSTERS`` (what ``ts.plan`` takes as ``cluster=``), or a
+    one-link ``Hardware``. ``mfu``: the fraction of ``peak_flops`` compute runs at; ``overlap_tp``: Megatron's overlap of TP's
     backward input-gradient reduction with the weight-gradient matmul (module docstring)."""
     if not 0 < mfu <= 1:
         raise ValueError(f"timeline: mfu must be in (0, 1], got {mfu}")

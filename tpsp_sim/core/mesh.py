@@ -13,6 +13,12 @@ in dp and cp; rank order dp-major). Every group is built up front with ``comm.ne
 subset by axis subset, group by group in increasing order of its first rank: every rank creates
 every group in the same order, as real ``torch.distributed`` requires. Each group's ``axis``
 ("tp", "dp_cp") is recorded on every ``CommEvent`` of its calls.
+
+Differences from ``torch.distributed.device_mesh``: ``init_device_mesh``'s first argument is a
+``Comm`` (PyTorch's is a device type, "cuda"); ``mesh["tp"]`` is a ``Comm``, not a 1-D ``DeviceMesh``
+(PyTorch's ``mesh["tp"].get_group()`` is that communicator); ``mesh["dp", "cp"]`` is one ``Comm`` over
+the flattened axes, where PyTorch returns a 2-D sub-mesh and flattens it with ``_flatten()``.
+``size(dim)`` and ``get_local_rank(dim)`` take a name or an index, as PyTorch's do.
 """
 
 from __future__ import annotations
@@ -40,17 +46,22 @@ class DeviceMesh:
                              f"or several distinct names in mesh order")
         return self._groups[key]
 
-    def _dim(self, name: str) -> int:
+    def _dim(self, name: str | int) -> int:
+        if isinstance(name, int) and not isinstance(name, bool):
+            if not 0 <= name < len(self.shape):
+                raise ValueError(f"rank {self.comm.rank}: mesh {self.mesh_dim_names} has dims 0 .. "
+                                 f"{len(self.shape) - 1}, not {name}")
+            return name
         if name not in self.mesh_dim_names:
             raise ValueError(f"rank {self.comm.rank}: mesh {self.mesh_dim_names} has no axis {name!r}")
         return self.mesh_dim_names.index(name)
 
-    def get_local_rank(self, name: str) -> int:
-        """This rank's coordinate on axis ``name`` (its rank in ``mesh[name]``)."""
+    def get_local_rank(self, name: str | int) -> int:
+        """This rank's coordinate on axis ``name`` (a name or a dim index; its rank in ``mesh[name]``)."""
         return self.coordinate[self._dim(name)]
 
-    def size(self, name: str | None = None) -> int:
-        """The number of ranks on axis ``name`` (the whole mesh when None)."""
+    def size(self, name: str | int | None = None) -> int:
+        """The number of ranks on axis ``name`` (a name or a dim index; the whole mesh when None)."""
         return math.prod(self.shape) if name is None else self.shape[self._dim(name)]
 
     def __repr__(self) -> str:

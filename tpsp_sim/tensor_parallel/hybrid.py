@@ -4,6 +4,12 @@
 attention="ring", layout="zigzag")`` builds the usual TP(+SP) block over ``tp`` and replaces its
 attention with a context-parallel one over ``cp`` (Megatron-LM's TP × CP; Llama 3's 128K stage).
 
+Order of the USP pair: ``cp=(ulysses, ring)`` — the Ulysses communicator first, the ring second (as
+``usp_attention(q, k, v, ulysses, ring)``). The mesh is laid out the other way round, outer to inner:
+``ts.plan`` builds ``("cp_ring", "cp_ulysses", "tp")`` (tp innermost, then the Ulysses group, so a
+Ulysses group is neighbouring ranks, inside a node) and passes ``cp=(mesh["cp_ulysses"],
+mesh["cp_ring"])``.
+
 Tokens. The sequence is cut over cp first — "ring": ``shard_sequence(layout)`` over the cp ranks;
 "ulysses": contiguous pieces (Ulysses has no ring; ``layout`` does not apply); "usp", with
 ``cp=(ulysses, ring)``: ``usp_shard_sequence`` (the ring's ``layout``, then contiguous over the

@@ -10,6 +10,11 @@ replicated and, seeing only this rank's tokens, marked ``sequence_parallel`` —
 summed over tp by ``ts.sync_gradients``, which then averages everything over the dp × cp replicas.
 So that this average is the dense mean, each rank's loss is the sum over its tokens divided by the
 tokens of its replica (its tp group): the tp ranks' losses add up to their replica's mean.
+
+Replicated, not vocabulary-parallel: this teaching model keeps the whole embedding and head (V·h each)
+on every tp rank, while ``ts.memory``'s parameter count (``analysis/models.py``,
+``Model.other_parameters``) splits them over the vocabulary, V·h/t per rank, as Megatron-LM does. At
+a tiny vocabulary the difference is small; at Llama 3's 128,256 tokens it is what makes the two differ.
 """
 
 from __future__ import annotations
