@@ -126,6 +126,13 @@ def test_a_comm_kept_from_a_finished_run_raises_at_once_and_records_nothing():
     assert len(kept[0].recorder.events) == events
 
 
+def test_a_layer_kept_from_a_finished_run_raises_at_once():
+    dense = torch.nn.Linear(4, 3)
+    layers = ts.run(lambda comm: ts.RowParallelLinear.from_dense(dense, comm), world_size=2).outputs
+    with pytest.raises(ts.SimulationError, match="rank 0: this comm belongs to a ts.run that has already returned"):
+        layers[0](torch.ones(1, 2))  # its forward all-reduces
+
+
 def test_every_comm_call_after_the_run_failed_raises_at_once():
     def fn(comm):
         if comm.rank == 0:
@@ -211,6 +218,20 @@ def test_a_deadlock_on_1000_ranks_has_a_short_message():
     assert "rank 0: has returned from fn" in text
     assert ("ranks 1-999: waits in all_reduce(shape=(4,), dtype=torch.float32, op='sum'), collective #0 of "
             "group (0-999), for group ranks [0] that have not called it") in text
+
+
+def test_a_deadlock_with_many_different_waits_shows_twelve_lines():
+    """40 ranks each receiving from its left neighbour first: 40 different waits, 11 shown, the rest counted."""
+    def fn(comm):
+        comm.recv(torch.ones(1), (comm.rank - 1) % comm.world_size)
+
+    with pytest.raises(ts.DeadlockError) as info:
+        ts.run(fn, world_size=40)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 1 + 12
+    assert lines[1].startswith("  rank 0: waits in recv from rank 39 ")
+    assert lines[11].startswith("  rank 10: waits in recv from rank 9 ")
+    assert lines[12] == "  ... and 29 more ranks (11-39), 29 different states"
 
 
 def test_errors_name_the_scope_each_rank_is_in():
