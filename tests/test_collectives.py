@@ -275,3 +275,16 @@ def test_flops_at_the_end_of_a_forward_are_booked_to_the_forward():
     res = ts.run(fn, world_size=2, count_flops=True)
     spans = [(c.scope, c.phase, c.flops) for c in res.trace.compute if c.rank == 0]
     assert spans == [("layer", "forward", 64), ("", "backward", 64)]
+
+
+def test_subgroups_created_at_the_same_time_by_disjoint_groups_get_their_own_ranks():
+    """Eight pairs each split themselves again at once: every new communicator names its own pair."""
+    def fn(comm):
+        pairs = [comm.new_group([2 * i, 2 * i + 1]) for i in range(8)]
+        pair = pairs[comm.rank // 2]
+        return [pair.new_group([0, 1]).group for _ in range(5)]
+
+    for _ in range(3):
+        res = ts.run(fn, world_size=16)
+        for rank, groups in enumerate(res.outputs):
+            assert groups == [(rank - rank % 2, rank - rank % 2 + 1)] * 5

@@ -110,9 +110,10 @@ class SimComm(Comm):
         return recv.tensor
 
     def _new_group(self, ranks):
-        def register(xs):
-            self.world.groups.append(tuple(self.group[r] for r in ranks))
-            return [len(self.world.groups) - 1] * len(xs)
+        def register(xs):  # runs outside the world lock, maybe alongside another group's new_group
+            with self.world.lock:
+                self.world.groups.append(tuple(self.group[r] for r in ranks))
+                return [len(self.world.groups) - 1] * len(xs)
         group_id = self.world.collective(self, "new_group", None, (ranks,), register)
         if self.rank not in ranks:
             return None
