@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import seeded_randn
+from conftest import local, run_block_stack, seeded_randn
 import tpsp_sim as ts
 
 TOL = 1e-10
@@ -32,10 +32,6 @@ def inputs(seed=1, b=B, s=S, h=H):
     return seeded_randn((b, s, h), (b, s, h), seed=seed)
 
 
-def local(x, comm, mode):
-    return ts.shard_sequence(x, comm.rank, comm.world_size, dim=1) if mode == "tp_sp" else x.clone()
-
-
 def dense_run(blocks, x, gy, seed=None):
     x = x.clone().requires_grad_()
     y = x
@@ -49,27 +45,9 @@ def dense_run(blocks, x, gy, seed=None):
 
 
 def parallel_run(blocks, x, gy, t, mode, seed=0, exact_dropout=False):
-    """A stack of parallel blocks under scopes block0, block1, ...; returns (y, dx, dense grads per block), full."""
-    def fn(comm):
-        stack = [ts.ParallelTransformerBlock.from_dense(b, comm, mode, seed=seed + i, exact_dropout=exact_dropout)
-                 for i, b in enumerate(blocks)]
-        xi = local(x, comm, mode).requires_grad_()
-        y = xi
-        for i, block in enumerate(stack):
-            with comm.scope(f"block{i}"):
-                y = block(y)
-        y.backward(local(gy, comm, mode))
-        for block in stack:
-            if mode == "tp_sp":
-                ts.sync_sequence_parallel_grads(block, comm)
-        return y.detach(), xi.grad, [ts.gather_dense_grads(block) for block in stack]
-
-    res = ts.run(fn, world_size=t)
-    join = (lambda xs: torch.cat(xs, 1)) if mode == "tp_sp" else (lambda xs: xs[0])
-    for out in res.outputs[1:]:
-        if mode == "tp":
-            assert torch.equal(out[0], res.outputs[0][0]), "tp: every rank holds the same output"
-    return join([o[0] for o in res.outputs]), join([o[1] for o in res.outputs]), [o[2] for o in res.outputs], res.trace
+    """A stack of parallel blocks under scopes block0, block1, ...; returns (y, dx, dense grads per block, trace), full."""
+    return run_block_stack(lambda comm: [ts.ParallelTransformerBlock.from_dense(
+        b, comm, mode, seed=seed + i, exact_dropout=exact_dropout) for i, b in enumerate(blocks)], x, gy, t, mode)
 
 
 def assert_close(a, b):

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings, strategies as st
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import seeded_randn
+from conftest import local, run_block_stack, seeded_randn
 import tpsp_sim as ts
 from tpsp_sim.tensor_parallel.layers import Dropout, DropoutRNG, replicate
 from tpsp_sim.tensor_parallel.llama import FusedQKVAttention, FusedSwiGLU
@@ -47,31 +47,10 @@ def dense_run(blocks, x, gy, positions=None):
     return y.detach(), x.grad, [{n: p.grad.clone() for n, p in block.named_parameters()} for block in blocks]
 
 
-def local(x, comm, mode):
-    return ts.shard_sequence(x, comm.rank, comm.world_size, dim=1) if mode == "tp_sp" else x.clone()
-
-
 def parallel_run(blocks, x, gy, t, mode, positions=None, gather=True):
     """(y, dx, dense grads per block, trace): a stack of ParallelTransformerBlocks under scopes block0, block1."""
-    def fn(comm):
-        stack = [ts.ParallelTransformerBlock.from_dense(b, comm, mode) for b in blocks]
-        xi = local(x, comm, mode).requires_grad_()
-        y = xi
-        for i, block in enumerate(stack):
-            with comm.scope(f"block{i}"):
-                y = block(y, positions)
-        y.backward(local(gy, comm, mode))
-        if not gather:
-            return y.detach(), xi.grad, None
-        for block in stack:
-            if mode == "tp_sp":
-                ts.sync_sequence_parallel_grads(block, comm)
-        return y.detach(), xi.grad, [ts.gather_dense_grads(block) for block in stack]
-
-    res = ts.run(fn, world_size=t)
-    join = (lambda xs: torch.cat(xs, 1)) if mode == "tp_sp" else (lambda xs: xs[0])
-    return (join([o[0] for o in res.outputs]), join([o[1] for o in res.outputs]),
-            [o[2] for o in res.outputs], res.trace)
+    return run_block_stack(lambda comm: [ts.ParallelTransformerBlock.from_dense(b, comm, mode) for b in blocks],
+                           x, gy, t, mode, positions=positions, gather=gather)
 
 
 def max_diff(a, b):
