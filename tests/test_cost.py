@@ -228,3 +228,14 @@ def test_estimate_filters_reject_unknown_fields_and_faster_links_are_faster():
 def test_format_seconds():
     assert [cost.format_seconds(t) for t in (0, 2.5, 1.5e-3, 3.25e-6, 4e-9)] == ["0 s", "2.5 s", "1.5 ms", "3.2 µs",
                                                                                   "4.0 ns"]
+
+
+def test_estimate_aggregates_are_floats_even_when_nothing_matches():
+    """Seconds are floats, 0.0 when no call matches; a trace's byte sums stay ints (0 when none match)."""
+    trace = ts.run(lambda comm: comm.all_reduce(torch.ones(4)), world_size=2).trace
+    est = cost.estimate(trace, HW)
+    empty = (est.total(op="send"), est.max_per_rank(op="send"), est.mean_per_rank(op="send"))
+    assert empty == (0.0, 0.0, 0.0) and all(type(t) is float for t in empty)
+    assert all(type(t) is float for t in est.per_rank(op="send").values())
+    assert trace.max_per_rank(op="send") == 0 and type(trace.max_per_rank(op="send")) is int
+    assert trace.max_per_rank() == 16 and type(trace.max_per_rank()) is int  # 2·1/2·16 bytes

@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..core.trace import CommEvent
+
 
 @dataclass(frozen=True)
 class Link:
@@ -61,7 +63,7 @@ class Cluster:
         """The link a call among ``ranks`` runs on: intra-node if they share a node, else inter-node."""
         return self.intra_node if len({self.node(r) for r in ranks}) <= 1 else self.inter_node
 
-    def link_for(self, event) -> Link:
+    def link_for(self, event: CommEvent) -> Link:
         """The link of one recorded call (a ``CommEvent``): its two ends for send / recv, else its group."""
         if event.op in ("send", "recv"):
             return self.link((event.rank, event.peer))

@@ -185,12 +185,12 @@ class Estimate:
         return self.seconds[event.rank, event.seq]
 
     def total(self, **filters: Any) -> float:
-        """Seconds of every matching call of every rank, added up (the sum over ranks)."""
-        return self.trace.total(self.of, **filters)
+        """Seconds of every matching call of every rank, added up (the sum over ranks; 0.0 if none)."""
+        return float(self.trace.total(self.of, **filters))
 
     def per_rank(self, **filters: Any) -> dict[int, float]:
-        """{rank: seconds of that rank's matching calls}, for every rank of the trace."""
-        return self.trace.per_rank(self.of, **filters)
+        """{rank: seconds of that rank's matching calls (0.0 if none)}, for every rank of the trace."""
+        return {r: float(t) for r, t in self.trace.per_rank(self.of, **filters).items()}
 
     def mean_per_rank(self, **filters: Any) -> float:
         """One rank's share: ``total`` divided by the number of ranks."""
@@ -198,7 +198,7 @@ class Estimate:
 
     def max_per_rank(self, **filters: Any) -> float:
         """Seconds of the busiest rank's matching calls (0.0 if none)."""
-        return self.trace.max_per_rank(self.of, **filters)
+        return float(self.trace.max_per_rank(self.of, **filters))
 
     def group_by(self, key: Callable[[CommEvent], Any] | str | tuple[str, ...]) -> dict[Any, float]:
         """{key: seconds of every call of every rank with that key} (``CommTrace.group_by``), e.g.

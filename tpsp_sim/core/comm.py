@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -84,7 +84,7 @@ class Comm(ABC):
 
     # ---- labels ---------------------------------------------------------------------------------
 
-    def scope(self, name: str):
+    def scope(self, name: str) -> AbstractContextManager[None]:
         """Label the calls made inside: ``with comm.scope("block0"), comm.scope("attn")`` → ``"block0/attn"``."""
         return self.recorder.push_scope(name)
 
@@ -98,7 +98,7 @@ class Comm(ABC):
         with self.recorder.replay_scope(scope):
             yield
 
-    def phase(self, name: str):
+    def phase(self, name: str) -> AbstractContextManager[None]:
         """Record the calls made inside under phase ``name`` (one of ``tpsp_sim.core.trace.PHASES``), e.g.
         ``with comm.phase("grad_sync"):`` around gradient reductions called after backward."""
         return self.recorder.push_phase(name)

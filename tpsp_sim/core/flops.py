@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,7 +47,7 @@ class FlopCounter(TorchDispatchMode):
         return out
 
 
-def count_flops(fn, *args, **kwargs) -> tuple[object, int]:
+def count_flops(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, int]:
     """Run ``fn(*args, **kwargs)`` and return (its result, the FLOPs it computed on this thread)."""
     with FlopCounter() as counter:
         out = fn(*args, **kwargs)

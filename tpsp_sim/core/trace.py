@@ -234,7 +234,8 @@ class CommTrace:
         return sum(sums.values()) / len(sums) if sums else 0.0
 
     def max_per_rank(self, field: Field = "sent_bytes", **filters: Any) -> float:
-        """The busiest rank's sum of ``field`` (0 if there are no ranks)."""
+        """The busiest rank's sum of ``field``: the field's type, so an int for bytes, and int 0 when no event
+        matches (``Estimate``'s seconds are always floats, 0.0 when none match)."""
         return max(self.per_rank(field, **filters).values(), default=0)
 
     def group_by(self, key: Callable[[CommEvent], Any] | str | tuple[str, ...],
