@@ -13,6 +13,11 @@ timeline = ts.timeline
 
 TOY = cost.Hardware("toy", link_bandwidth=1e9, latency=0.0, peak_flops=32e9)
 TOY_LATENCY = cost.Hardware("toy with latency", link_bandwidth=1e9, latency=2e-7, peak_flops=32e9)
+BLOCK = 64  # TOY's overlap block for float32 K/V, by hand: c = 4 bytes · 32e9 FLOP/s / (2 · 1e9 B/s) = 64 tokens
+
+
+def test_toy_overlap_block_is_64_tokens():
+    assert cost.ring_overlap_block(TOY, dtype_bytes=4) == BLOCK
 
 
 def fake_ring(comm, c, d):
@@ -41,7 +46,7 @@ def ring_times(c, d, dtype_bytes, hw):
 @pytest.mark.parametrize("p", [2, 3, 4])
 @pytest.mark.parametrize("factor", [0.25, 0.5, 2, 4])
 def test_fake_ring_hides_transfers_only_above_the_overlap_block(p, factor, hw):
-    block = cost.ring_overlap_block(TOY, dtype_bytes=4)  # float32 K/V: 64 tokens
+    block = BLOCK
     c, d = int(block * factor), 8
     tl = timeline(ts.run(fake_ring, c, d, world_size=p, count_flops=True).trace, hw)
     compute, transfer = ring_times(c, d, 4, hw)
@@ -66,7 +71,7 @@ def ring_attention_fn(comm, q, k, v, causal, backward):
 @pytest.mark.parametrize("p", [2, 3, 4])
 @pytest.mark.parametrize("factor", [0.5, 2])
 def test_ring_attention_forward_hides_kv_above_the_overlap_block(p, factor):
-    block = cost.ring_overlap_block(TOY, dtype_bytes=4)
+    block = BLOCK
     n, d, heads = int(block * factor), 8, 2  # n tokens per rank
     q, k, v = (torch.randn(1, heads, n * p, d) for _ in range(3))
     tl = timeline(ts.run(ring_attention_fn, q, k, v, False, False, world_size=p, count_flops=True).trace, TOY)
@@ -81,7 +86,7 @@ def test_ring_attention_forward_hides_kv_above_the_overlap_block(p, factor):
 @pytest.mark.parametrize("p", [2, 4])
 def test_ring_attention_backward_exposes_only_the_last_dkv_shift_when_blocks_are_large(p):
     """Backward's second ring carries dK/dV home after the last tile: that one shift has nothing to hide behind."""
-    n, d = int(4 * cost.ring_overlap_block(TOY, dtype_bytes=4)), 8
+    n, d = 4 * BLOCK, 8
     q, k, v = (torch.randn(1, 1, n * p, d) for _ in range(3))
     tl = timeline(ts.run(ring_attention_fn, q, k, v, False, True, world_size=p, count_flops=True).trace, TOY)
     last_shift = 2 * n * d * 4 / TOY.link_bandwidth

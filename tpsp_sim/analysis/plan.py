@@ -250,7 +250,8 @@ def _layer_job(m: Model, c: Cluster, seq: int, micro_batch: int, mfu: float, ove
         return _layer_time(simulate_layer(m, cp, tp, kind, seq, micro_batch, u), c, mfu, overcount, overlap_tp)
     except (ValueError, SimulationError) as error:
         cause = error.__cause__ if isinstance(error, SimulationError) and error.__cause__ else error
-        message = re.sub(r"^rank \d+: ", "", str(cause).splitlines()[0])  # whichever rank raised first
+        # without the rank ("rank 3: ", "rank 1 of its group: "): whichever rank raised first
+        message = re.sub(r"^rank \d+[^:]*: ", "", str(cause).splitlines()[0])
         return f"cannot run: {message}"
 
 
