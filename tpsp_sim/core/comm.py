@@ -70,6 +70,7 @@ class Comm(ABC):
         self.group = group
         self.world_size = len(group)
         self.recorder = recorder
+        self._label = f"rank {rank} of group {group}"  # formatted once: every call's checks use it
 
     @property
     def global_rank(self) -> int:
@@ -192,7 +193,7 @@ class Comm(ABC):
     # ---- argument checks ------------------------------------------------------------------------
 
     def _where(self, op: str) -> str:
-        return f"rank {self.rank} of group {self.group}: {op}"
+        return f"{self._label}: {op}"
 
     def _divisible(self, op: str, x: torch.Tensor, dim: int, name: str) -> None:
         if x.shape[dim] % self.world_size:
