@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import local, run_block_stack, seeded_randn
+from helpers import local, run_block_stack, seeded_randn
 import tpsp_sim as ts
 
 TOL = 1e-10

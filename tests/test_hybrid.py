@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import seeded_randn
+from helpers import seeded_randn
 import tpsp_sim as ts
 from tpsp_sim.tensor_parallel.hybrid import hybrid_positions, shard_hybrid
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import seeded_randn
+from helpers import seeded_randn
 import tpsp_sim as ts
 
 TOL = 1e-10

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings, strategies as st
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import local, run_block_stack, seeded_randn
+from helpers import local, run_block_stack, seeded_randn
 import tpsp_sim as ts
 from tpsp_sim.tensor_parallel.layers import Dropout, DropoutRNG, replicate
 from tpsp_sim.tensor_parallel.llama import FusedQKVAttention, FusedSwiGLU
