@@ -27,6 +27,8 @@ s_in). One rank (p = 1) sends nothing. Receives mirror sends. All calls are reco
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from .attention import attention_block, attention_block_backward, check_layout, check_qkv, online_softmax_merge
@@ -70,26 +72,35 @@ def _tile(step: int, rank: int, world_size: int, n: int, causal: bool, layout: s
     return (ALL, slice(0, half), False) if earlier else (slice(half, n), ALL, False)
 
 
+def forward_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, causal: bool,
+                  layout: str) -> Iterator[tuple[tuple | None, torch.Tensor, torch.Tensor]]:
+    """The forward ring one step at a time: yields (tile, out, lse) once step's tile is merged
+    (out and lse are updated in place, in the accumulation dtype; ``tile`` as ``_tile`` gives it).
+    The next shift is in flight while the tile is computed and while the caller looks at the step."""
+    p, r, n = comm.world_size, comm.rank, q.shape[2]
+    kv = torch.stack([k, v])  # one message per shift
+    out = lse = None
+    for step in range(p):
+        shift = _Shift(comm, kv) if step < p - 1 else None
+        tile = _tile(step, r, p, n, causal, layout)
+        if tile is not None:
+            rows, cols, masked = tile
+            block = attention_block(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], causal=masked)
+            if out is None:  # step 0 covers every row
+                out, lse = block
+            else:
+                out[:, :, rows], lse[:, :, rows] = online_softmax_merge(out[:, :, rows], lse[:, :, rows], *block)
+        yield tile, out, lse
+        if shift is not None:
+            kv = shift.wait()
+
+
 class _RingAttention(CommFunction):
     """forward: ring of K/V blocks with online softmax; backward: ring of K/V and dK/dV with the global lse."""
 
     @staticmethod
     def forward(ctx, q, k, v, comm, causal, layout):
-        p, r, n = comm.world_size, comm.rank, q.shape[2]
-        kv = torch.stack([k, v])  # one message per shift
-        out = lse = None
-        for step in range(p):
-            shift = _Shift(comm, kv) if step < p - 1 else None
-            tile = _tile(step, r, p, n, causal, layout)
-            if tile is not None:
-                rows, cols, masked = tile
-                block = attention_block(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], causal=masked)
-                if out is None:  # step 0 covers every row
-                    out, lse = block
-                else:
-                    out[:, :, rows], lse[:, :, rows] = online_softmax_merge(out[:, :, rows], lse[:, :, rows], *block)
-            if shift is not None:
-                kv = shift.wait()
+        *_, (_, out, lse) = forward_steps(q, k, v, comm, causal, layout)  # run the ring, keep its last state
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.layout = causal, layout

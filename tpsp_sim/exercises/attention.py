@@ -16,7 +16,6 @@ from . import solutions
 from .harness import WORLD_SIZES, Exercise, check_bytes, check_calls, compare, first, randn, run_ranks
 
 Q_SHAPE, KV_SHAPE = (1, 2, 5, 4), (1, 2, 12, 4)  # 12 keys split into 1, 2, 3 or 4 tiles
-LOCAL = (1, 2, 3, 4)  # one rank's q, k, v shard for ring attention: [batch, heads, seq_local, head_dim]
 
 
 def _merge_case(fn: Callable, tiles: int) -> list[str]:

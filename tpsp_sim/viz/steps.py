@@ -4,8 +4,8 @@
 one chunk) in which rank r's input is 2^r in every chunk, so every partial sum is the bitmask of the
 ranks it contains; ``plot_ring_all_reduce`` draws the chunks every rank holds after each step.
 
-``ring_attention_states`` runs ring attention's forward (``ring._tile`` decides each step's tile, as
-in ``ts.ring_attention``) and records, per rank and step, whose K/V block it holds, which (query, key)
+``ring_attention_states`` runs ring attention's forward step by step (``ring.forward_steps``, the loop of
+``ts.ring_attention``) and records, per rank and step, whose K/V block it holds, which (query, key)
 pairs of the tile it computes, and how far its running output still is from dense attention;
 ``plot_ring_attention`` draws them.
 """
@@ -19,8 +19,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ..context_parallel.attention import attention_block, dense_attention, online_softmax_merge, shard_sequence
-from ..context_parallel.ring import _tile
+from ..context_parallel.attention import dense_attention, shard_sequence
+from ..context_parallel.ring import forward_steps
 from ..core.comm import Comm
 from ..launch import run
 from .collectives import rank_colors
@@ -122,24 +122,13 @@ def _attention_by_steps(comm: Comm, q, k, v, want, causal: bool, layout: str) ->
     p, r = comm.world_size, comm.rank
     q, k, v, want = (shard_sequence(x, r, p, dim=2, layout=layout) for x in (q, k, v, want))
     n = q.shape[2]
-    kv, owner = torch.stack([k, v]), torch.tensor([r])
-    out = lse = None
     steps = []
-    for step in range(p):
+    for step, (tile, out, _) in enumerate(forward_steps(q, k, v, comm, causal, layout)):
         pairs = np.zeros((n, n), dtype=bool)
-        tile = _tile(step, r, p, n, causal, layout)
         if tile is not None:
             rows, cols, masked = tile
-            block = attention_block(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], causal=masked)
-            if out is None:  # step 0 covers every row
-                out, lse = block
-            else:
-                out[:, :, rows], lse[:, :, rows] = online_softmax_merge(out[:, :, rows], lse[:, :, rows], *block)
             pairs[rows, cols] = np.tril(np.ones((n, n), dtype=bool))[rows, cols] if masked else True
-        steps.append(AttentionStep(int(owner), pairs, float((out - want).abs().max())))
-        if step < p - 1:
-            kv = comm.sendrecv(kv, (r + 1) % p, (r - 1) % p)
-            owner = comm.sendrecv(owner, (r + 1) % p, (r - 1) % p)
+        steps.append(AttentionStep((r - step) % p, pairs, float((out - want).abs().max())))
     return steps
 
 
