@@ -148,8 +148,8 @@ def test_plan_command_prints_the_table_and_saves_the_plot(tmp_path, capsys):
 
 
 @pytest.mark.slow  # 20 one-layer simulations of 8 to 64 ranks: 57 s measured at load average 15 on 2 cores
-def test_llama3_70b_at_128k_keeps_tensor_parallelism_inside_a_dgx_node():
-    plans = plan("llama3-70b", 131072, 64, "dgx-h100")
+def test_llama3_70b_at_128k_keeps_tensor_parallelism_inside_a_dgx_node(resource_tracker):
+    plans = plan("llama3-70b", 131072, 64, "dgx-h100", workers=2)  # one layer simulation per core
     inside = [p for p in plans if p.fits and p.tp <= 8]
     assert inside, "some plan with TP inside a node fits"
     best = plans[0]
