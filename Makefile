@@ -39,6 +39,8 @@ bench: setup
 	$(RUN) $(BIN)/python benchmarks/collectives.py
 	$(RUN) $(BIN)/python benchmarks/block.py
 	$(RUN) $(BIN)/python benchmarks/attention.py
+	$(RUN) $(BIN)/python benchmarks/scaling.py
+	$(RUN) OMP_NUM_THREADS=1 $(BIN)/python benchmarks/hybrid_mesh.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info report
