@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..context_parallel.attention import attention_block, dense_attention
+from ..context_parallel.attention import attention_block, dense_attention, shard_sequence
 from . import solutions
 from .harness import WORLD_SIZES, Exercise, check_bytes, check_calls, compare, first, randn, run_ranks
 
@@ -39,7 +39,7 @@ def _ring_case(fn: Callable, p: int) -> list[str]:
     want = dense_attention(q, k, v).chunk(p, 2)
 
     def rank_fn(comm):
-        return fn(*(t.chunk(p, 2)[comm.rank].clone() for t in (q, k, v)), comm)
+        return fn(*(shard_sequence(t, comm.rank, p, dim=2) for t in (q, k, v)), comm)
 
     res = run_ranks(rank_fn, p)
     problems = first(compare(f"rank {r}'s output", out, want[r]) for r, out in enumerate(res.outputs))
