@@ -37,7 +37,6 @@ def call(comm, op: str, x: torch.Tensor):
 
 def in_process(op: str, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Every rank's result computed in one thread: the data movement alone."""
-    p = len(xs)
     if op == "all_reduce":
         total = xs[0].clone()
         for x in xs[1:]:
