@@ -306,7 +306,8 @@ class _Rank:
     rank: int
 
 
-_SPAN_FIELDS = {f.name for f in fields(ComputeSpan)} & {f.name for f in fields(CommEvent)}
+_EVENT_FIELDS = {f.name for f in fields(CommEvent)}
+_SPAN_FIELDS = {f.name for f in fields(ComputeSpan)} & _EVENT_FIELDS
 
 
 def _getter(field: Field) -> Callable[[Any], Any]:
@@ -314,10 +315,9 @@ def _getter(field: Field) -> Callable[[Any], Any]:
 
 
 def _check_fields(filters: dict[str, Any]) -> None:
-    known = {f.name for f in fields(CommEvent)}
-    unknown = set(filters) - known
+    unknown = set(filters) - _EVENT_FIELDS
     if unknown:
-        raise ValueError(f"unknown CommEvent field(s) {sorted(unknown)}; fields are {sorted(known)}")
+        raise ValueError(f"unknown CommEvent field(s) {sorted(unknown)}; fields are {sorted(_EVENT_FIELDS)}")
 
 
 def format_bytes(n: float) -> str:
