@@ -4,7 +4,6 @@ against what a ring all-reduce and ring attention must hold at each step (worked
 from __future__ import annotations
 
 import matplotlib
-import numpy as np
 import pytest
 
 from tpsp_sim.viz.steps import (plot_ring_all_reduce, plot_ring_attention, ring_all_reduce_states,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from ..context_parallel.attention import attention_block, dense_attention, shard_sequence
 from . import solutions
 from .harness import WORLD_SIZES, Exercise, check_bytes, check_calls, compare, first, randn, run_ranks

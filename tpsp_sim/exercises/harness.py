@@ -4,7 +4,6 @@ say in words what is wrong."""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
