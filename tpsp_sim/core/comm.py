@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Sequence
 
 import torch
 
@@ -93,11 +93,9 @@ class Comm(ABC):
     def current_scope(self) -> str:
         return self.recorder.scope
 
-    @contextmanager
-    def replay_scope(self, scope: str) -> Iterator[None]:
+    def replay_scope(self, scope: str) -> AbstractContextManager[None]:
         """Record calls made inside (from a backward) under the scope their forward ran in."""
-        with self.recorder.replay_scope(scope):
-            yield
+        return self.recorder.replay_scope(scope)
 
     def phase(self, name: str) -> AbstractContextManager[None]:
         """Record the calls made inside under phase ``name`` (one of ``tpsp_sim.core.trace.PHASES``), e.g.
