@@ -22,7 +22,7 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
     counted once every process has joined; how failures are blamed: dist/processes.py; NCCL
     needs one GPU per rank, and tensor arguments are moved to each rank's GPU). ``count_flops``
     (simulator only) records the FLOPs each rank computes between communications, for
-    ``ts.cost.timeline``.
+    ``ts.timeline``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -84,7 +84,7 @@ class Recorder:
         self._replayed: str | None = None
         self._phase: str | None = None
         self._seq = 0
-        self.flop_counter: Any = None  # a tpsp_sim.flops.FlopCounter labelled with self.label, while counting
+        self.flop_counter: Any = None  # a tpsp_sim.core.flops.FlopCounter labelled with self.label, while counting
 
     @property
     def scope(self) -> str:
