@@ -13,11 +13,10 @@ collectives summed them), so they are reduced over the replica axes only.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..core.mesh import DeviceMesh
-from .layers import sync_sequence_parallel_grads
+from .layers import all_reduce_bucket, sync_sequence_parallel_grads
 
 TENSOR_AXIS = "tp"
 
@@ -51,9 +50,5 @@ def sync_gradients(module: nn.Module, mesh: DeviceMesh, op: str = "avg") -> None
                          f"{sorted(map(str, dtypes))}")
     if not grads:
         return
-    comm = mesh[replicas]
-    with comm.phase("grad_sync"), comm.scope("dp_grads"):
-        bucket = comm.all_reduce(torch.cat([g.flatten() for g in grads]), op=op)
-    for g, reduced in zip(grads, bucket.split([g.numel() for g in grads])):
-        g.copy_(reduced.view_as(g))
+    all_reduce_bucket(grads, mesh[replicas], "dp_grads", op)
 

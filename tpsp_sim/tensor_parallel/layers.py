@@ -368,12 +368,17 @@ def sync_sequence_parallel_grads(module: nn.Module, comm: Comm) -> None:
     recorded with phase "grad_sync".
     """
     grads = [p.grad for p in module.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    with comm.phase("grad_sync"), comm.scope("sp_grads"):
-        total = comm.all_reduce(torch.cat([g.flatten() for g in grads]))
-    for g, summed in zip(grads, total.split([g.numel() for g in grads])):
-        g.copy_(summed.view_as(g))
+    if grads:
+        all_reduce_bucket(grads, comm, "sp_grads")
+
+
+def all_reduce_bucket(grads: list[torch.Tensor], comm: Comm, scope: str, op: str = "sum") -> None:
+    """All-reduce ``grads`` in place as one bucket: flattened, concatenated, one all-reduce with ``op``,
+    recorded with phase "grad_sync" under ``scope``."""
+    with comm.phase("grad_sync"), comm.scope(scope):
+        total = comm.all_reduce(torch.cat([g.flatten() for g in grads]), op=op)
+    for g, reduced in zip(grads, total.split([g.numel() for g in grads])):
+        g.copy_(reduced.view_as(g))
 
 
 def gather_dense_grads(module: nn.Module, comm: Comm | None = None) -> dict[str, torch.Tensor]:
