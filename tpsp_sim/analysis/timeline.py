@@ -226,10 +226,7 @@ class _Replay:
                 else:
                     if len(self.arrived[key]) < len(item.group):
                         return moved
-                    start = max(self.arrived[key].values())
-                    end = start + event_time(item, self.hw.link_for(item))
-                    self.spans.append(Span(r, "comm", start, end, item.op, item.scope, item.phase, axis=item.axis))
-                    self.clock[r], taken = end, 1
+                    self.clock[r], taken = self._collective_span(r, key, item, blocking=True), 1
             self.at[r] += taken
             moved = True
         if self.pending[r] and self._finish_overlapped(r):
@@ -246,12 +243,16 @@ class _Replay:
             if len(self.arrived[key]) < len(e.group):
                 return False
         for key, e in self.pending[r]:
-            start = max(self.arrived[key].values())
-            end = start + event_time(e, self.hw.link_for(e))
-            self.spans.append(Span(r, "comm", start, end, e.op, e.scope, e.phase, False, e.axis))
-            self.clock[r] = max(self.clock[r], end)
+            self.clock[r] = max(self.clock[r], self._collective_span(r, key, e, blocking=False))
         self.pending[r].clear()
         return True
+
+    def _collective_span(self, r: int, key: tuple, e: CommEvent, blocking: bool) -> float:
+        """Add rank ``r``'s span of collective ``e`` (call ``key``, every rank arrived); return its end."""
+        start = max(self.arrived[key].values())
+        end = start + event_time(e, self.hw.link_for(e))
+        self.spans.append(Span(r, "comm", start, end, e.op, e.scope, e.phase, blocking, e.axis))
+        return end
 
     def _start_transfers(self) -> bool:
         """Time every transfer both of whose sides are posted and whose links are free; True if any."""
