@@ -47,7 +47,7 @@ from ..context_parallel.ulysses import ulysses_attention
 from ..context_parallel.usp import usp_attention, usp_shard_sequence
 from ..core.comm import Comm
 from .layers import SEQUENCE_DIM
-from .llama import FusedQKVAttention, rotary_attention
+from .llama import FusedQKVAttention
 
 ATTENTIONS = ("ring", "ulysses", "usp")
 ContextGroup = Comm | tuple[Comm, Comm]
@@ -120,8 +120,7 @@ class ContextParallelRotaryAttention(FusedQKVAttention):
         if positions is None:
             seq_len = x.shape[SEQUENCE_DIM] * self.tokens_per_input_token * self.cp_size
             positions = context_positions(seq_len, self.cp, self.kind, self.layout)
-        q, k, v = self.project(x)
-        return self.o(rotary_attention(q, k, v, positions, self.head_dim, self.rope_theta, self.attention))
+        return super().forward(x, positions)
 
 
 def context_parallel_attention(attn: nn.Module, cp: ContextGroup, attention: str, layout: str, *,
