@@ -52,7 +52,8 @@ def check_against_dense(dense, cp, t, attention, layout, mode="tp_sp", seed=0):
     y_ref, dx_ref, grads_ref = dense_reference(dense, x, dy)
     res = ts.run(hybrid_rank, dense, x, dy, cp, t, attention, layout, mode, world_size=cp * t)
     covered = torch.cat([o[2] for o in res.outputs])
-    assert sorted(covered.tolist()) == list(range(SEQ)) or mode == "tp"  # every token on exactly one rank
+    copies = 1 if mode == "tp_sp" else t  # "tp_sp": every token on exactly one rank; "tp": on each of its t tp ranks
+    assert sorted(covered.tolist()) == sorted(list(range(SEQ)) * copies)
     for y, dx, positions, grads in res.outputs:
         torch.testing.assert_close(y, y_ref[:, positions], rtol=0, atol=TOL)
         torch.testing.assert_close(dx, dx_ref[:, positions], rtol=0, atol=TOL)
