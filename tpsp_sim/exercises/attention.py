@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..context_parallel.attention import attention_block, dense_attention, shard_sequence
 from . import solutions
-from .harness import WORLD_SIZES, Exercise, check_bytes, check_calls, compare, first, randn, run_ranks
+from .harness import P2P, WORLD_SIZES, Exercise, check_bytes, check_calls, compare, first, randn, run_ranks
 
 Q_SHAPE, KV_SHAPE = (1, 2, 5, 4), (1, 2, 12, 4)  # 12 keys split into 1, 2, 3 or 4 tiles
 
@@ -41,7 +41,7 @@ def _ring_case(fn: Callable, p: int) -> list[str]:
 
     res = run_ranks(rank_fn, p)
     problems = first(compare(f"rank {r}'s output", out, want[r]) for r, out in enumerate(res.outputs))
-    problems += check_calls(res.trace, p, "forward", allowed=("send", "recv"))
+    problems += check_calls(res.trace, p, "forward", allowed=P2P)
     e = 2 * 3 * 4  # elements of one rank's K shard
     return problems + check_bytes(res.trace, p, "forward", (p - 1) * 2 * e * 8, f"(p-1)·2·E·8 = {p - 1}·2·{e}·8",
                                   ("sent_bytes", "recv_bytes"))

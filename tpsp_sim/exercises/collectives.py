@@ -11,9 +11,8 @@ from typing import Callable
 import torch
 
 from . import solutions
-from .harness import WORLD_SIZES, Exercise, check_bytes, check_calls, compare, first, randn, run_ranks
+from .harness import P2P, WORLD_SIZES, Exercise, check_bytes, check_calls, compare, first, randn, run_ranks
 
-P2P = ("send", "recv")  # sendrecv, isend/irecv and send/recv are recorded as these
 SHARD = (3, 2)  # float64: n = 48 B per rank
 FULL_ROWS = 12  # reduce-scatter input [12, 3] float64: N = 288 B, divisible into 2, 3 or 4 chunks
 

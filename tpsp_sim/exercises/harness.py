@@ -17,6 +17,7 @@ from ..launch import run
 WORLD_SIZES = (2, 3, 4)  # every rank-level exercise is checked on these, an odd one included
 ATOL = 1e-12  # float64 throughout
 TIMEOUT = 20.0  # seconds; a deadlock is reported long before (the simulator sees every rank blocked)
+P2P = ("send", "recv")  # sendrecv, isend/irecv and send/recv are recorded as these
 
 
 class Problem(Exception):
