@@ -26,6 +26,20 @@ def test_ring_all_reduce_states(p):
         assert all(state.received[r] is not None and state.held[r] != states[step - 1].held[r] for r in range(p))
 
 
+def test_ring_all_reduce_states_on_three_ranks_by_hand():
+    """Bitmasks 1, 2, 4 (ranks 0, 1, 2). Reduce-scatter step s: rank r adds the chunk r-1-s of rank r-1
+    to its chunk r-2-s; all-gather step s: rank r takes the complete chunk r-1-s of rank r-1."""
+    states = ring_all_reduce_states(3)
+    assert [s.held for s in states] == [
+        ((1, 1, 1), (2, 2, 2), (4, 4, 4)),
+        ((1, 5, 1), (2, 2, 3), (6, 4, 4)),  # 5 = 1 + 4 (rank 2's chunk 1), 3 = 2 + 1, 6 = 4 + 2
+        ((7, 5, 1), (2, 7, 3), (6, 4, 7)),  # chunk r complete on rank r
+        ((7, 5, 7), (7, 7, 3), (6, 7, 7)),
+        ((7, 7, 7), (7, 7, 7), (7, 7, 7)),
+    ]
+    assert [s.received for s in states] == [(None, None, None), (1, 2, 0), (0, 1, 2), (2, 0, 1), (1, 2, 0)]
+
+
 def test_ring_all_reduce_needs_two_to_sixteen_ranks():
     with pytest.raises(ValueError, match="2 to 16 ranks, got world_size=1"):
         ring_all_reduce_states(1)
