@@ -101,7 +101,7 @@ def wire_bytes(op: str, nbytes: int, world_size: int, index: int = 0, root: int 
     See the table in this module's docstring.
     """
     entry = spec(op)
-    if world_size == 1 and op not in ("send", "recv"):
+    if _alone(op, world_size):
         return 0, 0
     return entry.wire(nbytes, world_size, (index - root) % world_size)
 
@@ -109,9 +109,14 @@ def wire_bytes(op: str, nbytes: int, world_size: int, index: int = 0, root: int 
 def latency_steps(op: str, world_size: int) -> int:
     """Messages one rank pays the latency α for in ``op`` on ``world_size`` ranks (0 on one rank)."""
     entry = spec(op)
-    if world_size == 1 and op not in ("send", "recv"):
+    if _alone(op, world_size):
         return 0
     return entry.latency_steps(world_size)
+
+
+def _alone(op: str, world_size: int) -> bool:
+    """A collective on one rank: nothing moves (a send or recv always has another rank at its end)."""
+    return world_size == 1 and op not in ("send", "recv")
 
 
 def describe_call(op: str, x: torch.Tensor | None, params: tuple) -> str:
