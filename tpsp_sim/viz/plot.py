@@ -10,7 +10,6 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
@@ -18,7 +17,7 @@ from matplotlib.patches import Patch
 from matplotlib.axis import Axis
 from matplotlib.ticker import Formatter, FuncFormatter, Locator, LogLocator, NullLocator
 
-from ..context_parallel.attention import shard_sequence
+from ..context_parallel.attention import sequence_positions
 from ..analysis.cost import Hardware, estimate, format_seconds, hardware
 from .collectives import rank_colors
 from ..analysis.timeline import Timeline
@@ -212,9 +211,8 @@ def plot_timeline(tl: Timeline, title: str = "") -> Figure:
 def shard_owners(seq_len: int, world_size: int, layout: str) -> np.ndarray:
     """owner[i] = the rank that holds token i under ``layout`` ("contiguous" or "zigzag")."""
     owner = np.empty(seq_len, dtype=int)
-    positions = torch.arange(seq_len)
     for rank in range(world_size):
-        owner[shard_sequence(positions, rank, world_size, dim=0, layout=layout).numpy()] = rank
+        owner[sequence_positions(seq_len, rank, world_size, layout).numpy()] = rank
     return owner
 
 
