@@ -122,10 +122,13 @@ def test_plot_shards_shows_who_holds_what_and_zigzag_balances_causal_pairs(p):
     render(fig)
     images = [np.ma.filled(ax.images[0].get_array().astype(float), np.nan) for ax in fig.axes]  # imshow masks NaNs
     held_contig, pairs_contig, held_zigzag, pairs_zigzag = images
+    hand = {  # contiguous: tokens 8r .. 8r+7; zigzag: chunks r and 2p-1-r of 2p chunks of 4
+        "contiguous": lambda r: list(range(8 * r, 8 * r + 8)),
+        "zigzag": lambda r: list(range(4 * r, 4 * r + 4)) + list(range(4 * (2 * p - 1 - r), 4 * (2 * p - r))),
+    }
     for layout, held in (("contiguous", held_contig), ("zigzag", held_zigzag)):
         for r in range(p):
-            positions = ts.shard_sequence(torch.arange(s), r, p, dim=0, layout=layout).tolist()
-            assert sorted(np.flatnonzero(held[r] == r).tolist()) == sorted(positions)
+            assert sorted(np.flatnonzero(held[r] == r).tolist()) == hand[layout](r)
         assert np.isnan(held).sum() == (p - 1) * s  # each token on exactly one rank
     counts = {layout: [int((pairs == r).sum()) for r in range(p)]
               for layout, pairs in (("contiguous", pairs_contig), ("zigzag", pairs_zigzag))}
