@@ -80,7 +80,7 @@ class Recorder:
         self.events: list[CommEvent] = []
         self.waits: list[WaitMark] = []
         self.compute: list[ComputeSpan] = []
-        self._scopes: list[str] = []
+        self._scopes: list[str] = []  # the open scopes' full paths, innermost last: "block0", "block0/attn"
         self._replayed: str | None = None
         self._phase: str | None = None
         self._seq = 0
@@ -90,13 +90,13 @@ class Recorder:
     def scope(self) -> str:
         if self._replayed is not None:
             return self._replayed
-        return "/".join(self._scopes)
+        return self._scopes[-1] if self._scopes else ""
 
     @contextmanager
     def push_scope(self, name: str) -> Iterator[None]:
         if not name or "/" in name:
             raise ValueError(f"a scope name must be non-empty and contain no '/': got {name!r}")
-        self._scopes.append(name)
+        self._scopes.append(f"{self._scopes[-1]}/{name}" if self._scopes else name)  # joined once, read per call
         try:
             yield
         finally:
