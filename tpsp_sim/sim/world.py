@@ -92,11 +92,10 @@ def scope_text(scope: str) -> str:
 class _Slot:
     """One call of a collective on one group: what each rank posted, then what each gets back."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self) -> None:
         self.posted: dict[int, tuple[str, torch.Tensor | None, tuple, str]] = {}  # group rank -> (op, x, params, scope)
         self.waiters: list[int] = []  # global ranks asleep on this slot
         self.outputs: list[Any] | None = None
-        self.size = size
 
 
 class _Message:
@@ -280,7 +279,7 @@ class SimWorld:
             self.calls[gid, me] = call + 1
             slot = self.slots.get((gid, call))
             if slot is None:
-                slot = self.slots[gid, call] = _Slot(size)
+                slot = self.slots[gid, call] = _Slot()
             slot.posted[comm.rank] = (op, None if x is None else detached(x), params, comm.recorder.scope)
             last = len(slot.posted) == size
             if last:
@@ -321,7 +320,7 @@ class SimWorld:
         self._raise_if_failed(comm.global_rank)
 
     def _describe_slot(self, comm: Any, slot: _Slot, call: int, op: str, x, params) -> str:
-        missing = [r for r in range(slot.size) if r not in slot.posted]
+        missing = [r for r in range(comm.world_size) if r not in slot.posted]
         return (f"{describe_call(op, x, params)}, collective #{call} of group {group_text(comm.group)}, "
                 f"for group ranks [{format_ranks(missing)}] that have not called it"
                 f"{scope_text(slot.posted[comm.rank][3])}")
