@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import torch
 
 import tpsp_sim as ts
 from tpsp_sim.core.flops import count_flops
+
+from timing import best_of  # benchmarks/timing.py: the fastest of n calls
 
 
 def fwd_bwd(attn, q, k, v, dout, **kwargs):
@@ -35,16 +36,6 @@ def per_rank(comm, q, k, v, dout, attn, causal, layout):
     shard = lambda x: ts.shard_sequence(x, comm.rank, comm.world_size, dim=2, layout=layout)
     kwargs = {"layout": layout} if attn is ts.ring_attention else {}
     return fwd_bwd(lambda *qkv: attn(*qkv, comm, causal=causal, **kwargs), *(shard(x) for x in (q, k, v, dout)))
-
-
-def best_of(repeats: int, fn):
-    """(fastest wall time of ``repeats`` calls after one warm-up call, the last result)."""
-    times, result = [], fn()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def main() -> None:

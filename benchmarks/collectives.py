@@ -16,11 +16,12 @@ import argparse
 import os
 import sys
 import threading
-import time
 
 import torch
 
 import tpsp_sim as ts
+
+from timing import best_of  # benchmarks/timing.py: the fastest of n calls
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "barrier", "sendrecv")
 
@@ -52,15 +53,6 @@ def repeat_calls(comm, op: str, x: torch.Tensor, calls: int) -> None:
         call(comm, op, x)
 
 
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def barrier_rounds(p: int, rounds: int) -> None:
     """p threads meet ``rounds`` times at one threading.Barrier."""
     barrier = threading.Barrier(p)
@@ -78,7 +70,7 @@ def barrier_rounds(p: int, rounds: int) -> None:
 
 def per_call(run, calls: int, repeats: int) -> float:
     """µs per call: (best time of a run making ``calls`` calls - best time of one making none) / calls."""
-    return (best(lambda: run(calls), repeats) - best(lambda: run(0), repeats)) / calls * 1e6
+    return (best_of(repeats, lambda: run(calls), warm_up=False)[0] - best_of(repeats, lambda: run(0), warm_up=False)[0]) / calls * 1e6
 
 
 def sim_per_call(op: str, p: int, numel: int, calls: int, repeats: int) -> float:
@@ -115,7 +107,7 @@ def main() -> None:
             xs = [torch.ones(numel) for _ in range(p)]
             for op in ("all_reduce", "all_gather"):
                 sim = sim_per_call(op, p, numel, 5, args.repeats)
-                copy = best(lambda: [in_process(op, xs) for _ in range(5)], args.repeats) / 5 * 1e6
+                copy = best_of(args.repeats, lambda: [in_process(op, xs) for _ in range(5)], warm_up=False)[0] / 5 * 1e6
                 print(f"{op:<15}{p:>3}{mb:>6.0f}{sim / mb:>12.0f}{copy / mb:>12.0f}{sim / copy:>8.2f}")
 
 

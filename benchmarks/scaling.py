@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 import tpsp_sim as ts
+
+from timing import best_of  # benchmarks/timing.py: the fastest of n calls
 
 
 def ring_pass(comm, q, k, v, dout):
@@ -34,16 +35,6 @@ def block_pass(comm, block, x, gy):
     xs = ts.shard_sequence(x, comm.rank, comm.world_size, dim=1).requires_grad_()
     p(xs).backward(ts.shard_sequence(gy, comm.rank, comm.world_size, dim=1))
     return xs.grad
-
-
-def fastest(repeats: int, fn) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -63,8 +54,8 @@ def main() -> None:
           f"{torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs")
     print(f"{'p':>4}{'ring attention s':>18}{'tp_sp block s':>15}")
     for p in a.ranks:
-        ring = fastest(a.repeats, lambda: ts.run(ring_pass, q, k, v, dout, world_size=p))
-        blk = fastest(a.repeats, lambda: ts.run(block_pass, block, x, gy, world_size=p))
+        ring = best_of(a.repeats, lambda: ts.run(ring_pass, q, k, v, dout, world_size=p))[0]
+        blk = best_of(a.repeats, lambda: ts.run(block_pass, block, x, gy, world_size=p))[0]
         print(f"{p:>4}{ring:>18.3f}{blk:>15.3f}")
 
 
