@@ -49,6 +49,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 def _tile_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """q, k, v in the accumulation dtype, with each K/V head repeated for its group of query heads."""
     dtype, group = acc_dtype(q.dtype), q.shape[1] // k.shape[1]
+    if group == 1:  # repeat_interleave copies even then, and costs more than the tile's matmuls on small tiles
+        return q.to(dtype), k.to(dtype), v.to(dtype)
     return q.to(dtype), k.to(dtype).repeat_interleave(group, 1), v.to(dtype).repeat_interleave(group, 1)
 
 

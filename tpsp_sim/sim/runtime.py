@@ -1,4 +1,4 @@
-"""Virtual ranks: one thread per rank, exact collectives (world.py), and failures that never hang.
+"""Virtual ranks: one thread per rank, taking turns (world.py), exact collectives, and failures that never hang.
 
 ``run_virtual`` starts a thread per rank and supervises them. Liveness is tracked here, not with
 ``Thread.is_alive()`` (on CPython 3.11 a signal that interrupts ``Thread.join(timeout)`` marks a
@@ -9,8 +9,8 @@ When the run fails (a rank raised, a deadlock, a mismatch, the timeout, a Keyboa
 the run this one is nested in failed), ranks waiting in a collective wake and raise at once; ranks
 computing in ``fn`` get an asynchronous ``Aborted`` that stops them at their next Python
 instruction (never a rank waiting in the runtime or supervising a nested run, and at most once:
-``main`` is written so that it may land anywhere in the rank's own code). A rank inside one long C call (a big matmul, ``time.sleep``, ``Event.wait``) cannot be
-interrupted: the error is reported anyway after a short grace, with a note naming those ranks, and
+``main`` is written so that it may land anywhere in the rank's own code). A rank inside one long C
+call (a big matmul, ``time.sleep``, ``Event.wait``) cannot be interrupted: the error is reported anyway after a short grace, with a note naming those ranks, and
 every ``Comm`` call they make afterwards raises at once.
 """
 
@@ -32,7 +32,7 @@ from ..core.result import RunResult
 from ..core.trace import CommTrace, Recorder
 from .world import Aborted, SimWorld, _Message, copy_error, detached, format_ranks
 
-POLL = 0.05  # seconds between the supervisor's checks of the timeout and of failure
+POLL = 0.05  # seconds between the supervisor's checks of the timeout and of stalled turns
 GRACE = 0.5  # seconds a failed run's ranks get to stop before the error is reported without them
 
 _current = threading.local()  # in a rank thread: .world and .rank, the run it belongs to and its rank
@@ -214,12 +214,17 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
 
 
 def _supervise(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
-    """Wait for every rank to leave; check the timeout; once the run has failed, stop the ranks."""
+    """Wait for every rank to leave, polling the world every POLL s (timeout, stalled turns); once the
+    run has failed, stop the ranks."""
+    next_poll = time.monotonic() + POLL
     while len(exited) < world.world_size:
         try:
-            exited.add(done.get(timeout=POLL))
+            exited.add(done.get(timeout=max(0.0, next_poll - time.monotonic())))
         except Empty:
-            world.check_timeout()
+            pass
+        if time.monotonic() >= next_poll:
+            world.poll()
+            next_poll = time.monotonic() + POLL
         if world.error is not None:
             _stop(world, done, exited)
             return

@@ -1,13 +1,24 @@
-"""The shared state of one simulated run, and who waits for what.
+"""The shared state of one simulated run: who runs, who waits for what.
 
-One lock guards the state. A rank that must wait registers *what* it waits for (a predicate)
-and sleeps on its own gate (a lock only it blocks on), outside the world lock. Whoever makes a
-predicate true wakes exactly the ranks concerned: completing a collective wakes the ranks of
-that call, matching a message wakes its two ends. So a rank in ``asleep`` is one whose predicate
-was false when it registered and that nobody has woken since: its predicate is still false, and
-only a running rank can make it true. When every live rank is in ``asleep`` (each wait is tested
-again, as the definition demands), no rank can ever progress: that is a deadlock, and it is
-reported then and only then. A rank whose message has already arrived is not stuck.
+Turns. Every rank's Python shares one GIL, so ranks gain nothing from running at once; worse, a
+rank that releases the GIL for each small torch op hands it to one of the other runnable threads,
+and with tens of them the run spends most of its time in the kernel switching threads (64 ranks
+of ring attention: 11 s wall, 7-12 s of it system time). So ranks take turns: at most ``runners``
+(one) run at a time, the others wait on their own gate. A rank gives up its turn only when it must
+wait (or leaves fn) and hands it to the first rank of the ``ready`` queue: one thread wake-up per
+hand-off, nothing else runnable, and a schedule that is the same on every run. A rank that waits
+outside the runtime (``time.sleep``, an ``Event``, a nested run) must not stall the others: each poll
+of the supervisor that finds no hand-off since the last while ranks are ready, and the running ranks
+idle (almost no CPU used meanwhile), admits one more runner; once turns move again it is one.
+
+Waiting. A rank that must wait registers *what* it waits for (a predicate) in ``blocked`` and
+sleeps on its gate, outside the world lock. Whoever makes a predicate true moves exactly the ranks
+concerned from ``asleep`` to ``ready``: completing a collective the ranks of that call, matching a
+message its two ends. So a rank in ``asleep`` is one whose predicate was false when it registered
+and that nobody has woken since: its predicate is still false, and only a running or ready rank can
+make it true. When every live rank is in ``asleep`` (each wait is tested again, as the definition
+demands), no rank can ever progress: that is a deadlock, and it is reported then and only then. A
+rank whose message has already arrived is not stuck.
 
 A collective is a rendezvous: each rank of the group posts its input to the slot for that
 group's next call; the last to arrive checks that all ranks called the same thing (op, shape,
@@ -16,9 +27,9 @@ so runs are bitwise reproducible) and wakes the others. A ``send`` is matched wi
 ``recv`` on the same (group, src, dst) channel, in order, like NCCL; a blocking send returns only
 once matched, so ring-ordering deadlocks show up here.
 
-Failure: ``fail`` records the run's first error and wakes every sleeping rank (and fails the runs
-nested inside this one's ranks); every later call into the world raises a copy of that error, and
-once the run has ended (``close``) every call raises at once, whoever makes it.
+Failure: ``fail`` records the run's first error and releases every waiting rank (and fails the
+runs nested inside this one's ranks); every later call into the world raises a copy of that error,
+and once the run has ended (``close``) every call raises at once, whoever makes it.
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ from ..core.ops import describe_call
 from ..core.trace import Recorder
 
 MAX_LINES = 12  # per-rank lines an error message shows before summarising the rest
+RUNNERS = 1  # ranks that run at once while turns keep moving (see "Turns" above)
+IDLE_CPU = 0.005  # CPU seconds under which running ranks count as waiting between two polls
 
 
 class Aborted(BaseException):
@@ -109,6 +122,14 @@ class _Message:
         self.waiter: int | None = None  # global rank asleep on this message
 
 
+def _cpu_seconds(thread_ident: int) -> float:
+    """CPU time a thread has used; 0 where the platform cannot tell (then it always counts as idle)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread_ident))
+    except (AttributeError, OSError):  # no pthread_getcpuclockid (macOS, Windows), or the thread has ended
+        return 0.0
+
+
 def _locked_gate() -> Any:
     gate = _thread.allocate_lock()
     gate.acquire()
@@ -132,6 +153,12 @@ class SimWorld:
         self.recvs: dict[tuple[int, int, int], deque[_Message]] = {}
         self.blocked: dict[int, tuple[Callable[[], bool], Callable[[], str]]] = {}  # rank -> (ready, describe)
         self.asleep: set[int] = set()  # blocked ranks not woken since their predicate was last false
+        self.ready: deque[int] = deque()  # blocked ranks whose wait is over, in the order they get a turn
+        self.running: set[int] = set()  # ranks that hold a turn
+        self.runners = RUNNERS  # how many may hold one now (the supervisor raises it when turns stall)
+        self.handoffs = 0  # turns given so far
+        self._handoffs_seen = 0  # ... at the supervisor's last poll
+        self._cpu_seen = 0.0  # CPU seconds of the running ranks at the supervisor's last poll
         self.finished: set[int] = set()  # ranks that have left fn
         self.children: list[SimWorld] = []  # runs nested inside this run's ranks
         self.nesting: set[int] = set()  # ranks supervising a nested run (they stop when it stops)
@@ -147,8 +174,7 @@ class SimWorld:
         """Record the run's first error, wake every rank so each raises it, fail nested runs. Lock held."""
         if self.error is None:
             self.error = error
-        for rank in list(self.asleep):
-            self._wake(rank, unregister=False)  # it stays blocked (in the runtime) until it raises
+        self._release_waiting()
         for child in self.children:
             with child.lock:
                 child.fail(SimulationError(f"the enclosing run failed: {error}"))
@@ -172,8 +198,14 @@ class SimWorld:
         """The run has returned: every later call on its comms raises at once."""
         with self.lock:
             self.closed = True
-            for rank in list(self.asleep):
-                self._wake(rank, unregister=False)
+            self._release_waiting()
+
+    def _release_waiting(self) -> None:
+        """Open every waiting rank's gate: each finds the run failed or closed and raises. Lock held."""
+        for rank in [*self.asleep, *self.ready]:  # they stay in ``blocked`` (in the runtime) until they raise
+            self._open(rank)
+        self.asleep.clear()
+        self.ready.clear()
 
     def check_usable(self, rank: int) -> None:
         """Raise if the run has failed or ended (read without the lock: both flags only ever turn on)."""
@@ -184,17 +216,31 @@ class SimWorld:
                 f"rank {rank}: this comm belongs to a ts.run that has already returned; a comm (and a "
                 f"layer holding one) works only inside the fn of its own run, so build it there")
 
-    def check_timeout(self) -> None:
-        """Fail the run once it has passed its timeout."""
+    def poll(self) -> None:
+        """The supervisor's periodic check: fail the run once it has passed its timeout; admit one more
+        runner while ranks are ready, no turn has moved since the last poll, and the running ranks used
+        almost no CPU meanwhile (they wait outside the runtime: a sleep, an Event, a nested run)."""
         with self.lock:
             if self.error is None and self.deadline is not None and time.monotonic() > self.deadline:
                 self.fail(SimulationError(f"the run passed its timeout of {self.timeout} s; "
                                           f"ranks:\n{self.describe_ranks()}"))
+            cpu = sum(_cpu_seconds(self.thread_ids[r]) for r in self.running if r in self.thread_ids)
+            if self.handoffs != self._handoffs_seen:
+                self.runners = RUNNERS
+            elif self.ready and cpu - self._cpu_seen < IDLE_CPU:
+                self.runners += 1
+                self._hand_over()
+            self._handoffs_seen, self._cpu_seen = self.handoffs, cpu
 
     def enter(self, rank: int) -> None:
-        """``rank``'s thread is about to call fn (raise instead if the run has already failed)."""
+        """``rank``'s thread is about to call fn: wait for its first turn (raise instead if the run has failed)."""
         with self.lock:
             self.check_usable(rank)
+            self.blocked[rank] = (lambda: True, lambda: "its first turn")
+            self.ready.append(rank)
+            self._hand_over()
+        self._sleep(rank)
+        with self.lock:
             self.thread_ids[rank] = threading.get_ident()
 
     def rank_done(self, rank: int) -> None:
@@ -202,13 +248,17 @@ class SimWorld:
         with self.lock:
             self.thread_ids.pop(rank, None)
             self.finished.add(rank)
+            self.running.discard(rank)
+            self._hand_over()
             self._check_deadlock()
 
     def describe_ranks(self) -> str:
         """What every rank is doing, identical ranks summarised. Lock held."""
         lines = {}
         for rank in range(self.world_size):
-            if rank in self.blocked:
+            if rank in self.ready:
+                lines[rank] = "is ready, waiting for its turn to run"
+            elif rank in self.blocked:
                 lines[rank] = f"waits in {self.blocked[rank][1]()}"
             elif rank in self.finished:
                 lines[rank] = "has returned from fn"
@@ -226,36 +276,47 @@ class SimWorld:
             self.check_usable(rank)
 
     def _block(self, rank: int, ready: Callable[[], bool], describe: Callable[[], str]) -> None:
-        """Register that ``rank`` waits for ``ready()`` (false now) and check for deadlock. Lock held."""
+        """Register that ``rank`` waits for ``ready()`` (false now), give its turn to the next ready rank
+        and check for deadlock. Lock held; ``_sleep`` (lock not held) follows."""
         self.blocked[rank] = (ready, describe)
         self.asleep.add(rank)
+        self.running.discard(rank)
+        self._hand_over()
         self._check_deadlock()
         self._raise_if_failed(rank)
 
-    def _sleep(self, rank: int, ready: Callable[[], bool], describe: Callable[[], str]) -> None:
-        """Sleep on this rank's gate until ``ready()``, after ``_block``. Lock NOT held."""
+    def _sleep(self, rank: int) -> None:
+        """Sleep on this rank's gate until it is given a turn (its wait is over). Lock NOT held."""
         gate = self.gates[rank]
         while True:
-            gate.acquire(timeout=1.0)  # woken, or a second passed (a spare check, never needed)
-            if rank not in self.blocked:  # woken by whoever made ready() true: it unregistered this rank
+            gate.acquire(timeout=1.0)  # given a turn, released by a failure, or a second passed
+            if rank not in self.blocked:  # _hand_over gave it a turn
                 return
             with self.lock:
                 self._raise_if_failed(rank)
-                if ready():
-                    self.blocked.pop(rank, None)
-                    self.asleep.discard(rank)
-                    return
-                self._block(rank, ready, describe)
+                if rank in self.asleep and self.blocked[rank][0]():  # a spare check, never needed: whoever
+                    self._wake(rank)  # ends a wait wakes its rank
 
-    def _wake(self, rank: int, unregister: bool = True) -> None:
-        """Wake ``rank`` if it sleeps; ``unregister`` when its predicate is true now. Lock held."""
+    def _wake(self, rank: int) -> None:
+        """``rank``'s wait is over: queue it for a turn (if it sleeps). Lock held."""
         if rank in self.asleep:
             self.asleep.discard(rank)
-            if unregister:
-                del self.blocked[rank]
-            gate = self.gates[rank]
-            if gate.locked():  # else a wake-up is already pending, and the rank re-checks after it
-                gate.release()
+            self.ready.append(rank)
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give free turns to ready ranks, first come first served. Lock held."""
+        while self.ready and len(self.running) < self.runners:
+            rank = self.ready.popleft()
+            del self.blocked[rank]
+            self.running.add(rank)
+            self.handoffs += 1
+            self._open(rank)
+
+    def _open(self, rank: int) -> None:
+        gate = self.gates[rank]
+        if gate.locked():  # else it is open already, and the rank re-checks after passing it
+            gate.release()
 
     def _check_deadlock(self) -> None:
         """Fail with DeadlockError if every live rank sleeps and no wait can be satisfied. Lock held."""
@@ -271,8 +332,6 @@ class SimWorld:
                    compute: Callable[[list], list]) -> Any:
         """Post this rank's input for the group's next call and return this rank's output."""
         me, gid, size = comm.global_rank, comm.group_id, comm.world_size
-        ready = lambda: slot.outputs is not None
-        describe = lambda: self._describe_slot(comm, slot, call, op, x, params)
         with self.lock:
             self._raise_if_failed(me)
             call = self.calls.get((gid, me), 0)
@@ -287,9 +346,10 @@ class SimWorld:
                 del self.slots[gid, call]  # every rank has posted: nobody looks it up again
             else:
                 slot.waiters.append(me)
-                self._block(me, ready, describe)
+                self._block(me, lambda: slot.outputs is not None,
+                            lambda: self._describe_slot(comm, slot, call, op, x, params))
         if not last:
-            self._sleep(me, ready, describe)
+            self._sleep(me)
             return slot.outputs[comm.rank]
         inputs = [slot.posted[r][1] for r in range(size)]  # detached: no autograd graph is built
         if torch._C._len_torch_dispatch_stack():  # e.g. a rank's FlopCounterMode: not the rank's own work
@@ -370,7 +430,7 @@ class SimWorld:
             for _, m, _ in messages:
                 m.waiter = me
             self._block(me, ready, describe)
-        self._sleep(me, ready, describe)
+        self._sleep(me)
 
     def sendrecv(self, comm: Any, send: _Message, dst: int, recv: _Message, src: int) -> None:
         """Post a send and a receive together and wait for both (one lock hold, at most one sleep)."""
@@ -386,7 +446,7 @@ class SimWorld:
                 return
             send.waiter = recv.waiter = me
             self._block(me, ready, describe)
-        self._sleep(me, ready, describe)
+        self._sleep(me)
 
 
 def _describe_message(comm: Any, peer: int, message: _Message, sending: bool) -> str:
