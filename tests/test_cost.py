@@ -163,19 +163,21 @@ def test_estimate_of_a_layer_equals_hand_computed_seconds():
     """p = 2, x of 2·12·5 float64 = 960 B (its sequence shard 480 B), α = 3 µs, B = 2 GB/s. Per rank:
     tp: an all_reduce of 960 B forward (f̄) and backward (f), each 2α + 960 B/B = 6 + 0.48 = 6.48 µs;
     sp: all_gather of 480 B and reduce_scatter of 960 B, each α + 480 B/B = 3.24 µs, forward and backward;
-    misc: broadcast of 960 B (α + 960 B/B = 3.48 µs), then a send and a receive of 960 B (3.48 µs each)."""
+    misc: broadcast of 960 B (α + 960 B/B = 3.48 µs), then a sendrecv of 960 B: the send 3.48 µs, its receive
+    0 s (it arrives on the other direction of the full-duplex link while the send leaves)."""
     trace = ts.run(tp_and_sp_layer, torch.randn(2, 12, 5, dtype=torch.float64), world_size=2).trace
     est = cost.estimate(trace, HW)
     us = 1e-6
-    per_rank = 2 * 6.48 + 4 * 3.24 + 3 * 3.48  # 36.36 µs
+    per_rank = 2 * 6.48 + 4 * 3.24 + 2 * 3.48  # 32.88 µs
     assert est.per_rank() == pytest.approx({0: per_rank * us, 1: per_rank * us}, rel=1e-12)
     assert est.total() == pytest.approx(2 * per_rank * us, rel=1e-12)  # the sum over both ranks
     assert est.mean_per_rank() == est.max_per_rank() == pytest.approx(per_rank * us, rel=1e-12)
     assert est.total(phase="backward") == pytest.approx(2 * (6.48 + 2 * 3.24) * us, rel=1e-12)
     assert est.group_by(("scope", "phase")) == pytest.approx(
         {("tp", "forward"): 2 * 6.48 * us, ("sp", "forward"): 4 * 3.24 * us, ("tp", "backward"): 2 * 6.48 * us,
-         ("sp", "backward"): 4 * 3.24 * us, ("misc", "forward"): 6 * 3.48 * us}, rel=1e-12)
+         ("sp", "backward"): 4 * 3.24 * us, ("misc", "forward"): 4 * 3.48 * us}, rel=1e-12)
     assert [row[-1] for row in est.rows() if row[:3] == ("misc", "forward", "send")] == pytest.approx([3.48 * us])
+    assert [row[-1] for row in est.rows() if row[:3] == ("misc", "forward", "recv")] == [0.0]
     assert "| tp | forward | all_reduce | 1 | 960 B | 6.5 µs |" in est.table("markdown")
     assert "test link" in str(est) and "<td" in est._repr_html_()
 
@@ -239,3 +241,109 @@ def test_estimate_aggregates_are_floats_even_when_nothing_matches():
     assert all(type(t) is float for t in est.per_rank(op="send").values())
     assert trace.max_per_rank(op="send") == 0 and type(trace.max_per_rank(op="send")) is int
     assert trace.max_per_rank() == 16 and type(trace.max_per_rank()) is int  # 2·1/2·16 bytes
+
+
+# ---- point-to-point: a send and a receive posted together share a full-duplex link -------------
+
+# A100 NVLink preset: α = 2 µs, B = 300 GB/s. A message of 150,000 float32 = 600,000 B takes
+# 2 µs + 600,000 B / 300 GB/s = 2 + 2 = 4 µs.
+NVLINK_MESSAGE = 4e-6
+
+
+def shift_isend_irecv(comm, x):
+    """One ring shift as ring attention posts it: isend to the right, irecv from the left, then wait."""
+    p = comm.world_size
+    sent, received = comm.isend(x, (comm.rank + 1) % p), comm.irecv(x, (comm.rank - 1) % p)
+    sent.wait()
+    return received.wait()
+
+
+def shift_sendrecv(comm, x):
+    p = comm.world_size
+    return comm.sendrecv(x, (comm.rank + 1) % p, (comm.rank - 1) % p)
+
+
+@pytest.mark.parametrize("shift", [shift_isend_irecv, shift_sendrecv])
+@pytest.mark.parametrize("p", [2, 3, 4])
+def test_a_ring_shift_costs_one_message_per_rank_not_two(p, shift):
+    """Every rank sends 600,000 B right while receiving 600,000 B from the left: 4 µs, not 8 µs."""
+    assert (cost.A100_NVLINK.latency, cost.A100_NVLINK.link_bandwidth) == (2e-6, 300e9)
+    trace = ts.run(shift, torch.zeros(150_000), world_size=p).trace
+    est = cost.estimate(trace, cost.A100_NVLINK)
+    assert est.per_rank() == pytest.approx({r: NVLINK_MESSAGE for r in range(p)}, rel=1e-12)
+    assert est.total(op="send") == pytest.approx(p * NVLINK_MESSAGE, rel=1e-12)  # each transfer once
+    assert est.total(op="recv") == 0.0
+    assert all(est.of(e) == 0.0 for e in trace.filter(op="recv").events)
+
+
+def test_a_one_way_send_costs_the_sender_and_the_waiting_receiver():
+    """Rank 0 sends 600,000 B to rank 1 (blocking): each rank spends 4 µs in it. Then a ping-pong,
+    rank 0 sends and then receives (blocking, one after the other): 8 µs on each rank."""
+    def one_way(comm, x):
+        if comm.rank == 0:
+            comm.send(x, 1)
+        else:
+            comm.recv(x, 0)
+
+    def ping_pong(comm, x):
+        if comm.rank == 0:
+            comm.send(x, 1)
+            comm.recv(x, 1)
+        else:
+            comm.recv(x, 0)
+            comm.send(x, 0)
+
+    x = torch.zeros(150_000)
+    one = cost.estimate(ts.run(one_way, x, world_size=2).trace, cost.A100_NVLINK)
+    assert one.per_rank() == pytest.approx({0: NVLINK_MESSAGE, 1: NVLINK_MESSAGE}, rel=1e-12)
+    assert one.per_rank(op="recv") == pytest.approx({0: 0.0, 1: NVLINK_MESSAGE}, rel=1e-12)
+    both = cost.estimate(ts.run(ping_pong, x, world_size=2).trace, cost.A100_NVLINK)
+    assert both.per_rank() == pytest.approx({0: 2 * NVLINK_MESSAGE, 1: 2 * NVLINK_MESSAGE}, rel=1e-12)
+
+
+def test_a_ring_shift_across_nodes_costs_each_rank_its_slower_direction():
+    """Two nodes of 2 GPUs, NVLink 4 inside (α = 2 µs, 450 GB/s), InfiniBand NDR between (5 µs, 50 GB/s);
+    900,000 B per message: 2 + 2 = 4 µs inside a node, 5 + 18 = 23 µs across. On the ring 0→1→2→3→0
+    the hops 1→2 and 3→0 cross nodes, so every rank either sends or receives over NDR: 23 µs each.
+    Rank 0 sends to 1 on NVLink (its send 4 µs) and receives from 3 over NDR (its receive adds 19 µs)."""
+    two_nodes = cost.Cluster("2 x 2", 1e12, 2, cost.CLUSTERS["dgx-h100"].intra_node, cost.CLUSTERS["dgx-h100"].inter_node)
+    assert (two_nodes.intra_node.latency, two_nodes.intra_node.bandwidth) == (2e-6, 450e9)
+    assert (two_nodes.inter_node.latency, two_nodes.inter_node.bandwidth) == (5e-6, 50e9)
+    trace = ts.run(shift_isend_irecv, torch.zeros(225_000), world_size=4).trace
+    est = cost.estimate(trace, two_nodes)
+    assert est.per_rank() == pytest.approx({r: 23e-6 for r in range(4)}, rel=1e-12)
+    assert est.per_rank(op="send") == pytest.approx({0: 4e-6, 1: 23e-6, 2: 4e-6, 3: 23e-6}, rel=1e-12)
+    assert est.per_rank(op="recv") == pytest.approx({0: 19e-6, 1: 0.0, 2: 19e-6, 3: 0.0}, rel=1e-12, abs=1e-18)
+
+
+def ring_attention_forward_backward(comm, q, k, v):
+    shards = [ts.shard_sequence(t, comm.rank, comm.world_size, dim=2).requires_grad_() for t in (q, k, v)]
+    ts.ring_attention(*shards, comm).sum().backward()
+
+
+def one_way_send(comm, x):
+    if comm.rank == 0:
+        comm.send(x, 1)
+    elif comm.rank == 1:
+        comm.recv(x, 0)
+
+
+QKV = tuple(torch.randn(1, 2, 24, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+CASES = {"isend/irecv shift": (shift_isend_irecv, (torch.zeros(250),)),
+         "sendrecv shift": (shift_sendrecv, (torch.zeros(250),)),
+         "one-way send": (one_way_send, (torch.zeros(250),)),
+         "ring attention forward+backward": (ring_attention_forward_backward, QKV)}
+TWO_NODES = cost.Cluster("2 x 2 toy", 1e12, 2, cost.Link("fast", 4e9, 1e-7), cost.Link("slow", 1e9, 5e-7))
+
+
+@pytest.mark.parametrize("hw", [cost.A100_NVLINK, TWO_NODES], ids=lambda hw: hw.name)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("p", [2, 3, 4])
+def test_point_to_point_estimate_per_rank_equals_the_timeline_without_compute(p, case, hw):
+    """With no compute and every rank posting at once, a rank's predicted seconds are the time its
+    links are busy in ``ts.timeline`` (full duplex there too)."""
+    fn, args = CASES[case]
+    trace = ts.run(fn, *args, world_size=p).trace
+    tl, est = ts.timeline(trace, hw), cost.estimate(trace, hw)
+    assert est.per_rank() == pytest.approx({r: tl.comm(r) for r in range(p)}, rel=1e-12)
+    assert est.total() > 0

@@ -11,18 +11,21 @@ sends over the whole call are exactly its wire bytes. Both come from the table o
 e.g. all_reduce 2α·(p-1) + 2(p-1)/p·N/B; all_to_all α + (p-1)/p·N/B (NCCL posts all its pairs at once).
 
 (Thakur, Rabenseifner & Gropp 2005; the nccl-tests "bus bandwidth" convention). The model ignores
-contention and the switch topology: it is the time one rank's link is busy. On a ``Cluster``
-(``cluster.py``) each call is priced on its group's link: intra-node, or inter-node if it spans nodes.
+contention and the switch topology: it is the time one rank's link is busy. Links are full duplex:
+``estimate`` prices a send and a receive that a rank posts together (a ring shift) as the slower of
+the two, not their sum (``Estimate``). On a ``Cluster`` (``cluster.py``) each call is priced on its
+group's link: intra-node, or inter-node if it spans nodes.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..core.ops import latency_steps, wire_bytes
 from ..core.table import Table
-from ..core.trace import CommEvent, CommTrace, format_bytes
+from ..core.trace import CommEvent, CommTrace, WaitMark, format_bytes
 from .cluster import CLUSTERS, Cluster, Link, cluster
 
 
@@ -100,7 +103,8 @@ def _link(hw: Hardware | Cluster | Link | str, world_size: int, ranks: Sequence[
 
 
 def event_time(event: CommEvent, hw: Hardware | Link | str) -> float:
-    """``collective_time`` of one recorded call, on the group it ran on."""
+    """``collective_time`` of one recorded call, on the group it ran on: for a send or recv, its
+    transfer's α + n/B (``estimate`` charges a recv posted together with a send less; see ``Estimate``)."""
     return collective_time(event.op, event.nbytes, len(event.group), hw)
 
 
@@ -170,9 +174,27 @@ def ring_overlap_block_backward(hw: Hardware | Cluster | str, dtype_bytes: int =
 class Estimate:
     """Predicted seconds of every call in a trace, keyed by the call's (rank, seq).
 
-    Calls are summed as if they ran one after another (``ts.timeline`` overlaps them where the
-    code does). Filters take ``CommEvent`` fields, as in ``CommTrace.filter``, and the aggregates
-    mean what they mean there: ``total`` is the sum over ranks, ``mean_per_rank`` one rank's share,
+    Each rank's calls are summed as if they ran one after another (``ts.timeline`` also overlaps
+    them with compute where the code does), except that point-to-point calls a rank posts together
+    share its full-duplex links: a sendrecv's two halves, or isend/irecv calls posted one right
+    after another with no other call and no wait between them (a ring shift). In such a group the
+    sends leave one after another on the outgoing direction while the receives arrive on the
+    incoming one, so the group takes max(Σ sends, Σ receives), each message α + n/B on the link
+    between its two ranks. Per event: every send costs its α + n/B; the receives, in program order,
+    cost only what they add beyond the group's sends, so that together they cost
+    max(0, Σ receives − Σ sends). A ring shift of n bytes on one link is therefore α + n/B per rank
+    (the send), its receive 0 s; across a node boundary (send on NVLink, receive over InfiniBand)
+    the receive adds the difference, and the rank pays the slower direction.
+
+    A receive posted alone (a blocking ``recv``, or an ``irecv`` with no send beside it) costs its
+    full α + n/B: the rank waits that long, and ``ts.timeline`` shows the same. So a one-way
+    transfer counts on both of its ranks, as a collective counts on every rank of its group, while
+    each transfer of a ring shift counts once. Per rank, point-to-point seconds equal
+    ``ts.timeline``'s communication time when the peers post their sides at the same moment (no
+    compute, no idle); later posts that overlap an earlier group are still added, an upper bound.
+
+    Filters take ``CommEvent`` fields, as in ``CommTrace.filter``, and the aggregates mean what they
+    mean there: ``total`` is the sum over ranks, ``mean_per_rank`` one rank's share,
     ``max_per_rank`` the busiest rank, ``group_by`` a sum.
     """
 
@@ -220,7 +242,8 @@ class Estimate:
                  format_seconds(sum(r[5] for r in rows)))
         return Table(("scope", "phase", "op", "calls/rank", "sent/rank", "time/rank"), body,
                      frozenset({"calls/rank", "sent/rank", "time/rank"}), [total],
-                     title=f"predicted on {self.hardware.name}, calls one after another").render(fmt)
+                     title=f"predicted on {self.hardware.name}, calls one after another "
+                           "(a send and a receive posted together overlap)").render(fmt)
 
     def __str__(self) -> str:
         return self.table()
@@ -231,9 +254,40 @@ class Estimate:
 
 def estimate(trace: CommTrace, hw: Hardware | Cluster | str) -> Estimate:
     """Predicted time of every call of ``trace`` on ``hw`` (see ``Estimate``): a ``Cluster`` (or a key of
-    ``CLUSTERS``) prices each call on its group's link (``Cluster.link_for``); a ``Hardware`` is one link."""
+    ``CLUSTERS``) prices each call on its group's link (``Cluster.link_for``); a ``Hardware`` is one link.
+    Pass the whole trace and filter the ``Estimate``: a receive is priced against the sends posted with it,
+    so a trace filtered to receives alone prices each of them in full."""
     c = cluster(hw)
-    return Estimate(trace, c, {(e.rank, e.seq): event_time(e, c.link_for(e)) for e in trace.events})
+    seconds = {(e.rank, e.seq): event_time(e, c.link_for(e)) for e in trace.events}
+    for group in _posted_together(trace):
+        unused = sum(seconds[e.rank, e.seq] for e in group if e.op == "send")  # send time receives run under
+        for e in (e for e in group if e.op == "recv"):
+            alone = seconds[e.rank, e.seq]
+            seconds[e.rank, e.seq] = max(0.0, alone - unused)
+            unused = max(0.0, unused - alone)
+    return Estimate(trace, c, seconds)
+
+
+def _posted_together(trace: CommTrace) -> list[list[CommEvent]]:
+    """Each rank's groups of point-to-point calls in flight at once (``Estimate``): a send or recv joins
+    the call just before it (no other call or wait between) if that one did not block (an isend/irecv),
+    or if it is the recv of a sendrecv (``batched``). Compute between them is not looked at."""
+    items: dict[int, list[CommEvent | WaitMark]] = defaultdict(list)
+    for item in (*trace.events, *trace.waits):
+        items[item.rank].append(item)
+    groups: list[list[CommEvent]] = []
+    for program in items.values():
+        previous: CommEvent | None = None  # the point-to-point call just before, if any
+        for item in sorted(program, key=lambda x: x.seq):
+            if not (isinstance(item, CommEvent) and item.op in ("send", "recv")):
+                previous = None
+                continue
+            if previous is not None and (not previous.blocking or item.batched):
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+            previous = item
+    return groups
 
 
 def format_seconds(t: float) -> str:
