@@ -126,7 +126,7 @@ def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Hardware | str | Non
               by: str = "scope") -> Figure:
     """Bytes sent per rank, one bar per scope (``by="axis"``: per mesh axis; or per labelled trace), stacked by
     op and phase (backward hatched //, grad_sync dotted); with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
-    (one after another: a send and a receive posted together count twice — see the timeline)."""
+    (one after another, except that a send and a receive posted together overlap; the timeline also overlaps compute)."""
     panels = [(comm_bars(traces, by=by), "sent per rank", byte_axis)]
     if hw is not None:
         panels.append((comm_bars(traces, hw, by), f"time per rank, calls in sequence\n({hardware(hw).name})", seconds_axis))
