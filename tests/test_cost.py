@@ -306,7 +306,8 @@ def test_a_ring_shift_across_nodes_costs_each_rank_its_slower_direction():
     900,000 B per message: 2 + 2 = 4 µs inside a node, 5 + 18 = 23 µs across. On the ring 0→1→2→3→0
     the hops 1→2 and 3→0 cross nodes, so every rank either sends or receives over NDR: 23 µs each.
     Rank 0 sends to 1 on NVLink (its send 4 µs) and receives from 3 over NDR (its receive adds 19 µs)."""
-    two_nodes = cost.Cluster("2 x 2", 1e12, 2, cost.CLUSTERS["dgx-h100"].intra_node, cost.CLUSTERS["dgx-h100"].inter_node)
+    dgx = cost.CLUSTERS["dgx-h100"]
+    two_nodes = cost.Cluster("2 x 2", 1e12, 2, dgx.intra_node, dgx.inter_node)
     assert (two_nodes.intra_node.latency, two_nodes.intra_node.bandwidth) == (2e-6, 450e9)
     assert (two_nodes.inter_node.latency, two_nodes.inter_node.bandwidth) == (5e-6, 50e9)
     trace = ts.run(shift_isend_irecv, torch.zeros(225_000), world_size=4).trace
