@@ -69,12 +69,16 @@ def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One tile: (out, lse) with out = softmax(S) v, lse = log Σ_j exp(S_ij), S = q kᵀ / sqrt(d).
 
+    Computed as FlashAttention does (Dao 2023, Alg. 1): m = max_j S_ij, P = exp(S - m), l = Σ_j P_ij,
+    out = P v / l, lse = m + log l (a masked row always keeps its diagonal key, so m is finite).
     Explicit matmuls, so ``tpsp_sim.flops.FlopCounter`` counts the tile's 4·n·m·d FLOPs per head.
     """
     q, k, v = _tile_inputs(q, k, v)
     scores = _scores(q, k, causal)
-    lse = scores.logsumexp(-1)
-    return torch.exp(scores - lse[..., None]) @ v, lse
+    row_max = scores.amax(-1, keepdim=True)
+    probs = torch.exp(scores - row_max)
+    row_sum = probs.sum(-1, keepdim=True)
+    return (probs @ v) / row_sum, (row_max + row_sum.log()).squeeze(-1)
 
 
 def attention_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
