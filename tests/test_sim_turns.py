@@ -1,5 +1,5 @@
-"""Ranks take turns (tpsp_sim/sim/world.py, "Turns"): one runs at a time while turns move; a rank
-that waits outside the runtime does not stall the others; a rank that computes keeps its turn."""
+"""Ranks take turns (tpsp_sim/sim/world.py, "Turns"): no more run at once than hold a turn; ranks that
+wait outside the runtime do not stall the others; a rank that computes keeps its turn."""
 
 import threading
 import time
@@ -34,19 +34,18 @@ def test_no_more_ranks_run_between_communication_calls_than_hold_a_turn():
     assert len(excess) == 20 and max(excess) <= 0, excess
 
 
-@pytest.mark.parametrize("world_size", [2, 5])
-def test_a_rank_waiting_outside_the_runtime_lets_the_others_run(world_size):
-    """Rank 0 waits for an Event that rank 1 sets and rank 1 for one that rank 0 sets after: whichever
-    gets the first turn waits idle, so only a second runner admitted by the supervisor lets the run end."""
-    first, second = threading.Event(), threading.Event()
+@pytest.mark.parametrize("world_size", [3, 6])
+def test_ranks_waiting_outside_the_runtime_let_the_others_run(world_size):
+    """A chain of Events: rank r waits for rank r+1, the last rank waits for nobody. The first ranks to
+    get a turn wait idle, so only the runners the supervisor admits one by one let the run end."""
+    events = [threading.Event() for _ in range(world_size - 1)]
 
     def fn(comm):
-        if comm.rank == 0:
-            assert first.wait(10)
-            second.set()
-        elif comm.rank == 1:
-            first.set()
-            assert second.wait(10)
+        r = comm.rank
+        if r < world_size - 1:
+            assert events[r].wait(10)
+        if r > 0:
+            events[r - 1].set()
         return comm.all_reduce(torch.ones(1)).item()
 
     start = time.monotonic()

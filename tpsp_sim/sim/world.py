@@ -1,15 +1,16 @@
 """The shared state of one simulated run: who runs, who waits for what.
 
-Turns. Every rank's Python shares one GIL, so ranks gain nothing from running at once; worse, a
-rank that releases the GIL for each small torch op hands it to one of the other runnable threads,
-and with tens of them the run spends most of its time in the kernel switching threads (64 ranks
-of ring attention: 11 s wall, 7-12 s of it system time). So ranks take turns: at most ``runners``
-(one) run at a time, the others wait on their own gate. A rank gives up its turn only when it must
-wait (or leaves fn) and hands it to the first rank of the ``ready`` queue: one thread wake-up per
-hand-off, nothing else runnable, and a schedule that is the same on every run. A rank that waits
-outside the runtime (``time.sleep``, an ``Event``, a nested run) must not stall the others: each poll
-of the supervisor that finds no hand-off since the last while ranks are ready, and the running ranks
-idle (almost no CPU used meanwhile), admits one more runner; once turns move again it is one.
+Turns. Every rank's Python shares one GIL, and a rank releases it for each torch op: with tens of
+runnable rank threads every op hands the GIL to another thread, and the run spends its time in the
+kernel switching threads (64 ranks of ring attention: 11 s wall, 7-12 s of it system time). So
+ranks take turns: at most ``runners`` run at once, the others wait on their own gate. RUNNERS is
+two: one rank's Python runs while another's torch kernel runs without the GIL, and more runnable
+threads would only fight over it. A rank gives up its turn only when it must wait (or leaves fn),
+and hands it to the first rank of the ``ready`` queue: one thread wake-up per hand-off. A rank that
+waits outside the runtime (``time.sleep``, an ``Event``, a nested run) must not stall the others:
+each poll of the supervisor that finds no hand-off since the last while ranks are ready, and the
+running ranks idle (almost no CPU used meanwhile), admits one more runner; once turns move again
+it is back to RUNNERS.
 
 Waiting. A rank that must wait registers *what* it waits for (a predicate) in ``blocked`` and
 sleeps on its gate, outside the world lock. Whoever makes a predicate true moves exactly the ranks
@@ -48,7 +49,7 @@ from ..core.ops import describe_call
 from ..core.trace import Recorder
 
 MAX_LINES = 12  # per-rank lines an error message shows before summarising the rest
-RUNNERS = 1  # ranks that run at once while turns keep moving (see "Turns" above)
+RUNNERS = 2  # ranks that run at once while turns keep moving (see "Turns" above)
 IDLE_CPU = 0.005  # CPU seconds under which running ranks count as waiting between two polls
 
 
