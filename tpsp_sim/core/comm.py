@@ -44,6 +44,8 @@ def _integer(value: Any, where: str, name: str) -> int:
 class Work:
     """Handle of an asynchronous send or receive; ``wait()`` returns the received tensor (or None)."""
 
+    __slots__ = ("_wait_fn", "_recorder", "_event", "_result", "_done")
+
     def __init__(self, wait_fn, recorder: Recorder, event: CommEvent) -> None:
         self._wait_fn = wait_fn
         self._recorder = recorder

@@ -28,7 +28,7 @@ from .table import Table
 PHASES = ("forward", "backward", "grad_sync")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CommEvent:
     """One rank's part in one communication call."""
 
@@ -49,7 +49,7 @@ class CommEvent:
     axis: str | None = None  # the device-mesh axis of the group ("tp", "cp", "dp_cp"; mesh.py), None for plain groups
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WaitMark:
     """A rank waited on the handle of the asynchronous event ``event_seq``."""
 
@@ -58,7 +58,7 @@ class WaitMark:
     event_seq: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ComputeSpan:
     """FLOPs a rank computed between two communication records (only with ``count_flops=True``)."""
 

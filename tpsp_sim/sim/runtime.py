@@ -122,6 +122,8 @@ class SimComm(Comm):
 
 
 class _SimWork:
+    __slots__ = ("comm", "peer", "message", "sending")
+
     def __init__(self, comm: SimComm, peer: int, message: _Message, sending: bool) -> None:
         self.comm, self.peer, self.message, self.sending = comm, peer, message, sending
 

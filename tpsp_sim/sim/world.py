@@ -106,6 +106,8 @@ def scope_text(scope: str) -> str:
 class _Slot:
     """One call of a collective on one group: what each rank posted, then what each gets back."""
 
+    __slots__ = ("posted", "waiters", "outputs")
+
     def __init__(self) -> None:
         self.posted: dict[int, tuple[str, torch.Tensor | None, tuple, str]] = {}  # group rank -> (op, x, params, scope)
         self.waiters: list[int] = []  # global ranks asleep on this slot
@@ -114,6 +116,8 @@ class _Slot:
 
 class _Message:
     """One posted send or receive on a channel."""
+
+    __slots__ = ("tensor", "like", "scope", "matched", "waiter")
 
     def __init__(self, scope: str, tensor: torch.Tensor | None = None, like: torch.Tensor | None = None) -> None:
         self.tensor = tensor
