@@ -65,3 +65,26 @@ def test_a_computing_rank_keeps_its_turn_and_the_timeout_names_the_ranks_waiting
     message = str(info.value)
     assert "is ready, waiting for its turn to run" in message, message
     assert "running fn" in message, message
+
+
+def test_ranks_compute_with_one_intra_op_thread_and_the_setting_comes_back():
+    """The ranks are the parallelism; torch's own thread count is restored after every run, failed or
+    nested (the nested run must not restore it while the outer one still runs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        def nested(comm):
+            inner = ts.run(lambda c: torch.get_num_threads(), world_size=2).outputs
+            return inner, torch.get_num_threads()
+
+        assert ts.run(nested, world_size=2).outputs == [([1, 1], 1)] * 2
+        assert torch.get_num_threads() == 3
+
+        def fails(comm):
+            raise RuntimeError("boom")
+
+        with pytest.raises(ts.RankFailedError):
+            ts.run(fails, world_size=2)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
