@@ -170,3 +170,23 @@ def test_a_rank_that_skips_one_call_on_64_ranks_is_a_deadlock_naming_it():
             "collective #0 of group (5, 13, 21, 29, 37, 45, 53, 61), for group ranks [1] that have not called it "
             "in scope 'col'") in str(info.value)
     assert "ranks 0-4, 6-20, 22-28, 30-36, 38-44, 46-52, 54-60, 62-63: has returned from fn" in str(info.value)
+
+
+def test_a_sendrecv_send_completes_only_when_matched_so_a_deadlock_nccl_has_is_reported():
+    """Rank 0's send to rank 1 cannot complete on NCCL until rank 1 posts its receive, which comes after
+    a collective that waits for rank 0. An eager (buffered) send would let this run finish."""
+    def fn(comm):
+        x = torch.ones(2)
+        if comm.rank == 0:
+            comm.sendrecv(x, 1, 2)
+            comm.all_reduce(x)
+        elif comm.rank == 1:
+            comm.all_reduce(x)
+            comm.recv(x, 0)
+        else:
+            comm.send(x, 0)
+            comm.all_reduce(x)
+
+    with pytest.raises(ts.DeadlockError, match=r"rank 0: waits in send to rank 1") as info:
+        ts.run(fn, world_size=3)
+    assert "ranks 1-2: waits in all_reduce" in str(info.value)
