@@ -53,6 +53,26 @@ def test_ranks_waiting_outside_the_runtime_let_the_others_run(world_size):
     assert time.monotonic() - start < 5
 
 
+def test_one_idle_runner_is_enough_to_admit_another_while_the_other_computes():
+    """Rank 0 computes until rank 2 sets the Event that rank 1 waits for: rank 1 holds a turn idle, so
+    the supervisor must admit rank 2 although rank 0 keeps using CPU."""
+    event = threading.Event()
+
+    def fn(comm):
+        if comm.rank == 0:
+            deadline = time.monotonic() + 10
+            while not event.is_set() and time.monotonic() < deadline:
+                sum(range(100))
+        elif comm.rank == 1:
+            assert event.wait(10)
+        else:
+            event.set()
+
+    start = time.monotonic()
+    ts.run(fn, world_size=3, timeout=20)
+    assert time.monotonic() - start < 5
+
+
 def test_a_computing_rank_keeps_its_turn_and_the_timeout_names_the_ranks_waiting_for_one():
     """A rank computing in Python uses CPU, so no second runner is admitted: the others never get a
     first turn, and the timeout says so (it does not claim that they run fn)."""

@@ -8,8 +8,8 @@ two: one rank's Python runs while another's torch kernel runs without the GIL, a
 threads would only fight over it. A rank gives up its turn only when it must wait (or leaves fn),
 and hands it to the first rank of the ``ready`` queue: one thread wake-up per hand-off. A rank that
 waits outside the runtime (``time.sleep``, an ``Event``, a nested run) must not stall the others:
-each poll of the supervisor that finds no hand-off since the last while ranks are ready, and the
-running ranks idle (almost no CPU used meanwhile), admits one more runner; once turns move again
+each poll of the supervisor that finds no hand-off since the last while ranks are ready, and a
+running rank idle (almost no CPU used meanwhile), admits one more runner; once turns move again
 it is back to RUNNERS.
 
 Waiting. A rank that must wait registers *what* it waits for (a predicate) in ``blocked`` and
@@ -50,7 +50,7 @@ from ..core.trace import Recorder
 
 MAX_LINES = 12  # per-rank lines an error message shows before summarising the rest
 RUNNERS = 2  # ranks that run at once while turns keep moving (see "Turns" above)
-IDLE_CPU = 0.005  # CPU seconds under which running ranks count as waiting between two polls
+IDLE_CPU = 0.005  # CPU seconds under which a running rank counts as waiting between two polls
 
 
 class Aborted(BaseException):
@@ -163,7 +163,7 @@ class SimWorld:
         self.runners = RUNNERS  # how many may hold one now (the supervisor raises it when turns stall)
         self.handoffs = 0  # turns given so far
         self._handoffs_seen = 0  # ... at the supervisor's last poll
-        self._cpu_seen = 0.0  # CPU seconds of the running ranks at the supervisor's last poll
+        self._cpu_seen: dict[int, float] = {}  # running rank -> its CPU seconds at the supervisor's last poll
         self.finished: set[int] = set()  # ranks that have left fn
         self.children: list[SimWorld] = []  # runs nested inside this run's ranks
         self.nesting: set[int] = set()  # ranks supervising a nested run (they stop when it stops)
@@ -223,16 +223,17 @@ class SimWorld:
 
     def poll(self) -> None:
         """The supervisor's periodic check: fail the run once it has passed its timeout; admit one more
-        runner while ranks are ready, no turn has moved since the last poll, and the running ranks used
-        almost no CPU meanwhile (they wait outside the runtime: a sleep, an Event, a nested run)."""
+        runner while ranks are ready, no turn has moved since the last poll, and a running rank used
+        almost no CPU meanwhile (it waits outside the runtime: a sleep, an Event, a nested run)."""
         with self.lock:
             if self.error is None and self.deadline is not None and time.monotonic() > self.deadline:
                 self.fail(SimulationError(f"the run passed its timeout of {self.timeout} s; "
                                           f"ranks:\n{self.describe_ranks()}"))
-            cpu = sum(_cpu_seconds(self.thread_ids[r]) for r in self.running if r in self.thread_ids)
+            cpu = {r: _cpu_seconds(self.thread_ids[r]) for r in self.running if r in self.thread_ids}
+            idle = any(cpu[r] - self._cpu_seen[r] < IDLE_CPU for r in cpu if r in self._cpu_seen)
             if self.handoffs != self._handoffs_seen:
                 self.runners = RUNNERS
-            elif self.ready and cpu - self._cpu_seen < IDLE_CPU:
+            elif self.ready and idle:
                 self.runners += 1
                 self._hand_over()
             self._handoffs_seen, self._cpu_seen = self.handoffs, cpu
