@@ -50,7 +50,7 @@ from ..core.trace import Recorder
 
 MAX_LINES = 12  # per-rank lines an error message shows before summarising the rest
 RUNNERS = 2  # ranks that run at once while turns keep moving (see "Turns" above)
-IDLE_CPU = 0.005  # CPU seconds under which a running rank counts as waiting between two polls
+IDLE_CPU = 0.001  # CPU seconds under which a running rank counts as waiting between two polls
 
 
 class Aborted(BaseException):
