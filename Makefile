@@ -9,6 +9,9 @@ BIN := $(VENV)/bin
 # Jupyter's "python3" kernel runs the first `python` on PATH: make it this environment's.
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 PYTEST_ARGS ?=
+# `make test` runs on this many pytest-xdist workers (0: in this one process). --dist loadfile keeps each
+# file, so each notebook's cells, in one worker and in order; 2 fits the 2-core machines it targets.
+TEST_WORKERS ?= 2
 
 .PHONY: setup lab test test-fast notebooks bench clean
 
@@ -25,7 +28,7 @@ lab: setup
 
 test: setup
 	$(RUN) $(BIN)/python -m pytest -rs tests notebooks --nbval --nbval-current-env \
-		--nbval-sanitize-with notebooks/nbval_sanitize.cfg $(PYTEST_ARGS)
+		--nbval-sanitize-with notebooks/nbval_sanitize.cfg -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	@test -x /usr/bin/chromium || echo "NOTE: the browser test (tests/test_browser.py) was SKIPPED: /usr/bin/chromium is missing (apt-get install chromium)"
 
 test-fast: setup
