@@ -113,8 +113,9 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
 
 
 def test_default_d_ff_is_llamas():
-    assert ts.LlamaBlock(4096, 32).d_ff == 11008  # Llama-2 7B
-    assert ts.LlamaBlock(128, 8).d_ff == 512  # int(8·128/3) = 341, rounded up to a multiple of 256
+    with torch.device("meta"):  # shapes only: a 7B-sized block's weights would take a second to initialise
+        assert ts.LlamaBlock(4096, 32).d_ff == 11008  # Llama-2 7B
+        assert ts.LlamaBlock(128, 8).d_ff == 512  # int(8·128/3) = 341, rounded up to a multiple of 256
 
 
 def test_sequence_positions_by_hand():
