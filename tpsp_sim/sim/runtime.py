@@ -258,7 +258,11 @@ def _supervise(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
 
 
 def _stop(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
-    """After the run failed: interrupt every rank still computing in fn, then wait up to GRACE for all."""
+    """After the run failed: give the ranks still computing in fn POLL s to reach a Comm call (which
+    raises), interrupt those that have not, then wait up to GRACE for all. Interrupting only the ranks
+    that need it keeps an asynchronous Aborted rare: one that lands in a garbage-collector callback
+    (hypothesis registers some) is printed and swallowed, and that rank stops only at its next Comm call."""
+    _collect_exits(done, exited, world.world_size, POLL)
     with world.lock:
         for rank, ident in list(world.thread_ids.items()):
             # Waiting ranks were woken and raise themselves; a rank supervising a nested run (failed with
@@ -266,8 +270,13 @@ def _stop(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
             if rank not in world.blocked and rank not in world.nesting:
                 _async_raise(ident, Aborted)
                 del world.thread_ids[rank]  # never twice
-    deadline = time.monotonic() + GRACE
-    while len(exited) < world.world_size and time.monotonic() < deadline:
+    _collect_exits(done, exited, world.world_size, GRACE)
+
+
+def _collect_exits(done: SimpleQueue, exited: set[int], world_size: int, seconds: float) -> None:
+    """Take the numbers of ranks that leave within ``seconds`` (until all ``world_size`` have)."""
+    deadline = time.monotonic() + seconds
+    while len(exited) < world_size and time.monotonic() < deadline:
         try:
             exited.add(done.get(timeout=max(0.0, deadline - time.monotonic())))
         except Empty:
