@@ -6,12 +6,13 @@ still-running thread as stopped): each rank's last step puts its number on a que
 supervisor counts the numbers it has taken.
 
 When the run fails (a rank raised, a deadlock, a mismatch, the timeout, a KeyboardInterrupt, or
-the run this one is nested in failed), ranks waiting in a collective wake and raise at once; ranks
-computing in ``fn`` get an asynchronous ``Aborted`` that stops them at their next Python
-instruction (never a rank waiting in the runtime or supervising a nested run, and at most once:
-``main`` is written so that it may land anywhere in the rank's own code). A rank inside one long C
-call (a big matmul, ``time.sleep``, ``Event.wait``) cannot be interrupted: the error is reported anyway after a short grace, with a note naming those ranks, and
-every ``Comm`` call they make afterwards raises at once.
+the run this one is nested in failed), ranks waiting in the runtime wake and raise at once; ranks
+computing in ``fn`` raise at their next ``Comm`` call, and those that have not reached one within
+POLL get an asynchronous ``Aborted`` that stops them at their next Python instruction (never a rank
+waiting in the runtime or supervising a nested run, and at most once: ``main`` is written so that it
+may land anywhere in the rank's own code). A rank inside one long C call (a big matmul,
+``time.sleep``, ``Event.wait``) cannot be interrupted: the error is reported anyway after a short
+grace, with a note naming those ranks, and every ``Comm`` call they make afterwards raises at once.
 """
 
 from __future__ import annotations
