@@ -138,7 +138,7 @@ def test_plans_that_do_not_fit_say_why():
         plan(TINY, 256, 4, PAIRS, attentions=("flash",))
 
 
-def test_plan_command_prints_the_table_and_saves_the_plot(tmp_path, capsys):
+def test_plan_command_prints_the_table_and_saves_the_plot(tmp_path, capsys, resource_tracker):
     main(["plan", "--model", "custom", "--layers", "2", "--d-model", "64", "--heads", "4", "--kv-heads", "2",
           "--ffn", "128", "--vocab", "100", "--seq", "256", "--gpus", "2", "--cluster", "dgx-h100",
           "--global-batch-tokens", "512", "--out", str(tmp_path)])
