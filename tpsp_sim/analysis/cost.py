@@ -19,13 +19,12 @@ group's link: intra-node, or inter-node if it spans nodes.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..core.ops import latency_steps, wire_bytes
 from ..core.table import Table
-from ..core.trace import CommEvent, CommTrace, WaitMark, format_bytes
+from ..core.trace import CommEvent, CommTrace, ComputeSpan, format_bytes
 from .cluster import CLUSTERS, Cluster, Link, cluster
 
 
@@ -272,13 +271,12 @@ def _posted_together(trace: CommTrace) -> list[list[CommEvent]]:
     """Each rank's groups of point-to-point calls in flight at once (``Estimate``): a send or recv joins
     the call just before it (no other call or wait between) if that one did not block (an isend/irecv),
     or if it is the recv of a sendrecv (``batched``). Compute between them is not looked at."""
-    items: dict[int, list[CommEvent | WaitMark]] = defaultdict(list)
-    for item in (*trace.events, *trace.waits):
-        items[item.rank].append(item)
     groups: list[list[CommEvent]] = []
-    for program in items.values():
+    for program in trace.programs().values():
         previous: CommEvent | None = None  # the point-to-point call just before, if any
-        for item in sorted(program, key=lambda x: x.seq):
+        for item in program:
+            if isinstance(item, ComputeSpan):
+                continue
             if not (isinstance(item, CommEvent) and item.op in ("send", "recv")):
                 previous = None
                 continue

@@ -136,10 +136,7 @@ class _Replay:
     def __init__(self, trace: CommTrace, hw: Cluster, mfu: float, overlap_tp: bool) -> None:
         self.hw, self.flops_per_second, self.overlap_tp = hw, mfu * hw.peak_flops, overlap_tp
         self.pending: dict[int, list[tuple[tuple, CommEvent]]] = defaultdict(list)  # overlapped TP reductions
-        items: dict[int, list] = defaultdict(list)
-        for item in (*trace.compute, *trace.events, *trace.waits):
-            items[item.rank].append(item)
-        self.programs = {r: sorted(xs, key=lambda x: x.seq) for r, xs in sorted(items.items())}
+        self.programs = trace.programs()
         self.at = {r: 0 for r in self.programs}  # index of each rank's next item
         self.clock = {r: 0.0 for r in self.programs}
         self.spans: list[Span] = []

@@ -208,6 +208,13 @@ class CommTrace:
         span_filters = {k: v for k, v in filters.items() if k in _SPAN_FIELDS}
         return CommTrace(events, waits, [c for c in self.compute if _matches(c, span_filters)], self.world_size)
 
+    def programs(self) -> dict[int, list[CommEvent | WaitMark | ComputeSpan]]:
+        """{rank: its events, waits and compute spans in program order (``seq``)}, ranks ascending."""
+        items: dict[int, list[CommEvent | WaitMark | ComputeSpan]] = defaultdict(list)
+        for item in (*self.compute, *self.events, *self.waits):
+            items[item.rank].append(item)
+        return {r: sorted(xs, key=lambda x: x.seq) for r, xs in sorted(items.items())}
+
     @property
     def ranks(self) -> list[int]:
         """Every rank of the run, including those that recorded nothing."""
