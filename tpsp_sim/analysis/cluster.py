@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..core.trace import CommEvent
+from .presets import preset
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,5 @@ def cluster(hw: Cluster | _OneLink | str) -> Cluster:
     if isinstance(hw, Cluster):
         return hw
     if isinstance(hw, str):
-        if hw not in CLUSTERS:
-            raise ValueError(f"unknown cluster {hw!r}; presets are {sorted(CLUSTERS)}")
-        return CLUSTERS[hw]
+        return preset(CLUSTERS, hw, "cluster")
     return one_level(hw)

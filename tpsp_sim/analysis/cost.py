@@ -26,6 +26,7 @@ from ..core.ops import latency_steps, wire_bytes
 from ..core.table import Table
 from ..core.trace import CommEvent, CommTrace, ComputeSpan, format_bytes
 from .cluster import CLUSTERS, Cluster, Link, cluster
+from .presets import preset
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,7 @@ PRESETS: dict[str, Hardware] = {
 
 def hardware(name: str | Hardware) -> Hardware:
     """A preset by its key in ``PRESETS`` (a ``Hardware`` is returned as is)."""
-    if isinstance(name, Hardware):
-        return name
-    if name not in PRESETS:
-        raise ValueError(f"unknown hardware {name!r}; presets are {sorted(PRESETS)}")
-    return PRESETS[name]
+    return name if isinstance(name, Hardware) else preset(PRESETS, name, "hardware")
 
 
 def collective_time(op: str, nbytes: int, world_size: int, hw: Hardware | Cluster | Link | str, *,

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .presets import preset
+
 
 @dataclass(frozen=True)
 class Model:
@@ -72,8 +74,4 @@ MODELS: dict[str, Model] = {
 
 def model(spec: Model | str) -> Model:
     """A ``Model`` as is, or a preset by its key in ``MODELS``."""
-    if isinstance(spec, Model):
-        return spec
-    if spec not in MODELS:
-        raise ValueError(f"unknown model {spec!r}; presets are {sorted(MODELS)}")
-    return MODELS[spec]
+    return spec if isinstance(spec, Model) else preset(MODELS, spec, "model")
