@@ -12,7 +12,7 @@ from .analysis.cluster import cluster
 from .analysis.cost import CLUSTERS, estimate
 from .analysis.models import MODELS, Model
 from .analysis.plan import IGNORES, PLANNED_RECOMPUTE, default_workers, plan, table as plan_table
-from .tensor_parallel.hybrid import ATTENTIONS
+from .context_parallel.registry import ATTENTIONS
 from .viz.plan_plot import plot_plans
 from .viz.plot import plot_comm, plot_scaling, plot_shards, plot_timeline
 from .analysis.sweep import METHODS, Config, sweep, table
@@ -81,7 +81,7 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     cmd.add_argument("--global-batch-tokens", type=int, default=16 * 2**20, help="tokens per step (default 16M)")
     cmd.add_argument("--mfu", type=float, default=0.5, help="fraction of peak FLOP/s for all compute (default 0.5)")
-    cmd.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=ATTENTIONS,
+    cmd.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=tuple(ATTENTIONS),
                      help="context-parallel attentions to try (default: all)")
     cmd.add_argument("--recompute", nargs="+", default=list(PLANNED_RECOMPUTE), choices=PLANNED_RECOMPUTE,
                      help="recompute modes to try (default: all)")

@@ -43,13 +43,14 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from ..context_parallel.kind import LocalShape
+from ..context_parallel.registry import ATTENTIONS, attention_kind
 from ..core.errors import SimulationError
 from ..core.mesh import init_device_mesh
 from ..core.table import Table
 from ..core.trace import CommTrace
 from ..launch import run
 from ..tensor_parallel.blocks import ParallelTransformerBlock, TransformerBlock
-from ..tensor_parallel.hybrid import ATTENTIONS
 from ..tensor_parallel.llama import LlamaBlock
 from .cluster import Cluster, cluster as as_cluster
 from .cost import collective_time, format_seconds
@@ -95,8 +96,8 @@ def _divisors(n: int) -> list[int]:
 def simulate_layer(m: Model, cp: int, tp: int, attention: str, seq: int, micro_batch: int, ulysses: int = 1) -> CommTrace:
     """The trace (with FLOPs) of one layer's forward and backward on a (cp, tp) mesh, on meta tensors.
 
-    "usp" runs on a (cp/ulysses, ulysses, tp) mesh whose two context axes are named "cp_ring" and
-    "cp_ulysses". Raises ValueError (or a ``SimulationError``) if the shapes do not split.
+    A kind with both groups ("usp") runs on a (cp/ulysses, ulysses, tp) mesh whose two context axes are
+    named "cp_ring" and "cp_ulysses". Raises ValueError (or a ``SimulationError``) if the shapes do not split.
     """
     with torch.device("meta"):
         if m.mlp == "swiglu":
@@ -107,7 +108,7 @@ def simulate_layer(m: Model, cp: int, tp: int, attention: str, seq: int, micro_b
 
 
 def _layer(comm, dense, cp: int, tp: int, attention: str, seq: int, micro_batch: int, ulysses: int) -> None:
-    if attention == "usp":
+    if len(attention_kind(attention).groups) == 2:
         mesh = init_device_mesh(comm, (cp // ulysses, ulysses, tp), mesh_dim_names=("cp_ring", "cp_ulysses", "tp"))
         context = (mesh["cp_ulysses"], mesh["cp_ring"])
     else:
@@ -130,23 +131,17 @@ class _LayerTime:
 
 def causal_overcount(m: Model, seq: int, cp: int, tp: int, attention: str, ulysses: int = 1) -> tuple[float, float]:
     """(forward, backward) FLOPs per rank, layer and sequence that the simulator counts beyond a causal
-    flash kernel (which skips masked halves and recomputes S in backward: 5 tile matmuls, 2.5× forward).
+    flash kernel (which skips masked halves and recomputes S in backward: 5 tile matmuls, 2.5× forward):
+    the kind's ``causal_excess`` (``ts.context_parallel.registry``) on this rank's attention input,
+    H/tp query heads of seq/cp tokens in the zigzag layout. For ring attention, a ring of n = seq/cp
+    tokens per rank counts one n × n diagonal tile whole (needed: half) and its half tiles exactly:
 
-    Each rank holds H/(u·tp) heads (u = ``ulysses``: cp for Ulysses, u for USP, 1 for ring) and runs a
-    ring over r = cp/u blocks of n = seq/r tokens. Zigzag ring tiles (``attention_block``, also USP's)
-    count one n × n diagonal tile whole (needed: half) and r − 1 half tiles exactly, with 5 matmuls
-    in backward, so the excess is
-
-        forward  F = 2 · n² · d · H / (u · tp),  n = seq · u / cp;    backward 2.5 · F.
-
-    Ulysses' local attention is one seq × seq diagonal (F as above with u = cp) through
-    ``scaled_dot_product_attention``, whose backward torch's flop counter counts as 4 full-square
-    matmuls (8 · seq² · d per head) against the causal 5 half-square ones (5 · seq² · d): excess 1.5 · F.
+        forward  F = 2 · n² · d · H / tp;    backward 2.5 · F.
     """
-    u = cp if attention == "ulysses" else ulysses
-    n = seq * u // cp
-    forward = 2 * n * n * m.head_dim * m.n_heads / (u * tp)
-    return forward, (1.5 if attention == "ulysses" else 2.5) * forward
+    kind = attention_kind(attention)
+    shape = LocalShape(1, m.n_heads // tp, max(m.n_kv_heads // tp, 1), seq // cp, m.head_dim)
+    u, r = kind.sizes(cp, ulysses)
+    return kind.causal_excess(shape, u, r, "zigzag")
 
 
 def _layer_time(trace: CommTrace, c: Cluster, mfu: float, overcount: tuple[float, float],
@@ -163,20 +158,21 @@ def _layer_time(trace: CommTrace, c: Cluster, mfu: float, overcount: tuple[float
 
 
 def _attention_kinds(cp: int, attentions: Iterable[str]) -> list[tuple[str, str, int]]:
-    """(label, kind, ulysses size) of each context-parallel attention to try on ``cp`` ranks."""
+    """(label, kind, ulysses size) of each context-parallel attention to try on ``cp`` ranks: a kind with
+    both groups once per Ulysses size u, 1 < u < cp."""
     if cp == 1:
         return [("-", "ring", 1)]
     kinds = []
     for kind in attentions:
-        if kind == "usp":
-            kinds += [(f"usp(u={u})", "usp", u) for u in _divisors(cp) if 1 < u < cp]
+        if len(attention_kind(kind).groups) == 2:
+            kinds += [(f"{kind}(u={u})", kind, u) for u in _divisors(cp) if 1 < u < cp]
         else:
             kinds.append((kind, kind, 1))
     return kinds
 
 
 def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int = 1,
-         global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = ATTENTIONS,
+         global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = tuple(ATTENTIONS),
          recompute: Iterable[str] = PLANNED_RECOMPUTE, distributed_optimizer: bool = True, overlap_tp: bool = False,
          progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
     """Every (dp, cp, tp) × attention × recompute plan for ``model`` at ``seq`` tokens on ``gpus`` GPUs of
@@ -199,7 +195,8 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     attentions, modes = tuple(attentions), tuple(recompute)
     unknown = [a for a in attentions if a not in ATTENTIONS] + [r for r in modes if r not in PLANNED_RECOMPUTE]
     if unknown:
-        raise ValueError(f"unknown attention or recompute {unknown}; attentions are {ATTENTIONS}, recompute {PLANNED_RECOMPUTE}")
+        raise ValueError(f"unknown attention or recompute {unknown}; attentions are {tuple(ATTENTIONS)}, "
+                         f"recompute {PLANNED_RECOMPUTE}")
     candidates: list[tuple[int, int, int, str, str, int, str, Budget]] = []
     plans: list[Plan] = []
     for tp in _divisors(gpus):

@@ -32,6 +32,7 @@ from typing import Iterator
 import torch
 
 from .attention import attention_block, attention_block_backward, check_layout, check_qkv, online_softmax_merge
+from .kind import AttentionKind, LocalShape, diagonal_excess, no_extra_memory, ring_problem
 from ..core.autograd import CommFunction
 from ..core.comm import Comm
 
@@ -148,3 +149,27 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm
                          f"(chunks r and 2p-1-r of 2p={2 * comm.world_size}), got {q.shape[2]}")
     with comm.scope("ring_attn"):
         return _RingAttention.apply(q, k, v, comm, causal, layout)
+
+
+def ring_wire_bytes(shape: LocalShape, r: int) -> tuple[int, int]:
+    """(forward, backward) bytes one rank sends in a ring of r ranks over its K/V (module docstring)."""
+    if r == 1:
+        return 0, 0
+    kv = 2 * shape.kv_elems
+    return (r - 1) * kv * shape.elem, (r - 1) * kv * shape.elem + r * kv * shape.acc
+
+
+def _attend(q, k, v, *, ulysses, ring, causal, layout):
+    return ring_attention(q, k, v, ring, causal=causal, layout=layout)
+
+
+KIND = AttentionKind(
+    name="ring",
+    summary="ring attention (Liu et al. 2023): K/V blocks go round the ring, p steps, each shift hidden behind a tile",
+    groups=("ring",),
+    attend=_attend,
+    wire_bytes=lambda shape, u, r: dict(zip((("ring", "forward"), ("ring", "backward")), ring_wire_bytes(shape, r))),
+    causal_excess=lambda shape, u, r, layout: diagonal_excess(shape, shape.tokens, shape.q_heads),
+    extra_saved_bytes=no_extra_memory,
+    problem=lambda shape, u, r, layout: ring_problem(shape, r, layout),
+)

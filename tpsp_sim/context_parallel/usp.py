@@ -27,8 +27,9 @@ from __future__ import annotations
 import torch
 
 from .attention import check_qkv, shard_sequence, unshard_sequence
-from .ring import ring_attention
-from .ulysses import HEADS, SEQ
+from .kind import AttentionKind, LocalShape, diagonal_excess, heads_problem, no_extra_memory, ring_problem
+from .ring import ring_attention, ring_wire_bytes
+from .ulysses import HEADS, SEQ, ulysses_wire_bytes
 from ..core.comm import Comm
 from ..tensor_parallel.mappings import all_to_all
 
@@ -64,3 +65,28 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: Co
         q, k, v = (all_to_all(x, ulysses, scatter_dim=HEADS, gather_dim=SEQ) for x in (q, k, v))
         out = ring_attention(q, k, v, ring, causal=causal, layout=layout)
         return all_to_all(out, ulysses, scatter_dim=SEQ, gather_dim=HEADS)
+
+
+def _wire_bytes(shape: LocalShape, u: int, r: int) -> dict[tuple[str, str], int]:
+    """Ulysses on u over the rank's piece, then a ring on r over K/V of kv_heads/u heads and u·tokens
+    tokens: the same kv_elems (module docstring)."""
+    ring_forward, ring_backward = ring_wire_bytes(shape, r)
+    a2a = ulysses_wire_bytes(shape, u)
+    return {("ulysses", "forward"): a2a, ("ulysses", "backward"): a2a,
+            ("ring", "forward"): ring_forward, ("ring", "backward"): ring_backward}
+
+
+def _attend(q, k, v, *, ulysses, ring, causal, layout):
+    return usp_attention(q, k, v, ulysses, ring, causal=causal, layout=layout)
+
+
+KIND = AttentionKind(
+    name="usp",
+    summary="USP (Fang & Zhao 2024): Ulysses inside a group of u ranks, ring attention across r groups, u·r = cp",
+    groups=("ulysses", "ring"),
+    attend=_attend,
+    wire_bytes=_wire_bytes,
+    causal_excess=lambda shape, u, r, layout: diagonal_excess(shape, u * shape.tokens, shape.q_heads // u),
+    extra_saved_bytes=no_extra_memory,
+    problem=lambda shape, u, r, layout: heads_problem(shape, u) or ring_problem(shape, r, layout, u * shape.tokens),
+)

@@ -1,8 +1,10 @@
-"""Hybrid parallelism in one block: TP+SP over ``tp`` × context parallelism (ring, Ulysses, USP) over ``cp``.
+"""Hybrid parallelism in one block: TP+SP over ``tp`` × context parallelism over ``cp`` (any registered kind).
 
 ``ParallelTransformerBlock.from_dense(dense, tp=mesh["tp"], cp=mesh["cp"], mode="tp_sp",
 attention="ring", layout="zigzag")`` builds the usual TP(+SP) block over ``tp`` and replaces its
-attention with a context-parallel one over ``cp`` (Megatron-LM's TP × CP; Llama 3's 128K stage).
+attention with a context-parallel one over ``cp`` (Megatron-LM's TP × CP; Llama 3's 128K stage). The
+kinds ("ring", "ulysses", "usp", "allgather", and any registered) come from
+``ts.context_parallel.registry``; each says which communicators it uses and what it moves.
 
 Order of the USP pair: ``cp=(ulysses, ring)`` — the Ulysses communicator first, the ring second (as
 ``usp_attention(q, k, v, ulysses, ring)``). The mesh is laid out the other way round, outer to inner:
@@ -10,10 +12,10 @@ Order of the USP pair: ``cp=(ulysses, ring)`` — the Ulysses communicator first
 Ulysses group is neighbouring ranks, inside a node) and passes ``cp=(mesh["cp_ulysses"],
 mesh["cp_ring"])``.
 
-Tokens. The sequence is cut over cp first — "ring": ``shard_sequence(layout)`` over the cp ranks;
-"ulysses": contiguous pieces (Ulysses has no ring; ``layout`` does not apply); "usp", with
-``cp=(ulysses, ring)``: ``usp_shard_sequence`` (the ring's ``layout``, then contiguous over the
-Ulysses group) — then, under "tp_sp", each cp piece contiguously over tp. ``hybrid_positions`` gives
+Tokens. The sequence is cut over cp first, ``usp_shard_sequence`` for every kind: "ring" and
+"allgather": ``shard_sequence(layout)`` over the cp ranks; "ulysses": contiguous pieces (no ring;
+``layout`` does not apply); "usp", with ``cp=(ulysses, ring)``: the ring's ``layout``, then contiguous
+over the Ulysses group — then, under "tp_sp", each cp piece contiguously over tp. ``hybrid_positions`` gives
 the global positions of a rank's tokens, ``shard_hybrid`` its piece of a full tensor. The column
 layers all-gather the cp piece over tp, so the attention sees the whole cp piece for heads/t heads,
 in order; Llama's RoPE gets those tokens' global positions (``context_positions``).
@@ -28,6 +30,9 @@ each rank holds one replicated K/V head: E_kv = E/n_heads):
     cp  ring                 forward (cp-1)·2E_kv·e      backward (cp-1)·2E_kv·e + cp·2E_kv·e_acc
         ulysses (u = cp)     forward (u-1)/u·(2E_q + 2E_kv)·e, backward the same
         usp (u·r = cp)       ulysses axis as Ulysses on u, ring axis as ring on r (usp.py)
+        allgather            forward (cp-1)·2E_kv·e      backward (cp-1)·2E_kv·e_acc (allgather.py)
+
+(each kind's ``wire_bytes``, with ``LocalShape(b, H/t, max(n_kv/t, 1), s/cp, d)``)
 
 and per step, from ``sync_gradients`` (data_parallel.py): 2(t-1)/t·P_sp·e on tp (the P_sp elements of
 sequence-parallel parameters) and 2(n-1)/n·P·e on the n = dp·cp replicas (P: this rank's parameters).
@@ -42,28 +47,26 @@ import torch
 from torch import nn
 
 from ..context_parallel.attention import check_layout
-from ..context_parallel.ring import ring_attention
-from ..context_parallel.ulysses import ulysses_attention
-from ..context_parallel.usp import usp_attention, usp_shard_sequence
+from ..context_parallel.registry import attention_kind
+from ..context_parallel.usp import usp_shard_sequence
 from ..core.comm import Comm
 from .layers import SEQUENCE_DIM
 from .llama import FusedQKVAttention
 
-ATTENTIONS = ("ring", "ulysses", "usp")
 ContextGroup = Comm | tuple[Comm, Comm]
 
 
 def context_groups(cp: ContextGroup, attention: str) -> tuple[Comm | None, Comm | None]:
-    """(ulysses, ring) communicators of ``cp`` for ``attention`` (None where the kind has no such group)."""
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-    if attention == "usp":
+    """(ulysses, ring) communicators of ``cp`` for ``attention`` (None where the kind has no such group):
+    one communicator for a kind with one group, the pair ``(ulysses, ring)`` for one with both."""
+    groups = attention_kind(attention).groups
+    if len(groups) == 2:
         if not (isinstance(cp, tuple) and len(cp) == 2 and all(isinstance(c, Comm) for c in cp)):
-            raise ValueError(f"attention='usp' needs cp=(ulysses, ring), two communicators; got {cp!r}")
+            raise ValueError(f"attention={attention!r} needs cp=(ulysses, ring), two communicators; got {cp!r}")
         return cp
     if not isinstance(cp, Comm):
         raise ValueError(f"attention={attention!r} needs cp to be one communicator, got {cp!r}")
-    return (cp, None) if attention == "ulysses" else (None, cp)
+    return (cp, None) if groups == ("ulysses",) else (None, cp)
 
 
 def context_positions(seq_len: int, cp: ContextGroup, attention: str = "ring", layout: str = "zigzag") -> torch.Tensor:
@@ -97,11 +100,7 @@ def shard_hybrid(x: torch.Tensor, tp: Comm, cp: ContextGroup, attention: str = "
 
 def _attention_fn(cp: ContextGroup, attention: str, layout: str, causal: bool) -> Callable:
     ulysses, ring = context_groups(cp, attention)
-    if attention == "ring":
-        return partial(ring_attention, comm=ring, causal=causal, layout=layout)
-    if attention == "ulysses":
-        return partial(ulysses_attention, comm=ulysses, causal=causal)
-    return partial(usp_attention, ulysses=ulysses, ring=ring, causal=causal, layout=layout)
+    return partial(attention_kind(attention).attend, ulysses=ulysses, ring=ring, causal=causal, layout=layout)
 
 
 class ContextParallelRotaryAttention(FusedQKVAttention):
