@@ -10,7 +10,7 @@ import torch
 
 import tpsp_sim as ts
 from attention_cases import dense_grads, make_qkv, sharded_grads
-from tpsp_sim.analysis import plan as planning
+from tpsp_sim.analysis import planner as planning
 from tpsp_sim.context_parallel.allgather import allgather_attention
 from tpsp_sim.context_parallel.kind import AttentionKind, LocalShape
 from tpsp_sim.context_parallel.registry import ATTENTIONS, attention_kind, register

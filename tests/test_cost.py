@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import tpsp_sim as ts
 from tpsp_sim import cost
 from tpsp_sim.core.ops import latency_steps
-from tpsp_sim.tensor_parallel.mappings import f, f_bar, g, g_bar
+from tpsp_sim.core.mappings import f, f_bar, g, g_bar
 
 HW = cost.Hardware("test link", link_bandwidth=2e9, latency=3e-6, peak_flops=1e12)
 A, B = HW.latency, HW.link_bandwidth

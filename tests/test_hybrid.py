@@ -1,6 +1,6 @@
 """The hybrid block (TP+SP over tp × ring / Ulysses / USP over cp) equals the dense block forward and
 backward in float64, for the GPT and the Llama block; its bytes per mesh axis equal the closed forms
-of hybrid.py; sync_gradients reduces over the replica axes."""
+of hybrid/context.py; sync_gradients reduces over the replica axes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from helpers import seeded_randn
 import tpsp_sim as ts
-from tpsp_sim.tensor_parallel.hybrid import hybrid_positions, shard_hybrid
+from tpsp_sim.hybrid.context import hybrid_positions, shard_hybrid
 
 TOL = 1e-12
 SEQ = 48  # divisible by 2·cp·t for every (cp, t) below

@@ -1,6 +1,6 @@
 """Llama-style blocks (RMSNorm, RoPE, grouped-query attention, SwiGLU) through the fused, head-aware
 parallel layers: every output and gradient equals the dense LlamaBlock in float64, the bytes equal
-the closed forms of blocks.py, and RoPE on ring / Ulysses shards needs the global positions."""
+the closed forms of tensor_parallel/blocks.py, and RoPE on ring / Ulysses shards needs the global positions."""
 
 import copy
 import math
@@ -14,8 +14,9 @@ from torch import nn
 
 from helpers import local, run_block_stack, seeded_randn
 import tpsp_sim as ts
-from tpsp_sim.tensor_parallel.layers import Dropout, DropoutRNG, replicate
-from tpsp_sim.tensor_parallel.llama import FusedQKVAttention, FusedSwiGLU
+from tpsp_sim.models.dropout import Dropout, DropoutRNG
+from tpsp_sim.models.llama import FusedQKVAttention, FusedSwiGLU
+from tpsp_sim.tensor_parallel.sharding import replicate
 
 TOL = 1e-12
 B, S, H, HEADS, D_FF = 2, 12, 48, 12, 36  # heads, sequence and d_ff divide by 1, 2, 3 and 4

@@ -10,7 +10,7 @@ import torch
 import tpsp_sim as ts
 from tpsp_sim.__main__ import main
 from tpsp_sim.analysis.models import Model
-from tpsp_sim.analysis.plan import causal_overcount, plan, table
+from tpsp_sim.analysis.planner import causal_overcount, plan, table
 
 TINY = Model("tiny", 2, 64, 4, 2, 128, 100)
 FAST = ts.cost.Link("fast", bandwidth=1e9, latency=1e-6)

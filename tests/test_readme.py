@@ -16,3 +16,16 @@ def test_readme_names_the_two_commands_and_ci_calls_the_test_one():
     assert "make lab" in text and "make test" in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert ci.strip().splitlines()[-1] == "make test"
+
+
+def package_table() -> dict[str, set[str]]:
+    """{folder: modules} of the README's table of the package."""
+    rows = re.findall(r"^\| `(\w+)/` \| ([^|]+) \|", README.read_text(), re.M)
+    return {folder: set(re.findall(r"`(\w+\.py)`", modules)) for folder, modules in rows}
+
+
+def test_the_package_table_lists_every_folder_and_module():
+    package = README.parent / "tpsp_sim"
+    folders = {p.name: {m.name for m in p.glob("*.py") if m.name != "__init__.py"}
+               for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert package_table() == folders

@@ -2,62 +2,97 @@
 
 The package is layered; data flows one way, per-rank code → Comm → backend → trace → analysis → viz:
 
-    core/              the Comm interface, the trace, errors          (shared by every backend)
-    sim/               virtual ranks: threads in this process
-    dist/              real torch.distributed: TorchComm, processes, the torchrun worker
-    tensor_parallel/   Megatron's mappings, parallel linears, transformer blocks (TP, TP+SP)
-    context_parallel/  attention tiles, ring attention, Ulysses
+    core/              the Comm interface, the op table, the trace, errors, meshes, differentiable collectives
+    sim/  dist/        the backends: virtual ranks (threads in this process); real torch.distributed
+    models/            the dense references: GPT and Llama blocks, a tiny Llama, dense attention
+    tensor_parallel/   Megatron's parallel linears and a block's tensor-parallel sublayers (TP, TP+SP)
+    context_parallel/  attention tiles and the context-parallel attention kinds (ring, Ulysses, USP, all-gather)
+    hybrid/            the compositions: the parallel block (TP+SP × CP), the tiny Llama on a mesh, data parallelism
     analysis/          cost model and clusters, timeline, memory, sweeps, the planner
-    viz/               plots and the dashboard
+    viz/  exercises/   plots and the dashboard; the notebooks' exercises
+
+Every public name is here, grouped as below (tests/test_public_api.py checks the README and the
+notebooks use no other).
 """
 
+import importlib.metadata as _metadata
+
+# ---- running per-rank code, and what it records -------------------------------------------------
+from .launch import run
+from .core.comm import Comm, Work
+from .core.result import RunResult
+from .core.errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError
+from .sim.runtime import SimComm
+from .dist.torch_comm import TorchComm
+from .core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark, format_bytes
+from .core.ops import wire_bytes
+from .core.mesh import DeviceMesh, init_device_mesh
+from .core.autograd import CommFunction
+from .core import mappings
+
+# ---- dense references ---------------------------------------------------------------------------
+from .models.attention import dense_attention
+from .models.dropout import Dropout, DropoutRNG
+from .models.gpt import MLP, SelfAttention, TransformerBlock
+from .models.llama import LlamaBlock, RMSNorm, rope
+from .models.tiny_llama import TinyLlama
+
+# ---- tensor and sequence parallelism ------------------------------------------------------------
+from .tensor_parallel.dense import gather_dense_grads, gather_dense_parameters
+from .tensor_parallel.grad_sync import sync_sequence_parallel_grads
+from .tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from .tensor_parallel.sharding import replicate
+
+# ---- context parallelism ------------------------------------------------------------------------
+from .context_parallel.attention import (attention_block, blockwise_attention, flash_attention, online_softmax_merge,
+                                         sequence_positions, shard_sequence, unshard_sequence)
+from .context_parallel.allgather import allgather_attention
+from .context_parallel.ring import ring_attention
+from .context_parallel.ulysses import ulysses_attention
+from .context_parallel.usp import usp_attention, usp_shard_sequence, usp_unshard_sequence
+
+# ---- compositions -------------------------------------------------------------------------------
+from .hybrid.block import ParallelTransformerBlock
+from .hybrid.context import hybrid_positions, shard_hybrid
+from .hybrid.data_parallel import sync_gradients
+from .hybrid.tiny_llama import ParallelTinyLlama
+
+# ---- analysis -----------------------------------------------------------------------------------
 from .analysis import cost, memory
 from .analysis.cost import Hardware
 from .analysis.memory import activation_memory, saved_tensor_meter
 from .analysis.models import Model
-from .analysis.plan import Plan, plan
-from .analysis.timeline import Timeline, timeline
-from .context_parallel.attention import (attention_block, blockwise_attention, dense_attention,
-                                         online_softmax_merge, sequence_positions, shard_sequence,
-                                         unshard_sequence)
-from .context_parallel.ring import ring_attention
-from .context_parallel.ulysses import ulysses_attention
-from .context_parallel.usp import usp_attention, usp_shard_sequence, usp_unshard_sequence
-from .core.autograd import CommFunction
-from .core.comm import Comm, Work
-from .core.mesh import DeviceMesh, init_device_mesh
-from .core.errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError
-from .core.result import RunResult
-from .core.ops import wire_bytes
-from .core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark, format_bytes
-from .dist.torch_comm import TorchComm
-from . import exercises
-from .launch import run
-from .sim.runtime import SimComm
-from .tensor_parallel import mappings
-from .tensor_parallel.data_parallel import sync_gradients
-from .tensor_parallel.hybrid import hybrid_positions, shard_hybrid
-from .tensor_parallel.tiny_llama import ParallelTinyLlama, TinyLlama
-from .tensor_parallel.blocks import MLP, ParallelTransformerBlock, SelfAttention, TransformerBlock
-from .tensor_parallel.llama import LlamaBlock, RMSNorm, rope
-from .tensor_parallel.layers import (ColumnParallelLinear, Dropout, DropoutRNG, RowParallelLinear,
-                                     gather_dense_grads, gather_dense_parameters, replicate,
-                                     sync_sequence_parallel_grads)
+from .analysis.planner import Plan, plan
+from .analysis.replay import Timeline, timeline
 
-__version__ = "0.2.0"
+# ---- learning -----------------------------------------------------------------------------------
+from . import exercises
+
+try:
+    __version__ = _metadata.version("tpsp_sim")  # one source: pyproject.toml
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
-    "CollectiveMismatchError", "Comm", "CommEvent", "CommFunction", "CommTrace", "ComputeSpan", "DeadlockError",
-    "RankFailedError", "RunResult", "SimComm", "SimulationError", "TorchComm", "WaitMark", "Work",
-    "format_bytes", "mappings", "run", "wire_bytes",
-    "DeviceMesh", "ParallelTinyLlama", "TinyLlama", "hybrid_positions", "init_device_mesh", "shard_hybrid",
-    "sync_gradients",
-    "attention_block", "blockwise_attention", "dense_attention", "online_softmax_merge", "ring_attention",
-    "sequence_positions", "shard_sequence", "ulysses_attention", "unshard_sequence", "usp_attention", "usp_shard_sequence",
-    "usp_unshard_sequence",
-    "ColumnParallelLinear", "Dropout", "DropoutRNG", "MLP", "ParallelTransformerBlock", "RowParallelLinear",
-    "SelfAttention", "TransformerBlock", "activation_memory", "gather_dense_grads", "gather_dense_parameters",
-    "replicate", "saved_tensor_meter", "sync_sequence_parallel_grads", "LlamaBlock", "RMSNorm", "rope",
-    "Hardware", "Model", "Plan", "Timeline", "cost", "memory", "plan", "timeline",
+    # running per-rank code, and what it records
+    "run", "Comm", "Work", "RunResult", "SimulationError", "CollectiveMismatchError", "DeadlockError",
+    "RankFailedError", "SimComm", "TorchComm", "CommEvent", "CommTrace", "ComputeSpan", "WaitMark", "format_bytes",
+    "wire_bytes", "DeviceMesh", "init_device_mesh", "CommFunction", "mappings",
+    # dense references
+    "dense_attention", "Dropout", "DropoutRNG", "MLP", "SelfAttention", "TransformerBlock", "LlamaBlock", "RMSNorm",
+    "rope", "TinyLlama",
+    # tensor and sequence parallelism
+    "ColumnParallelLinear", "RowParallelLinear", "gather_dense_grads", "gather_dense_parameters", "replicate",
+    "sync_sequence_parallel_grads",
+    # context parallelism
+    "attention_block", "blockwise_attention", "flash_attention", "online_softmax_merge", "sequence_positions",
+    "shard_sequence", "unshard_sequence", "allgather_attention", "ring_attention", "ulysses_attention",
+    "usp_attention", "usp_shard_sequence", "usp_unshard_sequence",
+    # compositions
+    "ParallelTransformerBlock", "hybrid_positions", "shard_hybrid", "sync_gradients", "ParallelTinyLlama",
+    # analysis
+    "cost", "memory", "Hardware", "activation_memory", "saved_tensor_meter", "Model", "Plan", "plan", "Timeline",
+    "timeline",
+    # learning
     "exercises",
 ]

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from .analysis.cluster import cluster
 from .analysis.cost import CLUSTERS, estimate
 from .analysis.models import MODELS, Model
-from .analysis.plan import IGNORES, PLANNED_RECOMPUTE, default_workers, plan, table as plan_table
+from .analysis.planner import IGNORES, PLANNED_RECOMPUTE, default_workers, plan, table as plan_table
 from .context_parallel.registry import ATTENTIONS
 from .viz.plan_plot import plot_plans
 from .viz.plot import plot_comm, plot_scaling, plot_shards, plot_timeline

@@ -23,14 +23,15 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..tensor_parallel.blocks import ParallelTransformerBlock, TransformerBlock
-from ..tensor_parallel.layers import sync_sequence_parallel_grads
+from ..hybrid.block import ParallelTransformerBlock
+from ..models.gpt import TransformerBlock
+from ..tensor_parallel.grad_sync import sync_sequence_parallel_grads
 from ..core.comm import Comm
 from .cluster import Cluster, cluster
 from .cost import Hardware, format_seconds
 from ..launch import run
 from ..context_parallel.ring import ring_attention
-from .timeline import Timeline, timeline
+from .replay import Timeline, timeline
 from ..core.table import Table
 from ..core.trace import CommTrace, format_bytes
 from ..context_parallel.ulysses import ulysses_attention

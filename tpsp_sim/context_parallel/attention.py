@@ -16,14 +16,10 @@ Tiles are computed and merged in float32 when the inputs are 16-bit (in the inpu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ..models.attention import acc_dtype
 
 LAYOUTS = ("contiguous", "zigzag")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype tiles are computed and merged in: float32 for 16-bit inputs, else the input's."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: str) -> None:
@@ -39,11 +35,6 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: str) -> 
                          f"got {shapes}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"{where}: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-
-
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-    """The single-device reference: ``torch.nn.functional.scaled_dot_product_attention``."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _tile_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:

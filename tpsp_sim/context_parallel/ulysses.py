@@ -14,7 +14,7 @@ import torch
 from .attention import check_qkv, flash_attention
 from .kind import AttentionKind, LocalShape, diagonal_excess, heads_problem, no_extra_memory
 from ..core.comm import Comm
-from ..tensor_parallel.mappings import all_to_all
+from ..core.mappings import all_to_all
 
 HEADS, SEQ = 1, 2
 

@@ -31,7 +31,7 @@ from .kind import AttentionKind, LocalShape, diagonal_excess, heads_problem, no_
 from .ring import ring_attention, ring_wire_bytes
 from .ulysses import HEADS, SEQ, ulysses_wire_bytes
 from ..core.comm import Comm
-from ..tensor_parallel.mappings import all_to_all
+from ..core.mappings import all_to_all
 
 
 def usp_shard_sequence(x: torch.Tensor, ulysses_rank: int, ulysses_size: int, ring_rank: int, ring_size: int, *,

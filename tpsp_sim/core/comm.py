@@ -4,7 +4,7 @@
 ``CommEvent`` per call, and hands the work to a backend: ``SimComm`` (virtual ranks, sim/runtime.py)
 or ``TorchComm`` (real ``torch.distributed``, dist/torch_comm.py). Collectives are functional: they
 return new tensors that no other rank shares, and never touch autograd (see
-tensor_parallel/mappings.py for the differentiable versions). Ranks (``rank``, ``src``, ``dst``,
+core/mappings.py for the differentiable versions). Ranks (``rank``, ``src``, ``dst``,
 ``new_group``) are ranks *of this communicator's group*; ``CommEvent`` records global ranks. The
 collectives themselves (arguments, bytes, costs) are listed once, in ops.py.
 """

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..context_parallel.attention import attention_block, dense_attention, shard_sequence
+from ..context_parallel.attention import attention_block, shard_sequence
+from ..models.attention import dense_attention
 from . import solutions
 from .harness import P2P, WORLD_SIZES, Exercise, check_bytes, check_calls, compare, first, randn, run_ranks
 

@@ -1,5 +1,5 @@
 """Reference solutions to the exercises, written from scratch (the package's own versions live in
-tensor_parallel/mappings.py, context_parallel/). ``show_solution(name)`` prints one of them."""
+core/mappings.py, context_parallel/). ``show_solution(name)`` prints one of them."""
 
 from __future__ import annotations
 

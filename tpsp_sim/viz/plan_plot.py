@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from ..analysis.plan import AXES, Plan
+from ..analysis.planner import AXES, Plan
 from .plot import SECONDS
 
 PARTS = (("compute", "tab:blue"), ("tp", "tab:orange"), ("cp", "tab:green"), ("dp_cp", "tab:red"),

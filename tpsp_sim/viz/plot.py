@@ -20,7 +20,7 @@ from matplotlib.ticker import Formatter, FuncFormatter, Locator, LogLocator, Nul
 from ..context_parallel.attention import sequence_positions
 from ..analysis.cost import Hardware, estimate, format_seconds, hardware
 from .collectives import rank_colors
-from ..analysis.timeline import Timeline
+from ..analysis.replay import Timeline
 from ..core import ops
 from ..core.trace import PHASES, CommEvent, CommTrace
 

@@ -19,7 +19,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ..context_parallel.attention import dense_attention, shard_sequence
+from ..context_parallel.attention import shard_sequence
+from ..models.attention import dense_attention
 from ..context_parallel.ring import forward_steps
 from ..core.comm import Comm
 from ..launch import run

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..core.mesh import DeviceMesh
-from .layers import all_reduce_bucket, sync_sequence_parallel_grads
+from ..tensor_parallel.grad_sync import all_reduce_bucket, sync_sequence_parallel_grads
 
 TENSOR_AXIS = "tp"
 

@@ -1,11 +1,8 @@
-"""A tiny Llama-style language model, dense and on a (dp, cp, tp) mesh: what the hybrid block trains in.
+"""The tiny Llama (models/tiny_llama.py) on a (dp, cp, tp) mesh: what the hybrid block trains in.
 
-Dense: token embedding → ``n_layers`` ``LlamaBlock``s → RMSNorm → LM head; next-token cross entropy,
-the mean over every token of the batch.
-
-Parallel (``ParallelTinyLlama.from_dense(model, tp=..., cp=..., attention=..., layout=...)``): each rank
+``ParallelTinyLlama.from_dense(model, tp=..., cp=..., attention=..., layout=...)``): each rank
 gets the tokens ``ts.shard_hybrid`` gives it (its cp piece, then its tp chunk: the residual stream of
-TP+SP); the blocks are hybrid blocks (hybrid.py); the embedding, the final norm and the head are
+TP+SP); the blocks are hybrid blocks (block.py); the embedding, the final norm and the head are
 replicated and, seeing only this rank's tokens, marked ``sequence_parallel`` — their gradients are
 summed over tp by ``ts.sync_gradients``, which then averages everything over the dp × cp replicas.
 So that this average is the dense mean, each rank's loss is the sum over its tokens divided by the
@@ -24,32 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.comm import Comm
-from .blocks import ParallelTransformerBlock
-from .hybrid import ContextGroup
-from .layers import replicate
-from .llama import LlamaBlock, RMSNorm
-
-
-class TinyLlama(nn.Module):
-    """Dense reference: ``model(tokens)`` → logits ``[batch, seq, vocab]``."""
-
-    def __init__(self, vocab: int, d_model: int, n_layers: int, n_heads: int, n_kv_heads: int | None = None,
-                 d_ff: int | None = None) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        self.blocks = nn.ModuleList(LlamaBlock(d_model, n_heads, n_kv_heads, d_ff) for _ in range(n_layers))
-        self.norm = RMSNorm(d_model)
-        self.head = nn.Linear(d_model, vocab, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
-
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross entropy over every token."""
-        return F.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
+from ..models.tiny_llama import TinyLlama
+from ..tensor_parallel.sharding import replicate
+from .block import ParallelTransformerBlock
+from .context import ContextGroup
 
 
 class ParallelTinyLlama(nn.Module):

@@ -50,13 +50,14 @@ from ..core.mesh import init_device_mesh
 from ..core.table import Table
 from ..core.trace import CommTrace
 from ..launch import run
-from ..tensor_parallel.blocks import ParallelTransformerBlock, TransformerBlock
-from ..tensor_parallel.llama import LlamaBlock
+from ..hybrid.block import ParallelTransformerBlock
+from ..models.gpt import TransformerBlock
+from ..models.llama import LlamaBlock
 from .cluster import Cluster, cluster as as_cluster
 from .cost import collective_time, format_seconds
 from .memory import Budget, budget
 from .models import Model, model as as_model
-from .timeline import timeline
+from .replay import timeline
 
 PLANNED_RECOMPUTE = ("selective", "full")  # memory.RECOMPUTE's "none" is "selective" under flash attention
 GIB = 2**30
@@ -202,7 +203,6 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     for tp in _divisors(gpus):
         for cp in _divisors(gpus // tp):
             dp = gpus // (tp * cp)
-            mesh = f"dp={dp}, cp={cp}, tp={tp}"
             reason = _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp)
             for label, kind, u in _attention_kinds(cp, attentions):
                 for mode in modes:

@@ -25,8 +25,8 @@ e_acc the accumulation size (= e in float32/64), E_q = E/t elements of this rank
 gather and E_kv = E_q·n_kv/n_heads of its K (= V) (GPT: n_kv = n_heads; Llama with t > n_kv, where
 each rank holds one replicated K/V head: E_kv = E/n_heads):
 
-    tp  (TP+SP, blocks.py)   forward 4(t-1)/t·E·e        backward 6(t-1)/t·E·e (+ the K/V replicas'
-                             weight-gradient all-reduce of blocks.py when n_kv < t)
+    tp  (TP+SP)              forward 4(t-1)/t·E·e        backward 6(t-1)/t·E·e (+ the K/V replicas'
+                             weight-gradient all-reduce when n_kv < t; tensor_parallel/blocks.py)
     cp  ring                 forward (cp-1)·2E_kv·e      backward (cp-1)·2E_kv·e + cp·2E_kv·e_acc
         ulysses (u = cp)     forward (u-1)/u·(2E_q + 2E_kv)·e, backward the same
         usp (u·r = cp)       ulysses axis as Ulysses on u, ring axis as ring on r (usp.py)
@@ -50,8 +50,8 @@ from ..context_parallel.attention import check_layout
 from ..context_parallel.registry import attention_kind
 from ..context_parallel.usp import usp_shard_sequence
 from ..core.comm import Comm
-from .layers import SEQUENCE_DIM
-from .llama import FusedQKVAttention
+from ..models.llama import FusedQKVAttention
+from ..tensor_parallel.sharding import SEQUENCE_DIM
 
 ContextGroup = Comm | tuple[Comm, Comm]
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core.autograd import CommFunction
-from ..core.comm import Comm, normalized_dim
+from .autograd import CommFunction
+from .comm import Comm, normalized_dim
 
 
 def _dim(x: torch.Tensor, dim: int, comm: Comm, mapping: str, name: str = "dim") -> int:
