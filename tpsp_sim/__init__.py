@@ -43,6 +43,9 @@ from .tensor_parallel.llama import LlamaBlock, RMSNorm, rope
 from .tensor_parallel.layers import (ColumnParallelLinear, Dropout, DropoutRNG, RowParallelLinear,
                                      gather_dense_grads, gather_dense_parameters, replicate,
                                      sync_sequence_parallel_grads)
+# Pipeline parallelism (issue 20): stages and schedules in torch.distributed.pipelining's names
+from . import pipeline
+from .pipeline import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleZBH1)
 
 __version__ = "0.2.0"
 
@@ -60,4 +63,5 @@ __all__ = [
     "replicate", "saved_tensor_meter", "sync_sequence_parallel_grads", "LlamaBlock", "RMSNorm", "rope",
     "Hardware", "Model", "Plan", "Timeline", "cost", "memory", "plan", "timeline",
     "exercises",
+    "PipelineStage", "Schedule1F1B", "ScheduleGPipe", "ScheduleInterleaved1F1B", "ScheduleZBH1", "pipeline",
 ]
