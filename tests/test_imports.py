@@ -16,6 +16,7 @@ BELOW = {
     "core": set(),
     "sim": {"core"},
     "dist": {"core"},
+    "pipeline": {"core", "analysis"},  # analysis: only memory.saved_tensor_meter, the stage's meter
 }
 
 
