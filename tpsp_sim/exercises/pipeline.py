@@ -12,19 +12,10 @@ from typing import Callable
 from ..core.errors import DeadlockError
 from ..pipeline.actions import Action, parse_program
 from ..pipeline.dry_run import bubble, dry_run
-from ..pipeline.one_f_one_b import Schedule1F1B
+from ..pipeline.one_f_one_b import Schedule1F1B, one_f_one_b
 from .harness import WORLD_SIZES, Exercise
 
 COSTS = {"F": 1.0, "B": 1.0, "W": 1.0}  # a whole backward (B without W) takes B + W = 2 units
-
-
-def one_f_one_b_program(rank: int, p: int, m: int) -> list[Action]:
-    """Rank ``rank``'s 1F1B order on ``p`` ranks with ``m`` micro-batches."""
-    warmup = min(p - 1 - rank, m)                       # forwards before the first backward
-    program = [Action("F", k) for k in range(warmup)]
-    for k in range(m - warmup):                         # steady state: one forward, one backward
-        program += [Action("F", k + warmup), Action("B", k)]
-    return program + [Action("B", k) for k in range(m - warmup, m)]   # cool-down
 
 
 def microbatches_for_bubble(p: int, target: float) -> int:
@@ -86,7 +77,7 @@ ONE_F_ONE_B_PROGRAM = Exercise(
     cases=WORLD_SIZES, case_label="ranks", check_case=_program_case,
     checked="with m = 1, p and 2p+1 micro-batches the programs run without deadlock, keep at most min(p - rank, m) "
             "micro-batches in flight and idle (p-1)/(m+p-1) of the step, on 2, 3 and 4 ranks.",
-    solution=one_f_one_b_program, solution_source=(one_f_one_b_program,))
+    solution=one_f_one_b, solution_source=(one_f_one_b,))
 
 MICROBATCHES_FOR_BUBBLE = Exercise(
     name="microbatches_for_bubble", notebook="09_pipeline_parallelism",

@@ -27,7 +27,7 @@ loss is back-propagated times 1 / n_microbatches; ``losses`` gets the unscaled l
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -71,6 +71,7 @@ class PipelineSchedule:
         self.program: Program = parse_program(program) if program is not None else self.make_program(
             self.p, n_microbatches, self.v)
         self.slots: list[Slot] = dry_run(self.program, self.p, self.v, n_microbatches)  # checked before it runs
+        self._split_backward = {(a.microbatch, a.chunk) for a in self.program[self.comm.rank] if a.kind == "W"}  # B then W
         self.peak_saved_bytes = 0  # this rank's peak of activation bytes in flight, over its stages, last step
 
     @staticmethod
@@ -130,8 +131,7 @@ class PipelineSchedule:
         k = a.microbatch
         with self.comm.phase("backward"):
             grad = None if stage.is_last else self._receive(stage.kept(k), stage.stage_index + 1)
-            split = Action("W", k, a.chunk) in self.program[self.comm.rank]
-            dx = stage.backward_one(k, grad, 1 / self.n_microbatches, split=split)
+            dx = stage.backward_one(k, grad, 1 / self.n_microbatches, split=(k, a.chunk) in self._split_backward)
             if not stage.is_first:
                 self._send(dx, stage.stage_index - 1)
 
