@@ -7,10 +7,12 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import tpsp_sim as ts
-from tpsp_sim.pipeline import bubble_fraction, in_flight, stage_module
+from tpsp_sim.pipeline import SCHEDULES, bubble, bubble_fraction, dry_run, in_flight, stage_module
 
 FREE_LINKS = ts.Hardware("free links", link_bandwidth=1e30, latency=0.0, peak_flops=1e12)
 NAMES = {ts.ScheduleGPipe: "gpipe", ts.Schedule1F1B: "1f1b", ts.ScheduleInterleaved1F1B: "interleaved_1f1b",
@@ -106,3 +108,27 @@ def test_closed_forms_reject_impossible_layouts():
         in_flight("1f1b", 2, 4, v=2)
     with pytest.raises(ValueError, match="n_microbatches=1 must be at least"):
         in_flight("interleaved_1f1b", 2, 1, v=2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(p=st.integers(1, 5), m=st.integers(1, 12), v=st.integers(2, 3), f=st.floats(0.5, 2), b=st.floats(0.5, 2),
+       w_share=st.floats(0.1, 1))
+def test_every_schedule_runs_dry_without_deadlock_at_its_closed_form(p, m, v, f, b, w_share):
+    """Any p, m, stage times: no deadlock, every rank idles the closed form (interleaved when m >= p splits
+    into equal rounds; ZB-H1 when m >= p and W <= min(F, B)), and stage 0 keeps ``in_flight`` micro-batches."""
+    w = w_share * min(f, b)
+    costs = {"F": f, "B": b, "W": w}
+    cases = [("gpipe", 1), ("1f1b", 1)] + ([("zbh1", 1)] if m >= p else [])
+    if m >= p and m % (m // p) == 0:
+        cases.append(("interleaved_1f1b", v))
+    for name, chunks in cases:
+        program = SCHEDULES[name].make_program(p, m, chunks)
+        slots = dry_run(program, p, chunks, m, costs)
+        idle = (p - 1) * (f + b - w)
+        want = idle / (m * (f + b + w) + idle) if name == "zbh1" else bubble_fraction(name, p, m, chunks)
+        assert all(x == pytest.approx(want, abs=1e-9) for x in bubble(slots).values()), name
+        live = peak = 0
+        for a in program[0]:
+            live += {"F": 1, "B": 0 if name == "zbh1" else -1, "W": -1}[a.kind]
+            peak = max(peak, live)
+        assert peak / chunks == pytest.approx(in_flight(name, p, m, chunks), abs=1e-12), name

@@ -30,7 +30,7 @@ def schedule_class(name: str) -> type[PipelineSchedule]:
 def bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float:
     """The fraction of a step each rank idles, uniform stages: (p−1)/(m+p−1) for "gpipe" and "1f1b",
     (p−1)/(v·m+p−1) for "interleaved_1f1b", (p−1)(F+B−W) / (m(F+B+W) + (p−1)(F+B−W)) for "zbh1"
-    with F = B = W (Qi et al.; m ≥ p). Measured on the timeline in tests/test_pipeline_bubble.py."""
+    with F = B = W (Qi et al.; m ≥ p; true for any W ≤ min(F, B)). Measured on the timeline in tests/test_pipeline_bubble.py."""
     _check(schedule, p, m, v)
     return schedule_class(schedule).bubble_fraction(p, m, v)
 

@@ -5,7 +5,8 @@
 group (``mesh["pp"]`` on a mesh). Stage s lives on rank s mod p of ``comm`` (p = its world size), so
 ``num_stages`` = v·p gives each rank v stages (interleaved schedules).
 
-Per micro-batch the stage keeps its input (made differentiable: its gradient goes to the previous
+The submodule takes one tensor and returns one (what crosses to the next stage). Per micro-batch the
+stage keeps its input (made differentiable: its gradient goes to the previous
 stage) and its output, and measures with ``ts.saved_tensor_meter`` the activation bytes the forward
 saved for backward. They are let go when the micro-batch's backward is complete (after B, or after W
 when B computed only the input gradient).
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..analysis.memory import saved_tensor_meter
 from ..core.comm import Comm
+from ..core.errors import SimulationError
 from .backward import backward_input
 
 
@@ -56,6 +58,8 @@ class PipelineStage:
         with saved_tensor_meter(exclude=params) as meter:
             try:
                 out = self.submodule(x)
+            except SimulationError:  # another rank failed, or a collective inside the stage went wrong: not ours
+                raise
             except (RuntimeError, ValueError) as e:
                 came_from = "the first stage's micro-batch" if self.is_first else f"stage {self.stage_index - 1}'s output"
                 raise ValueError(f"PipelineStage {self.stage_index}: its submodule cannot take {came_from} "

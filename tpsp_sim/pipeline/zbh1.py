@@ -2,8 +2,9 @@
 
 B (input gradient) stays where 1F1B has its backward, so the next stage down gets its gradient as
 early as before; rank r holds back its first r weight gradients W and runs them in the cool-down,
-where 1F1B idles. With F, B, W each taking one unit the bubble shrinks from (p−1)(F+B+W) to
-(p−1)(F+B−W), a third; the activations in flight stay 1F1B's p on every stage (a micro-batch's
+where 1F1B idles. The idle time per rank shrinks from 1F1B's (p−1)(F+B+W) to (p−1)(F+B−W) — a third
+when F = B = W — for m ≥ p and W ≤ min(F, B) (dry-run over random times in the tests; a larger W
+does not fit the holes); the activations in flight stay 1F1B's p on every stage (a micro-batch's
 activations live until its W).
 """
 
