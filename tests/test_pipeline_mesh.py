@@ -89,9 +89,10 @@ def dense_steps(model, data, m, lr):
     return {n: q.grad for n, q in model.named_parameters()}, {n: q.detach() for n, q in model.named_parameters()}
 
 
-def check(shape, steps, m, lr, batch):
+def check(shape, steps, m, lr, batch, count_flops=False):
     model, data = model_and_batches(steps, batch)
-    res = ts.run(pipeline_rank, model, data, shape, m, lr, world_size=int(torch.tensor(shape).prod()))
+    res = ts.run(pipeline_rank, model, data, shape, m, lr, world_size=int(torch.tensor(shape).prod()),
+                 count_flops=count_flops)
     dense_grads, dense_weights = dense_steps(model, data, m, lr)
     seen = set()
     for grads, weights in res.outputs:
@@ -109,7 +110,7 @@ def test_pp_x_tp_sp_x_ring_attention_is_exact(shape):
     rank's own TP+SP shard, [b/(dp·m), s/(cp·tp), h]: s·b·h·8 / (dp·cp·tp·m) bytes, on axis "pp"."""
     m, batch, h = 2, 4, 16
     pp, dp, cp, tp = shape
-    res = check(shape, steps=1, m=m, lr=0.0, batch=batch)
+    res = check(shape, steps=1, m=m, lr=0.0, batch=batch, count_flops=True)
     act = (batch // dp // m) * (SEQ // (cp * tp)) * h * 8
     sends = res.trace.filter(op="send", axis="pp")
     pairs = dp * cp * tp  # one pipeline per (dp, cp, tp) coordinate
@@ -117,6 +118,8 @@ def test_pp_x_tp_sp_x_ring_attention_is_exact(shape):
     assert sends.total("sent_bytes", phase="backward") == pairs * m * act
     assert "pp" in comm_bars(res.trace, by="axis")
     assert set(res.trace.filter(axis="pp").ops()) == {"send", "recv"}
+    exposed = ts.timeline(res.trace, "h100-nvlink").exposed_by_axis(0)
+    assert "pp" in exposed and exposed["pp"] > 0
 
 
 @pytest.mark.slow
