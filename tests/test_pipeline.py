@@ -155,6 +155,16 @@ def test_uneven_split_and_two_stages_on_one_rank():
     run_gpt(ts.ScheduleInterleaved1F1B, 1, 2, 4)  # p = 1: two chunks on one rank hand over without communication
 
 
+def test_one_rank_and_three_chunks_per_rank():
+    run_gpt(ts.ScheduleGPipe, 1, 3, 2)  # p = 1: first and last stage on one rank, step(x, target=y)
+    model = gpt_stack(9)
+    x, y = torch.randn(2, 6, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).unbind(0)
+    ref, _ = dense_grads(model, lambda mod, a, t: mse(mod(a), t), x.chunk(3), y.chunk(3))
+    grads, _, _ = run_pipeline(model, list, lambda mod: None, lambda mod: None, mse, ts.ScheduleInterleaved1F1B,
+                               3, 3, x, y, v=3)  # v = 3 chunks on each of 3 ranks
+    assert_close(grads, ref)
+
+
 def test_a_users_own_program_runs_exactly():
     program = {0: "F0 F1 B0 B1", 1: "F0 B0 F1 B1"}
     res = run_gpt(PipelineSchedule, 2, 2, 2, program=program)
