@@ -12,7 +12,7 @@ from torch import nn
 
 import tpsp_sim as ts
 from tpsp_sim.pipeline import (Action, PipelineSchedule, dry_run, format_program, layer_ranges, parse_program,
-                               stage_module)
+                               sent_bytes, stage_module)
 
 SCHEDULES = [ts.ScheduleGPipe, ts.Schedule1F1B, ts.ScheduleInterleaved1F1B, ts.ScheduleZBH1]
 
@@ -146,6 +146,7 @@ def test_gpt_stack_is_exact_and_sends_sbh_per_boundary_per_microbatch(schedule):
     assert tr.total("sent_bytes", op="send", phase="backward") == boundaries * m * act
     assert tr.total("recv_bytes", op="recv") == tr.total("sent_bytes", op="send")
     assert tr.ops() == {"send": boundaries * (2 * m + 1), "recv": boundaries * (2 * m + 1)}
+    assert list(tr.per_rank("sent_bytes", op="send").values()) == sent_bytes(p, m, v, act)
     sends = tr.filter(op="send", phase="forward", scope="stage0/F1").events  # scope: stage, action, micro-batch
     assert len(sends) == 1 and sends[0].sent_bytes == act and sends[0].rank == 0 and sends[0].peer == 1
 

@@ -6,7 +6,7 @@
     dry_run.py     a program without tensors: checked, timed, its deadlock named
     backward.py    the backward split into B (input gradient) and W (weight gradient)
     gpipe.py, one_f_one_b.py, interleaved.py, zbh1.py   one schedule each
-    registry.py    the schedules by name; bubble_fraction and in_flight (closed forms)
+    registry.py    the schedules by name; bubble_fraction, in_flight, sent_bytes (closed forms)
     split.py       layers into stages
 """
 
@@ -15,7 +15,7 @@ from .dry_run import Slot, bubble, check_program, dry_run
 from .gpipe import ScheduleGPipe
 from .interleaved import ScheduleInterleaved1F1B
 from .one_f_one_b import Schedule1F1B
-from .registry import SCHEDULES, bubble_fraction, in_flight, schedule_class
+from .registry import SCHEDULES, bubble_fraction, in_flight, schedule_class, sent_bytes
 from .schedule import PipelineSchedule
 from .split import layer_ranges, stage_module
 from .stage import PipelineStage

@@ -95,9 +95,11 @@ def dry_run(program: Mapping[int, Sequence[Action]], p: int, v: int, m: int,
         if all(at[r] == len(actions) for r, actions in program.items()):
             return slots
         if not moved:
-            waiting = [f"rank {r} at {program[r][at[r]]} (stage {stage_of(r, program[r][at[r]].chunk, p)}) waits for "
-                       f"{_name(_needs(program[r][at[r]], stage_of(r, program[r][at[r]].chunk, p), last))}"
-                       for r in program if at[r] < len(program[r])]
+            waiting = []
+            for r, actions in program.items():
+                if at[r] < len(actions):
+                    a, s = actions[at[r]], stage_of(r, actions[at[r]].chunk, p)
+                    waiting.append(f"rank {r} at {a} (stage {s}) waits for {_name(_needs(a, s, last))}")
             raise DeadlockError("pipeline program deadlocks: every unfinished rank waits for a message no rank will "
                                 "send: " + "; ".join(waiting))
 

@@ -1,4 +1,5 @@
-"""The schedules by name, and their closed forms as pure functions (what a planner calls).
+"""The schedules by name, and their closed forms as pure functions (what a planner calls): the bubble, the
+micro-batches in flight on stage 0, and the bytes each rank sends on the pipeline axis.
 
 Adding a schedule: one module defining a ``PipelineSchedule`` subclass (its ``make_program``,
 ``bubble_fraction`` and ``in_flight``), and one line here.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from .gpipe import ScheduleGPipe
 from .interleaved import ScheduleInterleaved1F1B
 from .one_f_one_b import Schedule1F1B
-from .schedule import PipelineSchedule
+from .schedule import HEADER, PipelineSchedule
 from .zbh1 import ScheduleZBH1
 
 SCHEDULES: dict[str, type[PipelineSchedule]] = {
@@ -46,3 +47,12 @@ def in_flight(schedule: str, p: int, m: int, v: int = 1) -> float:
 def _check(schedule: str, p: int, m: int, v: int) -> None:
     if min(p, m, v) < 1 or (v > 1 and not schedule_class(schedule).multi_stage):
         raise ValueError(f"pipeline: {schedule!r} needs p, m >= 1 and v = 1 unless interleaved; got p={p}, m={m}, v={v}")
+
+
+def sent_bytes(p: int, m: int, v: int, activation_bytes: int) -> list[int]:
+    """Bytes each rank sends on the pipeline axis in one step, any schedule: an activation forward from every
+    stage but the last and a gradient backward from every stage but the first, per micro-batch, plus one
+    80-byte shape header per forward boundary (rank r holds v stages; the last is on rank p−1, the first on 0)."""
+    header = HEADER * 8  # the shape header: HEADER int64s
+    return [(v - (r == p - 1)) * (m * activation_bytes + header) + (v - (r == 0)) * m * activation_bytes
+            for r in range(p)]
