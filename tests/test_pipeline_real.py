@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -38,3 +39,16 @@ def test_1f1b_on_two_gloo_processes_equals_the_simulator_event_for_event():
         for name in g_sim:
             assert torch.equal(g_sim[name], g_real[name]), name
         assert [t.item() for t in l_sim] == [t.item() for t in l_real]
+
+
+def wrong_order(comm):
+    stage = ts.PipelineStage(nn.Linear(2, 2), comm.rank, 2, comm)
+    ts.pipeline.PipelineSchedule(stage, 2, loss_fn=lambda out, t: out.sum(), program={0: "F0 B0 F1 B1", 1: "F0 F1 B0 B1"})
+
+
+def test_a_deadlocking_program_fails_at_once_on_gloo_not_after_the_timeout():
+    """The dry run names the deadlock before any message is sent (gloo itself would wait out the timeout)."""
+    start = time.monotonic()
+    with pytest.raises(ts.DeadlockError, match="rank 0 at B0 .* rank 1 at F1"):
+        ts.run(wrong_order, world_size=2, backend="gloo", timeout=60)
+    assert time.monotonic() - start < 50
