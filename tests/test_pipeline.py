@@ -255,31 +255,24 @@ def test_bad_schedule_arguments_are_value_errors():
         run_errors(two_stages_for_1f1b)
 
 
-def test_a_batch_that_does_not_split_and_mismatched_stage_shapes_name_the_stages():
-    def uneven(comm):
-        sched = ts.ScheduleGPipe(ts.PipelineStage(nn.Linear(2, 2).double(), comm.rank, 2, comm), 3, loss_fn=mse)
+LINEARS = ((2, 2), (2, 2))  # (in, out) features of stage 0's and stage 1's Linear
+MISMATCHED = ((2, 3), (2, 4))  # stage 0 outputs 3 features, stage 1 takes 2
+
+
+@pytest.mark.parametrize("m,linears,with_target,match", [
+    (3, LINEARS, True, r"of shape \(4, 2\) does not split into n_microbatches=3"),
+    (2, MISMATCHED, True, r"PipelineStage 1: its submodule cannot take stage 0's output \(shape \(2, 3\)"),
+    (2, LINEARS, False, "the last stage needs target="),
+])
+def test_a_batch_that_does_not_split_mismatched_stage_shapes_and_no_target(m, linears, with_target, match):
+    def fn(comm):
+        stage = ts.PipelineStage(nn.Linear(*linears[comm.rank]).double(), comm.rank, 2, comm)
+        sched = ts.ScheduleGPipe(stage, m, loss_fn=mse)
         if comm.rank == 0:
-            sched.step(torch.zeros(4, 2, dtype=torch.float64))
+            sched.step(torch.zeros(4, linears[0][0], dtype=torch.float64))
         else:
-            sched.step(target=torch.zeros(4, 2, dtype=torch.float64))
+            target = torch.zeros(4, linears[1][1], dtype=torch.float64)
+            sched.step(**({"target": target} if with_target else {}))
 
-    with pytest.raises(ValueError, match=r"of shape \(4, 2\) does not split into n_microbatches=3"):
-        run_errors(uneven)
-
-    def mismatched(comm):
-        sched = ts.ScheduleGPipe(ts.PipelineStage(nn.Linear(2, 3 + comm.rank).double(), comm.rank, 2, comm), 2,
-                                 loss_fn=mse)
-        if comm.rank == 0:
-            sched.step(torch.zeros(4, 2, dtype=torch.float64))
-        else:
-            sched.step(target=torch.zeros(4, 4, dtype=torch.float64))
-
-    with pytest.raises(ValueError, match=r"PipelineStage 1: its submodule cannot take stage 0's output \(shape \(2, 3\)"):
-        run_errors(mismatched)
-
-    def no_target(comm):
-        sched = ts.ScheduleGPipe(ts.PipelineStage(nn.Linear(2, 2).double(), comm.rank, 2, comm), 2, loss_fn=mse)
-        sched.step(torch.zeros(4, 2, dtype=torch.float64)) if comm.rank == 0 else sched.step()
-
-    with pytest.raises(ValueError, match="the last stage needs target="):
-        run_errors(no_target)
+    with pytest.raises(ValueError, match=match):
+        run_errors(fn)
