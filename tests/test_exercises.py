@@ -40,12 +40,12 @@ def test_an_unwritten_stub_is_reported_with_the_reference_checked(name, capsys):
     assert "def " in capsys.readouterr().out
 
 
-def test_each_notebook_00_to_03_poses_at_least_two_exercises():
+def test_each_notebook_00_to_03_and_09_poses_at_least_two_exercises():
     per_notebook = {}
     for ex in EXERCISES.values():
         per_notebook[ex.notebook] = per_notebook.get(ex.notebook, 0) + 1
     assert per_notebook == {"00_collectives": 2, "01_tensor_parallel": 2, "02_sequence_parallel": 2,
-                            "03_ring_attention": 2}
+                            "03_ring_attention": 2, "09_pipeline_parallelism": 2}
 
 
 def test_unknown_exercise():

@@ -23,9 +23,10 @@ BELOW = {
     "tensor_parallel": {"core", "models"},
     "context_parallel": {"core", "models"},
     "hybrid": {"core", "models", "tensor_parallel", "context_parallel"},
+    "pipeline": {"core", "analysis"},  # analysis: only memory.saved_tensor_meter, the stage's meter
     "analysis": {"core", "launch", "models", "tensor_parallel", "context_parallel", "hybrid"},
-    "viz": {"core", "launch", "models", "context_parallel", "analysis"},
-    "exercises": {"core", "launch", "models", "context_parallel"},
+    "viz": {"core", "launch", "models", "context_parallel", "pipeline", "analysis"},
+    "exercises": {"core", "launch", "models", "context_parallel", "pipeline"},
     "__main__": {"analysis", "context_parallel", "viz"},
     "": set(),  # tpsp_sim/__init__.py re-exports every layer's public names
 }

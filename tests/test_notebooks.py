@@ -21,7 +21,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-LAST = 8  # the suite ends with 08_planning_a_long_context_run.ipynb (issue 13): the one notebook with no next
+LAST = 9  # the suite ends with 09_pipeline_parallelism.ipynb (issue 20): the one notebook with no next
 
 NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 IGNORE_TAG = "nbval-ignore-output"

@@ -8,6 +8,7 @@ The package is layered; data flows one way, per-rank code → Comm → backend �
     tensor_parallel/   Megatron's parallel linears and a block's tensor-parallel sublayers (TP, TP+SP)
     context_parallel/  attention tiles and the context-parallel attention kinds (ring, Ulysses, USP, all-gather)
     hybrid/            the compositions: the parallel block (TP+SP × CP), the tiny Llama on a mesh, data parallelism
+    pipeline/          pipeline stages and schedules (GPipe, 1F1B, interleaved, ZB-H1)
     analysis/          cost model and clusters, timeline, memory, sweeps, the planner
     viz/  exercises/   plots and the dashboard; the notebooks' exercises
 
@@ -56,6 +57,8 @@ from .hybrid.block import ParallelTransformerBlock
 from .hybrid.context import hybrid_positions, shard_hybrid
 from .hybrid.data_parallel import sync_gradients
 from .hybrid.tiny_llama import ParallelTinyLlama
+from . import pipeline  # stages and schedules in torch.distributed.pipelining's names
+from .pipeline import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleZBH1
 
 # ---- analysis -----------------------------------------------------------------------------------
 from .analysis import cost, memory
@@ -90,6 +93,7 @@ __all__ = [
     "usp_attention", "usp_shard_sequence", "usp_unshard_sequence",
     # compositions
     "ParallelTransformerBlock", "hybrid_positions", "shard_hybrid", "sync_gradients", "ParallelTinyLlama",
+    "pipeline", "PipelineStage", "Schedule1F1B", "ScheduleGPipe", "ScheduleInterleaved1F1B", "ScheduleZBH1",
     # analysis
     "cost", "memory", "Hardware", "activation_memory", "saved_tensor_meter", "Model", "Plan", "plan", "Timeline",
     "timeline",

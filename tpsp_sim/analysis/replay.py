@@ -103,6 +103,11 @@ class Timeline:
         """Neither computing nor communicating: waiting for another rank (load imbalance)."""
         return max(0.0, self.end(rank) - self.compute(rank) - self.exposed(rank))  # no negative round-off
 
+    def bubble(self, rank: int) -> float:
+        """The fraction of the whole run (until the last rank ends) this rank does not compute: a pipeline's
+        bubble, (p−1)/(m+p−1) for GPipe and 1F1B with uniform stages when communication is free."""
+        return 1 - self.compute(rank) / self.end() if self.end() else 0.0
+
     def exposed_by_axis(self, rank: int) -> dict[str | None, float]:
         """``exposed(rank)`` split by mesh axis: each instant the rank waits on communication is booked
         to the call that started first among those running then (first-seen order of axes)."""

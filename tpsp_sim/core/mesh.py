@@ -18,7 +18,11 @@ Differences from ``torch.distributed.device_mesh``: ``init_device_mesh``'s first
 ``Comm`` (PyTorch's is a device type, "cuda"); ``mesh["tp"]`` is a ``Comm``, not a 1-D ``DeviceMesh``
 (PyTorch's ``mesh["tp"].get_group()`` is that communicator); ``mesh["dp", "cp"]`` is one ``Comm`` over
 the flattened axes, where PyTorch returns a 2-D sub-mesh and flattens it with ``_flatten()``.
-``size(dim)`` and ``get_local_rank(dim)`` take a name or an index, as PyTorch's do.
+``size(dim)`` and ``get_local_rank(dim)`` take a name or an index, as PyTorch's do; ``submesh("dp", "cp",
+"tp")`` is PyTorch's ``mesh["dp", "cp", "tp"]`` (a sub-mesh).
+
+Four axes in Megatron's order, ``init_device_mesh(comm, (pp, dp, cp, tp), mesh_dim_names=("pp", "dp", "cp",
+"tp"))``: pipeline stages slowest, rank = ((pp·n_dp + dp)·n_cp + cp)·n_tp + tp.
 """
 
 from __future__ import annotations
@@ -63,6 +67,16 @@ class DeviceMesh:
     def size(self, name: str | int | None = None) -> int:
         """The number of ranks on axis ``name`` (a name or a dim index; the whole mesh when None)."""
         return math.prod(self.shape) if name is None else self.shape[self._dim(name)]
+
+    def submesh(self, *names: str) -> "DeviceMesh":
+        """This rank's mesh over axes ``names`` only, the others fixed at this rank's coordinate (PyTorch's
+        ``mesh["dp", "cp", "tp"]``): e.g. a pipeline stage's (dp, cp, tp) grid inside a (pp, dp, cp, tp) mesh."""
+        dims = [self._dim(n) for n in names]
+        if not names or dims != sorted(set(dims)):
+            raise ValueError(f"rank {self.comm.rank}: submesh needs distinct axes of {self.mesh_dim_names} in mesh "
+                             f"order, got {names}")
+        groups = {key: g for key, g in self._groups.items() if set(key) <= set(names)}
+        return DeviceMesh(self[names], tuple(self.shape[d] for d in dims), tuple(names), groups)
 
     def __repr__(self) -> str:
         dims = ", ".join(f"{n}={s}" for n, s in zip(self.mesh_dim_names, self.shape))

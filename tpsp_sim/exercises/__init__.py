@@ -1,4 +1,4 @@
-"""Exercises with automatic checking, posed in notebooks 00–03.
+"""Exercises with automatic checking, posed in notebooks 00–03 and 09.
 
     from tpsp_sim.exercises import check, show_solution
     check("g_bar", my_g_bar)      # ✓, or what is wrong: output vs dense, wrong collective, bytes, deadlock
@@ -18,9 +18,11 @@ from .attention import ONLINE_SOFTMAX_MERGE, RING_ATTENTION_FORWARD
 from .collectives import RING_ALL_GATHER, RING_REDUCE_SCATTER
 from .harness import Exercise, Problem, Report
 from .mappings import F, F_BAR, G, G_BAR
+from .pipeline import MICROBATCHES_FOR_BUBBLE, ONE_F_ONE_B_PROGRAM
 
 EXERCISES: dict[str, Exercise] = {ex.name: ex for ex in (RING_ALL_GATHER, RING_REDUCE_SCATTER, F, F_BAR, G, G_BAR,
-                                                         ONLINE_SOFTMAX_MERGE, RING_ATTENTION_FORWARD)}
+                                                         ONLINE_SOFTMAX_MERGE, RING_ATTENTION_FORWARD,
+                                                         ONE_F_ONE_B_PROGRAM, MICROBATCHES_FOR_BUBBLE)}
 
 
 def exercise(name: str) -> Exercise:
