@@ -16,6 +16,7 @@ BELOW = {
     "core": set(),
     "sim": {"core"},
     "dist": {"core"},
+    "torch_api": {"core", "sim", "dist"},  # torch.distributed's backend over SimComm (sim/) or TorchComm (dist/)
 }
 
 

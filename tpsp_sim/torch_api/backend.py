@@ -1,0 +1,91 @@
+"""The ``"tpsp_sim"`` torch.distributed backend: ``init_process_group`` on every virtual rank of a run.
+
+``ts.run(fn, world_size=N, torch_distributed=True)`` enters ``installed()`` around the run (world.py:
+per-rank c10d state, restored when the run ends) and ``default_group(comm)`` in each rank thread
+around ``fn``: that calls ``dist.init_process_group("tpsp_sim", rank, world_size)``, whose group is a
+``CommProcessGroup`` over the rank's own ``Comm``, and destroys it when ``fn`` returns or raises.
+
+``dist.new_group(ranks)`` (and ``init_device_mesh``, which calls it per mesh dim) reaches the
+backend's creator only on the ranks in the group, so on the simulator the creator cannot use the
+collective ``comm.new_group``: it registers the group with the run's world itself, the k-th group
+any rank creates on a given tuple of ranks being the same group on every rank of it (c10d too
+requires every rank to create groups in the same order).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch.distributed as dist
+
+from ..core.comm import Comm
+from ..core.errors import SimulationError
+from ..sim.runtime import SimComm
+from ..sim.world import SimWorld
+from .process_group import CommProcessGroup
+from .world import BACKEND, RankWorld, RankWorlds
+from . import world as _world
+
+_rank = threading.local()  # in a rank thread with a default group: .comm, .made (ranks -> groups made so far)
+_groups: "weakref.WeakKeyDictionary[SimWorld, dict[tuple, int]]" = weakref.WeakKeyDictionary()  # (ranks, k) -> id
+
+
+def _sim_subgroup(comm: SimComm, ranks: tuple[int, ...], k: int) -> SimComm:
+    """The SimComm of the k-th group over global ``ranks`` created in ``comm``'s run."""
+    world = comm.world
+    with world.lock:
+        ids = _groups.setdefault(world, {})
+        if (ranks, k) not in ids:
+            world.groups.append(ranks)
+            ids[ranks, k] = len(world.groups) - 1
+        group_id = ids[ranks, k]
+    return SimComm(world, ranks.index(comm.global_rank), ranks, group_id, comm.recorder)
+
+
+def _create(options: Any, backend_options: Any) -> CommProcessGroup:
+    """c10d's creator for the backend (extended API: it gets the group's global ranks)."""
+    comm: Comm | None = getattr(_rank, "comm", None)
+    if comm is None:
+        raise SimulationError("torch.distributed's tpsp_sim backend works only inside ts.run(..., "
+                              "torch_distributed=True): not inside ts.run")
+    ranks = tuple(options.global_ranks_in_group)
+    if not ranks:  # the default group
+        return CommProcessGroup(comm)
+    if not isinstance(comm, SimComm):
+        raise SimulationError(f"rank {comm.rank}: new_group on the tpsp_sim backend needs the simulator")
+    k = _rank.made.get(ranks, 0)
+    _rank.made[ranks] = k + 1
+    return CommProcessGroup(_sim_subgroup(comm, ranks, k))
+
+
+@contextmanager
+def installed() -> Iterator[RankWorlds]:
+    """torch.distributed made per virtual rank while the runs inside last (see world.py)."""
+    with _world.installed(_create) as worlds:
+        yield worlds
+
+
+@contextmanager
+def default_group(comm: Comm) -> Iterator[None]:
+    """In a rank thread, inside ``installed()``: the default process group over ``comm`` while the block runs."""
+    worlds = dist.distributed_c10d._world
+    if not isinstance(worlds, RankWorlds):
+        raise SimulationError("default_group needs torch_api.installed() around the run")
+    worlds.local.world = RankWorld()
+    _rank.comm, _rank.made = comm, {}
+    try:
+        dist.init_process_group(BACKEND, rank=comm.rank, world_size=comm.world_size, store=dist.HashStore(),
+                                timeout=timedelta(days=1))  # the run's own timeout applies, not c10d's
+        yield
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            del worlds.local.world
+            del _rank.comm, _rank.made
+

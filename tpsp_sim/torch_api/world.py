@@ -1,0 +1,138 @@
+"""torch.distributed's process-wide state, made per virtual rank while a run lasts, and restored after.
+
+c10d keeps its groups in two process-wide places: the Python ``_world`` of
+``torch.distributed.distributed_c10d`` (default group, group names, ranks, tags...) and a C++ registry
+of group names that the functional collectives (and so DTensor and FSDP2) resolve names in. Virtual
+ranks are threads of one process, so each needs its own of both. PyTorch's own tests do the same
+(``torch/testing/_internal/distributed/multi_threaded_pg.py`` keeps a ``WorldData`` per thread and
+``common_distributed.py`` switches the C++ registry to thread isolation); this module is written
+from them and imports no ``torch.testing`` module.
+
+``installed()`` (the first run in progress to enter it) swaps ``_world`` for ``RankWorlds``, sets
+thread isolation, registers the ``"tpsp_sim"`` backend, and saves what ``init_process_group``
+overwrites (``_backend``, ``_default_pg_init_method``, ``sys.excepthook``); the last run to leave
+restores every one of them, however the run ended. A rank thread holds a ``RankWorld`` of its own;
+any other thread (the caller supervising the run) sees the world that was there before, so a real
+process group of the caller keeps working on the Python side.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+from torch._C._distributed_c10d import _set_thread_isolation_mode
+
+BACKEND = "tpsp_sim"
+
+# The fields of c10d's _World that live in module globals there: each RankWorld holds its own.
+_PER_RANK = ("pg_map", "pg_names", "pg_group_ranks", "pg_backend_config", "tags_to_pg", "pg_to_tag",
+             "pg_coalesce_state")
+
+
+class RankWorld(c10d._World):
+    """One virtual rank's c10d state: every field of ``_World`` held by this object, none in globals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: dict[str, Any] = {name: {} for name in _PER_RANK}
+        self.count = 0
+
+    def _field(name: str) -> property:  # noqa: N805 - builds the class's properties below
+        return property(lambda self: self.fields[name])
+
+    pg_map, pg_names, pg_group_ranks, pg_backend_config, tags_to_pg, pg_to_tag, pg_coalesce_state = map(
+        _field, _PER_RANK)
+    del _field
+
+    @property
+    def group_count(self) -> int:
+        return self.count
+
+    @group_count.setter
+    def group_count(self, value: int) -> None:
+        self.count = value
+
+
+class RankWorlds(c10d._World):
+    """What ``distributed_c10d._world`` is while runs are in progress: the calling thread's ``RankWorld``
+    in a rank thread, the world from before the runs in any other thread."""
+
+    def __init__(self, before: c10d._World) -> None:
+        super().__init__()
+        self.before = before
+        self.local = threading.local()  # .world: the RankWorld of a rank thread
+
+    def target(self) -> c10d._World:
+        return getattr(self.local, "world", None) or self.before
+
+    def _forward(name: str, settable: bool = False) -> property:  # noqa: N805
+        def get(self):
+            return getattr(self.target(), name)
+
+        def put(self, value):
+            setattr(self.target(), name, value)
+        return property(get, put if settable else None)
+
+    default_pg = _forward("default_pg", settable=True)
+    group_count = _forward("group_count", settable=True)
+    pg_map, pg_names, pg_group_ranks, pg_backend_config, tags_to_pg, pg_to_tag, pg_coalesce_state, comms = map(
+        _forward, (*_PER_RANK, "comms"))
+    del _forward
+
+
+_runs = 0  # runs in progress with torch.distributed installed
+_saved: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+def _register(creator: Callable) -> dict[str, Any]:
+    """Register the backend; return the class-level tables as they were, for ``_unregister``."""
+    saved = {"list": list(dist.Backend.backend_list), "type": dict(dist.Backend.backend_type_map),
+             "capability": dict(dist.Backend.backend_capability), "plugins": dict(dist.Backend._plugins),
+             "devices": dict(dist.Backend.default_device_backend_map),
+             "attr": dist.Backend.__dict__.get(BACKEND.upper())}
+    dist.Backend.register_backend(BACKEND, creator, extended_api=True, devices=["cpu"])
+    return saved
+
+
+def _unregister(saved: dict[str, Any]) -> None:
+    dist.Backend.backend_list[:] = saved["list"]
+    for table, key in ((dist.Backend.backend_type_map, "type"), (dist.Backend.backend_capability, "capability"),
+                       (dist.Backend._plugins, "plugins"), (dist.Backend.default_device_backend_map, "devices")):
+        table.clear()
+        table.update(saved[key])
+    if saved["attr"] is None:
+        delattr(dist.Backend, BACKEND.upper())
+    else:
+        setattr(dist.Backend, BACKEND.upper(), saved["attr"])
+
+
+@contextmanager
+def installed(creator: Callable) -> Iterator[RankWorlds]:
+    """Per-rank torch.distributed state for the runs in progress; everything restored by the last to end."""
+    global _runs
+    with _lock:
+        if _runs == 0:
+            _saved.update(world=c10d._world, backend=c10d._backend, init_method=c10d._default_pg_init_method,
+                          excepthook=sys.excepthook, tables=_register(creator))
+            c10d._world = RankWorlds(c10d._world)
+            _set_thread_isolation_mode(True)
+        _runs += 1
+        worlds = c10d._world
+    try:
+        yield worlds
+    finally:
+        with _lock:
+            _runs -= 1
+            if _runs == 0:
+                _set_thread_isolation_mode(False)
+                c10d._world = _saved["world"]
+                c10d._backend, c10d._default_pg_init_method = _saved["backend"], _saved["init_method"]
+                sys.excepthook = _saved["excepthook"]
+                _unregister(_saved["tables"])
+                _saved.clear()
