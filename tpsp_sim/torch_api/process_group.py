@@ -24,6 +24,7 @@ and the reduce ops the ``Comm`` has not (``BAND``, ``BOR``, ``BXOR``, ``PREMUL_S
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -32,6 +33,7 @@ from torch._C._distributed_c10d import _create_work_from_future
 from torch.futures import Future
 
 from ..core.comm import Comm
+from ..core.errors import SimulationError
 from ..core.ops import REDUCE_OPS
 
 _OPS = {getattr(dist.ReduceOp, member): name for name, member in REDUCE_OPS.items()}
@@ -76,11 +78,20 @@ class CommProcessGroup(dist.ProcessGroup):
 
     def __init__(self, comm: Comm) -> None:
         super().__init__(comm.rank, comm.world_size)
-        self.comm = comm
+        self._comm, self._owner = comm, threading.get_ident()
         self._name, self._desc = "", "undefined"
 
+    @property
+    def comm(self) -> Comm:
+        """The rank's Comm; only its own thread may use it (virtual ranks share one process)."""
+        if threading.get_ident() != self._owner:
+            raise SimulationError(f"a process group of rank {self._comm.global_rank} (group {self._comm.group}) "
+                                  f"was used from another thread: each rank must use its own groups, made "
+                                  f"inside its fn (dist.new_group, init_device_mesh), never one kept from another rank or a finished run")
+        return self._comm
+
     def __repr__(self) -> str:
-        return f"CommProcessGroup(rank={self.comm.rank}, size={self.comm.world_size}, group={self.comm.group})"
+        return f"CommProcessGroup(rank={self._comm.rank}, size={self._comm.world_size}, group={self._comm.group})"
 
     def getBackendName(self) -> str:  # noqa: N802 - c10d's name
         return "tpsp_sim"
@@ -101,7 +112,7 @@ class CommProcessGroup(dist.ProcessGroup):
         """DeviceMesh names its groups ``mesh_<dim>``: record that dim as the calls' ``axis``."""
         self._desc = desc
         if desc.startswith("mesh_") and desc != "mesh_default":
-            self.comm.axis = desc[len("mesh_"):]
+            self._comm.axis = desc[len("mesh_"):]
 
     def shutdown(self) -> None:
         pass
