@@ -44,4 +44,5 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ValueError(f"backend='nccl' needs one GPU per rank: world_size={world_size}, "
                          f"GPUs visible={torch.cuda.device_count()}")
-    return run_processes(fn, args, kwargs, world_size, backend, 120.0 if timeout is None else timeout)
+    return run_processes(torch_api.on_default_group(fn) if torch_distributed else fn, args, kwargs, world_size,
+                         backend, 120.0 if timeout is None else timeout)

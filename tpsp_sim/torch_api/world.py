@@ -65,10 +65,22 @@ class RankWorlds(c10d._World):
     def __init__(self, before: c10d._World) -> None:
         super().__init__()
         self.before = before
-        self.local = threading.local()  # .world: the RankWorld of a rank thread
+        self.local = threading.local()  # .world: the RankWorld of a rank thread; .real: inside real_world()
 
     def target(self) -> c10d._World:
+        if getattr(self.local, "real", False):
+            return self.before
         return getattr(self.local, "world", None) or self.before
+
+    @contextmanager
+    def real_world(self) -> Iterator[None]:
+        """In this thread, c10d sees the world from before the runs while the block runs (a real process's
+        own gloo / NCCL groups, which ``TorchComm`` calls on)."""
+        previous, self.local.real = getattr(self.local, "real", False), True
+        try:
+            yield
+        finally:
+            self.local.real = previous
 
     def _forward(name: str, settable: bool = False) -> property:  # noqa: N805
         def get(self):
