@@ -257,3 +257,39 @@ def test_a_group_used_from_another_rank_or_after_its_run():
     kept = run(lambda comm: dist.group.WORLD, 2).outputs[0]
     with pytest.raises(ts.SimulationError, match="process group of rank 0"):
         kept.allreduce([torch.ones(1)])
+
+
+def test_a_backend_registered_during_a_run_is_kept_after_it():
+    """The run puts back only its own entries (torch.testing's "fake" backend, say, may be imported meanwhile)."""
+    def fn(comm):
+        if dist.get_rank() == 0:
+            dist.Backend.register_backend("tpsp_test_other", lambda *args: None, devices=["cpu"])
+
+    try:
+        run(fn, 2)
+        assert "tpsp_test_other" in dist.Backend.backend_list and "TPSP_TEST_OTHER" in dist.Backend._plugins
+        assert "tpsp_sim" not in dist.Backend.backend_list and not hasattr(dist.Backend, "TPSP_SIM")
+    finally:
+        dist.Backend.backend_list.remove("tpsp_test_other")
+        for table, key in ((dist.Backend._plugins, "TPSP_TEST_OTHER"), (dist.Backend.backend_type_map, "tpsp_test_other"),
+                           (dist.Backend.backend_capability, "tpsp_test_other")):
+            table.pop(key, None)
+        delattr(dist.Backend, "TPSP_TEST_OTHER")
+
+
+def test_runs_nested_in_a_rank_have_their_own_worlds():
+    """A run started inside a rank (its ranks are new threads) gets its own groups; the outer rank's survive."""
+    def inner(comm):
+        x = torch.ones(1)
+        dist.all_reduce(x)
+        return x.item(), dist.get_world_size()
+
+    def outer(comm):
+        got = run(inner, 3).outputs if dist.get_rank() == 0 else None
+        x = torch.ones(1)
+        dist.all_reduce(x)
+        return got, x.item(), dist.get_world_size()
+
+    res = run(outer, 2)
+    assert res.outputs[0] == ([(3.0, 3)] * 3, 2.0, 2) and res.outputs[1] == (None, 2.0, 2)
+    assert {e.group for e in res.trace.events} == {(0, 1)}  # the inner run's calls are in its own trace

@@ -9,6 +9,7 @@ The package is layered; data flows one way, per-rank code → Comm → backend �
     context_parallel/  attention tiles, ring attention, Ulysses
     analysis/          cost model and clusters, timeline, memory, sweeps, the planner
     viz/               plots and the dashboard
+    torch_api/         torch.distributed's backend on these ranks: dist.*, DTensor, FSDP2 inside ts.run
 """
 
 from .analysis import cost, memory
@@ -43,6 +44,10 @@ from .tensor_parallel.llama import LlamaBlock, RMSNorm, rope
 from .tensor_parallel.layers import (ColumnParallelLinear, Dropout, DropoutRNG, RowParallelLinear,
                                      gather_dense_grads, gather_dense_parameters, replicate,
                                      sync_sequence_parallel_grads)
+# torch.distributed on the simulator (ts.run(..., torch_distributed=True)): the process group over a rank's Comm,
+# and fn wrapped for torchrun; PyTorch's TP+SP plan of LlamaBlock is tpsp_sim.torch_api.plans (imports DTensor: ~2 s)
+from .torch_api.backend import on_default_group
+from .torch_api.process_group import CommProcessGroup
 
 __version__ = "0.2.0"
 
@@ -60,4 +65,5 @@ __all__ = [
     "replicate", "saved_tensor_meter", "sync_sequence_parallel_grads", "LlamaBlock", "RMSNorm", "rope",
     "Hardware", "Model", "Plan", "Timeline", "cost", "memory", "plan", "timeline",
     "exercises",
+    "CommProcessGroup", "on_default_group",
 ]

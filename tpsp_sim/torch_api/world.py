@@ -102,26 +102,40 @@ _saved: dict[str, Any] = {}
 _lock = threading.Lock()
 
 
+_MISSING = object()
+
+
 def _register(creator: Callable) -> dict[str, Any]:
-    """Register the backend; return the class-level tables as they were, for ``_unregister``."""
-    saved = {"list": list(dist.Backend.backend_list), "type": dict(dist.Backend.backend_type_map),
-             "capability": dict(dist.Backend.backend_capability), "plugins": dict(dist.Backend._plugins),
-             "devices": dict(dist.Backend.default_device_backend_map),
-             "attr": dist.Backend.__dict__.get(BACKEND.upper())}
+    """Register the backend; return what its entries replaced, for ``_unregister`` (registrations others
+    make meanwhile, e.g. torch.testing's "fake" backend imported during a run, are kept)."""
+    name = BACKEND.lower()
+    saved = {"listed": name in dist.Backend.backend_list, "attr": dist.Backend.__dict__.get(BACKEND.upper(), _MISSING),
+             "cpu": dist.Backend.default_device_backend_map.get("cpu", _MISSING),
+             **{key: table.get(k, _MISSING) for key, table, k in _tables()}}
     dist.Backend.register_backend(BACKEND, creator, extended_api=True, devices=["cpu"])
     return saved
 
 
+def _tables() -> list[tuple[str, dict, str]]:
+    return [("type", dist.Backend.backend_type_map, BACKEND.lower()),
+            ("capability", dist.Backend.backend_capability, BACKEND.lower()),
+            ("plugin", dist.Backend._plugins, BACKEND.upper())]
+
+
 def _unregister(saved: dict[str, Any]) -> None:
-    dist.Backend.backend_list[:] = saved["list"]
-    for table, key in ((dist.Backend.backend_type_map, "type"), (dist.Backend.backend_capability, "capability"),
-                       (dist.Backend._plugins, "plugins"), (dist.Backend.default_device_backend_map, "devices")):
-        table.clear()
-        table.update(saved[key])
-    if saved["attr"] is None:
+    """Put back what ``_register`` replaced, entry by entry."""
+    for key, table, k in _tables():
+        table.pop(k, None) if saved[key] is _MISSING else table.__setitem__(k, saved[key])
+    if not saved["listed"] and BACKEND.lower() in dist.Backend.backend_list:
+        dist.Backend.backend_list.remove(BACKEND.lower())
+    if saved["attr"] is _MISSING:
         delattr(dist.Backend, BACKEND.upper())
     else:
         setattr(dist.Backend, BACKEND.upper(), saved["attr"])
+    if saved["cpu"] is not _MISSING:  # register_backend claims "cpu" only where no backend had it
+        dist.Backend.default_device_backend_map["cpu"] = saved["cpu"]
+    elif dist.Backend.default_device_backend_map.get("cpu") == BACKEND.lower():
+        del dist.Backend.default_device_backend_map["cpu"]
 
 
 @contextmanager
