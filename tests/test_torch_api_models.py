@@ -300,3 +300,28 @@ def test_fsdp2_tiny_llama_equals_dense_and_moves_the_zero3_bytes(p):
         assert sent == (3 * psi - root) * (p - 1) // p
         assert res.trace.total("sent_bytes", rank=rank, scope="step", op="reduce_scatter") == psi * (p - 1) // p
     assert {e.axis for e in res.trace.events if e.scope == "step"} == {None}  # a 1-D mesh is the default group
+
+
+def test_the_readme_example_runs():
+    from pathlib import Path
+    import re
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "torch_distributed=True" in b]
+    exec(compile("import torch\nimport tpsp_sim as ts\n" + block, "README.md", "exec"), {})
+
+
+def test_torchs_context_parallel_has_no_cpu_ring():
+    """Pins the README's statement: torch's context_parallel rings only the CUDA SDPA kernels (flash,
+    memory-efficient, cuDNN); the CPU kernel has no sharding rule. If torch adds one, this fails: test it then."""
+    from torch.distributed.tensor.experimental import context_parallel
+
+    q, k, v = (randn(1, 2, 8, 4, seed=s) for s in range(3))
+
+    def fn(comm):
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("cp",))
+        buffers = [q.clone(), k.clone(), v.clone()]  # sharded over the sequence in place
+        with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
+            F.scaled_dot_product_attention(*buffers, is_causal=True)
+
+    with pytest.raises(NotImplementedError, match="_scaled_dot_product_flash_attention_for_cpu"):
+        ts.run(fn, world_size=2, torch_distributed=True)
