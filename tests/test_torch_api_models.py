@@ -38,6 +38,14 @@ def block_events(trace, rank=0, scope=None):
             if e.rank == rank and (scope is None or e.scope.startswith(scope))]
 
 
+def package_block_events(dense, x, gy, t):
+    """``block_events`` of the package's own TP+SP block (tensor_parallel/blocks.py) on the same input."""
+    def fn(comm):
+        par = ts.ParallelTransformerBlock.from_dense(dense, comm, "tp_sp")
+        par(x.chunk(t, 1)[comm.rank].clone().requires_grad_()).backward(gy.chunk(t, 1)[comm.rank])
+    return block_events(ts.run(fn, world_size=t).trace)
+
+
 # ---- the seed's TP+SP block in dist.* form, fixed -------------------------------------------------
 # Copied from the seed notebook (shared/seed/seed_notebook.txt, "TPSPTransformerBlock" and the layers it
 # uses), with its mistakes fixed, each marked FIX. Weights are slices of a dense ts.TransformerBlock.
@@ -187,12 +195,7 @@ def test_the_seeds_block_in_dist_form_equals_dense(t):
                       (proj, dense.attn.proj.weight)):
         assert max_diff(got, want.grad) <= TOL
 
-    def package(comm):
-        par = ts.ParallelTransformerBlock.from_dense(dense, comm, "tp_sp")
-        with comm.scope("block"):
-            par(x.chunk(t, 1)[comm.rank].clone().requires_grad_()).backward(gy.chunk(t, 1)[comm.rank])
-
-    ours, theirs = block_events(res.trace, scope="block"), block_events(ts.run(package, world_size=t).trace)
+    ours, theirs = block_events(res.trace, scope="block"), package_block_events(dense, x, gy, t)
     shard = b * s // t * h * 8
     assert ours == [("all_gather", "forward", shard), ("reduce_scatter", "forward", shard * t)] * 2 \
         + [("all_gather", "backward", shard), ("reduce_scatter", "backward", shard * t)] * 2
@@ -241,12 +244,7 @@ def test_dtensor_tp_sp_llama_block_equals_dense_and_the_packages_bytes(t, kv, s)
             assert max_diff(grads[name], p.grad) <= TOL, name
     assert not any(isinstance(o[0], DTensor) for o in res.outputs)  # the block hands back local shards
 
-    def package(comm):
-        par = ts.ParallelTransformerBlock.from_dense(dense, comm, "tp_sp")
-        with comm.scope("block"):
-            par(x.chunk(t, 1)[comm.rank].clone().requires_grad_()).backward(gy.chunk(t, 1)[comm.rank])
-
-    ours, theirs = block_events(res.trace, scope="block"), block_events(ts.run(package, world_size=t).trace)
+    ours, theirs = block_events(res.trace, scope="block"), package_block_events(dense, x, gy, t)
     shard = b * s // t * h * 8
     forward = [("all_gather", "forward", shard), ("reduce_scatter", "forward", shard * t)] * 2
     assert [e for e in ours if e[1] == "forward"] == [e for e in theirs if e[1] == "forward"] == forward
