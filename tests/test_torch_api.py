@@ -178,6 +178,23 @@ def test_device_mesh_groups_and_axes_match_the_package_mesh():
     assert calls == [("tp", (3, 4, 5)), ("dp", (1, 4))]
 
 
+def test_a_3d_mesh_and_its_flattened_axes_record_the_packages_axis_names():
+    def fn(comm):
+        mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("dp", "cp", "tp"))
+        flat = mesh["dp", "cp"]._flatten()  # torchtitan's dp x cp group for the gradient reduction
+        mine = ts.init_device_mesh(comm, (2, 2, 2), mesh_dim_names=("dp", "cp", "tp"))
+        assert tuple(dist.get_process_group_ranks(flat.get_group())) == mine["dp", "cp"].group
+        x = torch.ones(1)
+        for group in (flat.get_group(), *(mesh.get_group(a) for a in ("dp", "cp", "tp"))):
+            dist.all_reduce(x, group=group)
+        return x
+
+    res = run(fn, 8)
+    assert all(x.item() == 4 * 2 * 2 * 2 for x in res.outputs)
+    assert [(e.axis, e.group) for e in res.trace.events if e.rank == 5] == [
+        ("dp_cp", (1, 3, 5, 7)), ("dp", (1, 5)), ("cp", (5, 7)), ("tp", (4, 5))]
+
+
 def _torch_state():
     return (c10d._world, c10d._backend, c10d._default_pg_init_method, sys.excepthook, list(dist.Backend.backend_list),
             dict(dist.Backend._plugins), dict(dist.Backend.backend_type_map), hasattr(dist.Backend, "TPSP_SIM"))

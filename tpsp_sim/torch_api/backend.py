@@ -125,7 +125,6 @@ def default_group(comm: Comm) -> Iterator[None]:
             del _rank.comm, _rank.made
 
 
-
 def on_default_group(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` run with torch.distributed's default group over its comm: for real processes, whose workers
     call ``fn(comm, ...)`` (picklable: a partial of a module-level function)."""
