@@ -1,5 +1,5 @@
 """PyTorch's own parallel code on virtual ranks, exact against the dense models in float64 and byte-counted:
-the seed's TP+SP block in its dist.* form (its bugs fixed), a DTensor TP+SP plan on ts.LlamaBlock
+the seed's TP+SP block and ring attention in their dist.* form (their bugs fixed), a DTensor TP+SP plan on ts.LlamaBlock
 (bytes call by call against the package's TP+SP block), and FSDP2 fully_shard on ts.TinyLlama (bytes
 against the ZeRO-3 closed form)."""
 
@@ -48,7 +48,7 @@ def package_block_events(dense, x, gy, t):
 
 # ---- the seed's TP+SP block in dist.* form, fixed -------------------------------------------------
 # Copied from the seed notebook (shared/seed/seed_notebook.txt, "TPSPTransformerBlock" and the layers it
-# uses), with its mistakes fixed, each marked FIX. Weights are slices of a dense ts.TransformerBlock.
+# uses, "RingAttention"), with its mistakes fixed, each marked FIX. Weights are slices of a dense ts.TransformerBlock.
 
 _gather = getattr(funcol, "all_gather_single_autograd", getattr(funcol, "all_gather_tensor_autograd", None))
 _reduce_scatter = getattr(funcol, "reduce_scatter_single_autograd",
@@ -201,6 +201,67 @@ def test_the_seeds_block_in_dist_form_equals_dense(t):
         + [("all_gather", "backward", shard), ("reduce_scatter", "backward", shard * t)] * 2
     regathers = [("all_gather", "backward", shard)] * 2
     assert sorted(ours + regathers) == sorted(theirs)
+
+
+class RingAttention(nn.Module):
+    """The seed's ring attention on this rank's contiguous block of q, k, v ([b, heads, s/p, d]), causal.
+
+    Forward only: its backward needs a second ring carrying dK/dV home, in an autograd Function of its
+    own (the package's ``ts.ring_attention`` has one)."""
+
+    def __init__(self, rank, world_size):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+    def forward(self, q, k, v):
+        p, r = self.world_size, self.rank
+        m = torch.full((*q.shape[:-1], 1), float("-inf"), dtype=q.dtype)
+        d, o = torch.zeros_like(m), torch.zeros_like(q)
+        for step in range(p):  # FIX: p steps (every K/V block, this rank's own included), not p - 1
+            src = (r - step) % p
+            if step < p - 1:  # FIX: post the shift before computing, batched so no fabric can hang on its order
+                k_next, v_next, works = self.ring_exchange(k, v)
+            if src <= r:  # FIX: causal. Blocks from later ranks are all masked; the own block is the diagonal
+                scores = q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5)  # FIX: the received k (k is the current block)
+                if src == r:
+                    scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+                m, d, o = self._online_softmax(m, d, o, scores, v)
+            if step < p - 1:
+                for work in works:
+                    work.wait()
+                k, v = k_next, v_next
+        return o / d
+
+    def _online_softmax(self, m_prev, d_prev, o_prev, scores, v):
+        m_new = torch.maximum(m_prev, scores.amax(dim=-1, keepdim=True))  # FIX: .values, not .values()
+        e = torch.exp(scores - m_new)
+        scale = torch.exp(m_prev - m_new)  # 0 for the first block (m_prev = -inf, m_new finite)
+        return m_new, d_prev * scale + e.sum(-1, keepdim=True), o_prev * scale + e @ v  # FIX: unnormalised o
+
+    def ring_exchange(self, k, v):
+        send_rank, recv_rank = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        k_recv, v_recv = torch.empty_like(k), torch.empty_like(v)
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, k, send_rank), dist.P2POp(dist.isend, v, send_rank),
+                                        dist.P2POp(dist.irecv, k_recv, recv_rank),
+                                        dist.P2POp(dist.irecv, v_recv, recv_rank)])
+        return k_recv, v_recv, works
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+def test_the_seeds_ring_attention_in_dist_form_equals_dense_causal_attention(p):
+    """Exact against dense causal attention; each rank sends p − 1 K/V blocks: 2(p−1)·b·heads·(s/p)·d·8 bytes."""
+    b, heads, s, d = 2, 3, 5 * p, 4
+    q, k, v = (randn(b, heads, s, d, seed=i) for i in range(3))
+
+    def fn(comm):
+        r = dist.get_rank()
+        with comm.scope("ring"):
+            return RingAttention(r, p)(*(z.chunk(p, 2)[r] for z in (q, k, v)))
+
+    res = ts.run(fn, world_size=p, torch_distributed=True)
+    assert max_diff(torch.cat(res.outputs, 2), ts.dense_attention(q, k, v, causal=True)) <= TOL
+    for rank in range(p):
+        assert res.trace.total("sent_bytes", rank=rank, op="send") == 2 * (p - 1) * b * heads * (s // p) * d * 8
 
 
 # ---- DTensor: parallelize_module with PyTorch's own TP+SP plan --------------------------------------
