@@ -310,3 +310,16 @@ def test_runs_nested_in_a_rank_have_their_own_worlds():
     res = run(outer, 2)
     assert res.outputs[0] == ([(3.0, 3)] * 3, 2.0, 2) and res.outputs[1] == (None, 2.0, 2)
     assert {e.group for e in res.trace.events} == {(0, 1)}  # the inner run's calls are in its own trace
+
+
+def test_store_based_barriers_meet_in_the_runs_shared_store(monkeypatch):
+    """TORCH_DIST_INIT_BARRIER=1 makes init_process_group and new_group wait in the store for every rank."""
+    monkeypatch.setenv("TORCH_DIST_INIT_BARRIER", "1")
+
+    def fn(comm):
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        x = torch.ones(1)
+        dist.all_reduce(x, group=mesh.get_group("tp"))
+        return x.item()
+
+    assert run(fn, 4, timeout=60).outputs == [2.0] * 4

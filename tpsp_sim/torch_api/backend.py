@@ -40,14 +40,29 @@ from .world import BACKEND, RankWorld, RankWorlds
 from . import world as _world
 
 _rank = threading.local()  # in a rank thread with a default group: .comm, .made (ranks -> groups made so far)
-_groups: "weakref.WeakKeyDictionary[SimWorld, dict[tuple, int]]" = weakref.WeakKeyDictionary()  # (ranks, k) -> id
+
+
+class _Run:
+    """What the ranks of one simulated run share: c10d's store (the store-based barriers that
+    TORCH_DIST_INIT_BARRIER=1 asks for meet in it), and the groups made so far, (ranks, k) -> group id."""
+
+    def __init__(self) -> None:
+        self.store = dist.HashStore()
+        self.groups: dict[tuple[tuple[int, ...], int], int] = {}
+
+
+_runs: "weakref.WeakKeyDictionary[SimWorld, _Run]" = weakref.WeakKeyDictionary()
+
+
+def _run_of(world: SimWorld) -> _Run:
+    with world.lock:
+        return _runs.setdefault(world, _Run())
 
 
 def _sim_subgroup(comm: SimComm, ranks: tuple[int, ...], k: int) -> SimComm:
     """The SimComm of the k-th group over global ``ranks`` created in ``comm``'s run."""
-    world = comm.world
+    world, ids = comm.world, _run_of(comm.world).groups
     with world.lock:
-        ids = _groups.setdefault(world, {})
         if (ranks, k) not in ids:
             world.groups.append(ranks)
             ids[ranks, k] = len(world.groups) - 1
@@ -113,8 +128,10 @@ def default_group(comm: Comm) -> Iterator[None]:
     worlds.local.world = RankWorld()
     _rank.comm, _rank.made = comm, {}
     try:
-        dist.init_process_group(BACKEND, rank=comm.rank, world_size=comm.world_size, store=dist.HashStore(),
-                                timeout=timedelta(days=1))  # the run's own timeout applies, not c10d's
+        sim = isinstance(comm, SimComm)
+        dist.init_process_group(BACKEND, rank=comm.rank, world_size=comm.world_size,
+                                store=_run_of(comm.world).store if sim else dist.HashStore(),
+                                timeout=timedelta(seconds=comm.world.timeout or 86400) if sim else None)
         yield
     finally:
         try:
