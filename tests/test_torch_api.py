@@ -247,8 +247,10 @@ def test_mismatch_and_deadlock_are_the_simulators():
     (lambda: dist.reduce(torch.ones(2), dst=0), "reduce is not supported"),
     (lambda: dist.all_to_all_single(torch.empty(3), torch.ones(3), [1, 2], [2, 1]), "uneven split sizes"),
     (lambda: dist.send(torch.ones(2), dst=1 - dist.get_rank(), tag=7), "tag=7"),
+    (lambda: dist.all_gather_into_tensor(torch.empty(5), torch.ones(2)), r"output of shape \(5,\).*input of shape \(2,\)"),
+    (lambda: dist.reduce_scatter_tensor(torch.empty(1, dtype=torch.float64), torch.ones(2)), "torch.float64.*torch.float32"),
 ])
-def test_unsupported_calls_are_named(call, message):
+def test_unsupported_or_misfitting_calls_are_named(call, message):
     with pytest.raises((ValueError, NotImplementedError), match=message):
         run(lambda comm: call(), 2)
 

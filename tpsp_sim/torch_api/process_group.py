@@ -274,7 +274,8 @@ class CommProcessGroup(dist.ProcessGroup):
         raise self._unsupported("monitored_barrier")
 
     def _sizes(self, op: str, output: torch.Tensor, x: torch.Tensor, ok: bool) -> None:
-        if not ok:
+        """A ValueError unless ``ok`` (the sizes fit) and output and input have one dtype (never a silent cast)."""
+        if not ok or output.dtype != x.dtype:
             raise ValueError(f"rank {self.comm.rank} of group {self.comm.group}: {op} got an output of shape "
-                             f"{tuple(output.shape)} for an input of shape {tuple(x.shape)} on "
-                             f"{self.comm.world_size} ranks")
+                             f"{tuple(output.shape)} ({output.dtype}) for an input of shape {tuple(x.shape)} "
+                             f"({x.dtype}) on {self.comm.world_size} ranks")
