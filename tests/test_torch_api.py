@@ -219,9 +219,10 @@ def test_torch_state_is_restored_however_the_run_ends():
     assert [t.name for t in threading.enumerate() if t.name.startswith("tpsp_sim")] == []
 
 
-def test_without_the_flag_ranks_have_no_default_group():
-    with pytest.raises(ValueError, match="Default process group has not been initialized"):
+def test_without_the_flag_ranks_have_no_default_group_and_the_error_says_how_to_get_one():
+    with pytest.raises(ValueError, match="Default process group has not been initialized") as caught:
         ts.run(lambda comm: dist.get_rank(), world_size=2)
+    assert "pass torch_distributed=True" in "".join(caught.value.__notes__)
 
 
 def test_mismatch_and_deadlock_are_the_simulators():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -36,7 +35,7 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
     if backend == "sim":
-        with torch_api.installed() if torch_distributed else nullcontext():
+        with torch_api.installed() if torch_distributed else torch_api.hint_without_default_group():
             return run_virtual(fn, args, kwargs, world_size, timeout=600.0 if timeout is None else timeout,
                                count_flops=count_flops, rank_context=torch_api.default_group if torch_distributed else None)
     if count_flops:

@@ -120,6 +120,19 @@ def installed() -> Iterator[RankWorlds]:
 
 
 @contextmanager
+def hint_without_default_group() -> Iterator[None]:
+    """Around a run without ``torch_distributed=True``: a rank's dist.* call fails with torch's "Default process
+    group has not been initialized"; add how to get one."""
+    try:
+        yield
+    except ValueError as error:
+        if "Default process group has not been initialized" in str(error):
+            error.add_note("not inside ts.run(..., torch_distributed=True): pass torch_distributed=True, and every "
+                           "rank gets an initialised torch.distributed default group for its dist.* calls")
+        raise
+
+
+@contextmanager
 def default_group(comm: Comm) -> Iterator[None]:
     """In a rank thread, inside ``installed()``: the default process group over ``comm`` while the block runs."""
     worlds = dist.distributed_c10d._world
