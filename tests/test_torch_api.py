@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.distributed.distributed_c10d as c10d
@@ -104,6 +105,33 @@ def test_gathers_scatters_and_all_to_all_equal_dense(p):
     # scatter: the root sends p-1 pieces of 2 doubles; gather: every rank but the root sends its x
     assert trace.total("sent_bytes", op="send", rank=0) == (p - 1) * 16 + n
     assert trace.total("recv_bytes", op="recv", rank=1) == 16 + (p - 1) * n
+
+
+@settings(max_examples=15, deadline=None)
+@given(p=st.integers(1, 5), rows=st.integers(1, 3), cols=st.integers(1, 4), src=st.integers(0, 4))
+def test_tensor_collectives_on_any_world_size_and_shape(p, rows, cols, src):
+    src %= p
+
+    def fn(comm):
+        x = rank_input(dist.get_rank(), (rows * p, cols))
+        gathered, scattered, exchanged, b = torch.empty(rows * p * p, cols, dtype=x.dtype), \
+            torch.empty(rows, cols, dtype=x.dtype), torch.empty_like(x), x.clone()
+        dist.all_gather_into_tensor(gathered, x)
+        dist.reduce_scatter_tensor(scattered, x)
+        dist.all_to_all_single(exchanged, x)
+        dist.broadcast(b, src=src)
+        return gathered, scattered, exchanged, b
+
+    res = run(fn, p)
+    xs = [rank_input(r, (rows * p, cols)) for r in range(p)]
+    total = sum(xs[1:], xs[0].clone())
+    for r, (gathered, scattered, exchanged, b) in enumerate(res.outputs):
+        assert torch.equal(gathered, torch.cat(xs)) and torch.equal(b, xs[src])
+        torch.testing.assert_close(scattered, total.chunk(p)[r], rtol=1e-14, atol=1e-14)
+        assert torch.equal(exchanged, torch.cat([xs[j].chunk(p)[r] for j in range(p)]))
+    n = rows * p * cols * 8
+    for op, nbytes in (("all_gather", n), ("reduce_scatter", n), ("all_to_all", n), ("broadcast", n)):
+        assert res.trace.total("sent_bytes", op=op, rank=(src + 1) % p) == wire_bytes(op, nbytes, p, (src + 1) % p, src)[0]
 
 
 @pytest.mark.parametrize("p", [2, 3])
