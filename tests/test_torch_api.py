@@ -354,3 +354,17 @@ def test_store_based_barriers_meet_in_the_runs_shared_store(monkeypatch):
         return x.item()
 
     assert run(fn, 4, timeout=60).outputs == [2.0] * 4
+
+
+def test_a_call_on_a_group_the_rank_is_not_in_is_torchs_warned_no_op():
+    """As on real backends, c10d itself skips it with a warning before any backend sees it: nothing recorded."""
+    def fn(comm):
+        group = dist.new_group([0, 1])
+        x = torch.ones(1)
+        dist.all_reduce(x, group=group)
+        return x.item()
+
+    with pytest.warns(UserWarning, match="global rank 2 which does not belong to the given group"):
+        res = run(fn, 3)
+    assert res.outputs == [2.0, 2.0, 1.0]
+    assert [e.rank for e in res.trace.events] == [0, 1]
