@@ -4,6 +4,7 @@ failing with the simulator's errors, and torch's process-wide state restored whe
 
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -237,9 +238,18 @@ def test_torch_state_is_restored_however_the_run_ends():
             raise KeyError("boom")
         dist.barrier()
 
-    with pytest.raises(KeyError, match="boom"):
-        run(failing, 3)
-    assert _torch_state() == before and not dist.is_initialized()
+    def stopped_while_computing(comm):
+        init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        if dist.get_rank() == 1:
+            raise KeyError("boom")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # Python that never reaches a Comm call: stopped by an Aborted
+            pass
+
+    for fn, p in ((failing, 3), (stopped_while_computing, 4)):
+        with pytest.raises(KeyError, match="boom"):
+            run(fn, p)
+        assert _torch_state() == before and not dist.is_initialized()
     with pytest.raises(ValueError, match="Default process group has not been initialized"):
         dist.all_reduce(torch.ones(1))  # outside a run: torch's own message (nothing of ours is left to say more)
     res = run(lambda comm: dist.get_world_size(), 2)  # the next run starts clean
