@@ -37,7 +37,8 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
     if backend == "sim":
         with torch_api.installed() if torch_distributed else torch_api.hint_without_default_group():
             return run_virtual(fn, args, kwargs, world_size, timeout=600.0 if timeout is None else timeout,
-                               count_flops=count_flops, rank_context=torch_api.default_group if torch_distributed else None)
+                               count_flops=count_flops,
+                               rank_context=torch_api.default_group if torch_distributed else None)
     if count_flops:
         raise ValueError("count_flops is available on the simulator only (backend='sim')")
     if backend == "nccl" and torch.cuda.device_count() < world_size:

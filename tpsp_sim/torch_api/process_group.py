@@ -86,8 +86,9 @@ class CommProcessGroup(dist.ProcessGroup):
         """The rank's Comm; only its own thread may use it (virtual ranks share one process)."""
         if threading.get_ident() != self._owner:
             raise SimulationError(f"a process group of rank {self._comm.global_rank} (group {self._comm.group}) "
-                                  f"was used from another thread: each rank must use its own groups, made "
-                                  f"inside its fn (dist.new_group, init_device_mesh), never one kept from another rank or a finished run")
+                                  f"was used from another thread: each rank must use its own groups, made inside "
+                                  f"its fn (dist.new_group, init_device_mesh), never one kept from another rank or "
+                                  f"a finished run")
         return self._comm
 
     def __repr__(self) -> str:
