@@ -1,7 +1,7 @@
 """PyTorch's own parallel code on virtual ranks, exact against the dense models in float64 and byte-counted:
 the seed's TP+SP block and ring attention in their dist.* form (their bugs fixed), a DTensor TP+SP plan on ts.LlamaBlock
-(bytes call by call against the package's TP+SP block), and FSDP2 fully_shard on ts.TinyLlama (bytes
-against the ZeRO-3 closed form)."""
+(bytes call by call against the package's TP+SP block), FSDP2 fully_shard on ts.TinyLlama (bytes
+against the ZeRO-3 closed form), and DistributedDataParallel (one all-reduce of the gradients)."""
 
 import copy
 import math
@@ -384,3 +384,32 @@ def test_torchs_context_parallel_has_no_cpu_ring():
 
     with pytest.raises(NotImplementedError, match="_scaled_dot_product_flash_attention_for_cpu"):
         ts.run(fn, world_size=2, torch_distributed=True)
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_ddp_equals_dense_and_all_reduces_the_gradients_once(p):
+    """DistributedDataParallel (its C++ reducer calls the group): the mean of the replicas' gradients equals the
+    dense gradient of the batch mean; backward all-reduces the Ψ gradient bytes once, 2Ψ(p−1)/p per rank
+    (one bucket: Ψ under DDP's 25 MB cap); at construction it broadcasts the parameters from rank 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    x = randn(2 * p, 4, seed=3)
+    reference = copy.deepcopy(model)
+    reference(x).mean().backward()
+
+    def fn(comm):
+        r = dist.get_rank()
+        ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+        with comm.scope("step"):
+            ddp(x.chunk(p)[r]).mean().backward()
+        return {n: q.grad for n, q in ddp.module.named_parameters()}
+
+    res = ts.run(fn, world_size=p, torch_distributed=True)
+    for grads in res.outputs:
+        for name, q in reference.named_parameters():
+            assert max_diff(grads[name], q.grad) <= TOL, name
+    psi = sum(q.numel() for q in model.parameters()) * 8
+    assert [(e.op, e.phase) for e in res.trace.events if e.rank == 0 and e.scope == "step"] == [("all_reduce", "backward")]
+    assert res.trace.total("sent_bytes", rank=0, scope="step") == 2 * psi * (p - 1) // p
+    # the root sends every parameter once (besides, DDP checks the parameter shapes: int64 collectives)
+    assert res.trace.total("sent_bytes", rank=0, op="broadcast", dtype=torch.float64) == psi
