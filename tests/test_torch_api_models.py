@@ -1,7 +1,8 @@
 """PyTorch's own parallel code on virtual ranks, exact against the dense models in float64 and byte-counted:
 the seed's TP+SP block and ring attention in their dist.* form (their bugs fixed), a DTensor TP+SP plan on ts.LlamaBlock
 (bytes call by call against the package's TP+SP block), FSDP2 fully_shard on ts.TinyLlama (bytes
-against the ZeRO-3 closed form), and DistributedDataParallel (one all-reduce of the gradients)."""
+against the ZeRO-3 closed form), DistributedDataParallel (one all-reduce of the gradients) and
+torch.distributed.pipelining (each micro-batch sent once each way)."""
 
 import copy
 import math
@@ -413,3 +414,38 @@ def test_ddp_equals_dense_and_all_reduces_the_gradients_once(p):
     assert res.trace.total("sent_bytes", rank=0, scope="step") == 2 * psi * (p - 1) // p
     # the root sends every parameter once (besides, DDP checks the parameter shapes: int64 collectives)
     assert res.trace.total("sent_bytes", rank=0, op="broadcast", dtype=torch.float64) == psi
+
+
+@pytest.mark.parametrize("schedule", ["ScheduleGPipe", "Schedule1F1B"])
+def test_torch_pipelining_equals_dense_and_sends_each_micro_batch_once_each_way(schedule):
+    """torch.distributed.pipelining, 2 stages, 4 micro-batches: the gradients are the dense ones divided by the
+    micro-batch count (its default scale_grads), and each micro-batch's activation goes forward once and its
+    gradient back once (float64 messages; the shape handshake of the first step adds int64 / uint8 ones)."""
+    import torch.distributed.pipelining as pipelining
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 4).double() for _ in range(2)]
+    x, target = randn(8, 4, seed=4), randn(8, 4, seed=5)
+    loss_fn = lambda y, t: ((y - t) ** 2).sum()  # noqa: E731
+    reference = nn.Sequential(*copy.deepcopy(layers))
+    loss_fn(reference(x), target).backward()
+
+    def fn(comm):
+        r = dist.get_rank()
+        stage = pipelining.PipelineStage(copy.deepcopy(layers[r]), r, 2, torch.device("cpu"))
+        step = getattr(pipelining, schedule)(stage, n_microbatches=4, loss_fn=loss_fn)
+        losses = []
+        if r == 0:
+            step.step(x)
+        else:
+            step.step(target=target, losses=losses)
+        return stage.submod.weight.grad, losses
+
+    res = ts.run(fn, world_size=2, torch_distributed=True)
+    for r, (grad, _) in enumerate(res.outputs):
+        assert max_diff(grad, reference[r].weight.grad / 4) <= TOL
+    assert abs(sum(res.outputs[1][1]).item() - loss_fn(reference(x), target).item()) <= TOL
+    micro = 2 * 4 * 8  # one micro-batch of 2 rows, 4 features, float64
+    for rank in (0, 1):
+        sends = [e for e in res.trace.events if e.rank == rank and e.op == "send" and e.dtype == torch.float64]
+        assert [(e.peer, e.sent_bytes) for e in sends] == [(1 - rank, micro)] * 4
