@@ -138,6 +138,13 @@ class CommProcessGroup(dist.ProcessGroup):
             f"reduce_scatter_tensor, all_to_all, all_to_all_single, broadcast, barrier, send, recv, isend, "
             f"irecv, batch_isend_irecv, scatter, gather, new_group")
 
+    def _sizes(self, op: str, output: torch.Tensor, x: torch.Tensor, ok: bool) -> None:
+        """A ValueError unless ``ok`` (the sizes fit) and output and input have one dtype (never a silent cast)."""
+        if not ok or output.dtype != x.dtype:
+            raise ValueError(f"rank {self.comm.rank} of group {self.comm.group}: {op} got an output of shape "
+                             f"{tuple(output.shape)} ({output.dtype}) for an input of shape {tuple(x.shape)} "
+                             f"({x.dtype}) on {self.comm.world_size} ranks")
+
     # ---- collectives ----------------------------------------------------------------------------
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -267,16 +274,8 @@ class CommProcessGroup(dist.ProcessGroup):
     def reduce(self, *args: Any, **kwargs: Any) -> dist.Work:
         raise self._unsupported("reduce")
 
-
     def recv_anysource(self, *args: Any, **kwargs: Any) -> dist.Work:
         raise self._unsupported("recv from any source")
 
     def monitored_barrier(self, *args: Any, **kwargs: Any) -> None:
         raise self._unsupported("monitored_barrier")
-
-    def _sizes(self, op: str, output: torch.Tensor, x: torch.Tensor, ok: bool) -> None:
-        """A ValueError unless ``ok`` (the sizes fit) and output and input have one dtype (never a silent cast)."""
-        if not ok or output.dtype != x.dtype:
-            raise ValueError(f"rank {self.comm.rank} of group {self.comm.group}: {op} got an output of shape "
-                             f"{tuple(output.shape)} ({output.dtype}) for an input of shape {tuple(x.shape)} "
-                             f"({x.dtype}) on {self.comm.world_size} ranks")
