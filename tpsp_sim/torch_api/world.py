@@ -11,7 +11,8 @@ from them and imports no ``torch.testing`` module.
 ``installed()`` (the first run in progress to enter it) swaps ``_world`` for ``RankWorlds``, sets
 thread isolation, registers the ``"tpsp_sim"`` backend, and saves what ``init_process_group``
 overwrites (``_backend``, ``_default_pg_init_method``, ``sys.excepthook``); the last run to leave
-restores every one of them, however the run ended. A rank thread holds a ``RankWorld`` of its own;
+restores every one of them, however the run ended (the excepthook only if it is still c10d's, and of
+the backend tables only its own entries: what others register meanwhile stays). A rank thread holds a ``RankWorld`` of its own;
 any other thread (the caller supervising the run) sees the world that was there before, so a real
 process group of the caller keeps working on the Python side.
 """
@@ -97,11 +98,9 @@ class RankWorlds(c10d._World):
     del _forward
 
 
-_runs = 0  # runs in progress with torch.distributed installed
+_in_progress = 0  # runs in progress with torch.distributed installed
 _saved: dict[str, Any] = {}
 _lock = threading.Lock()
-
-
 _MISSING = object()
 
 
@@ -125,7 +124,10 @@ def _tables() -> list[tuple[str, dict, str]]:
 def _unregister(saved: dict[str, Any]) -> None:
     """Put back what ``_register`` replaced, entry by entry."""
     for key, table, k in _tables():
-        table.pop(k, None) if saved[key] is _MISSING else table.__setitem__(k, saved[key])
+        if saved[key] is _MISSING:
+            table.pop(k, None)
+        else:
+            table[k] = saved[key]
     if not saved["listed"] and BACKEND.lower() in dist.Backend.backend_list:
         dist.Backend.backend_list.remove(BACKEND.lower())
     if saved["attr"] is _MISSING:
@@ -141,24 +143,25 @@ def _unregister(saved: dict[str, Any]) -> None:
 @contextmanager
 def installed(creator: Callable) -> Iterator[RankWorlds]:
     """Per-rank torch.distributed state for the runs in progress; everything restored by the last to end."""
-    global _runs
+    global _in_progress
     with _lock:
-        if _runs == 0:
+        if _in_progress == 0:
             _saved.update(world=c10d._world, backend=c10d._backend, init_method=c10d._default_pg_init_method,
                           excepthook=sys.excepthook, tables=_register(creator))
             c10d._world = RankWorlds(c10d._world)
             _set_thread_isolation_mode(True)
-        _runs += 1
+        _in_progress += 1
         worlds = c10d._world
     try:
         yield worlds
     finally:
         with _lock:
-            _runs -= 1
-            if _runs == 0:
+            _in_progress -= 1
+            if _in_progress == 0:
                 _set_thread_isolation_mode(False)
                 c10d._world = _saved["world"]
                 c10d._backend, c10d._default_pg_init_method = _saved["backend"], _saved["init_method"]
-                sys.excepthook = _saved["excepthook"]
+                if getattr(sys.excepthook, "__name__", "") == "_distributed_excepthook":  # init_process_group's
+                    sys.excepthook = _saved["excepthook"]
                 _unregister(_saved["tables"])
                 _saved.clear()
