@@ -44,6 +44,7 @@ bench: setup
 	$(RUN) $(BIN)/python benchmarks/attention.py
 	$(RUN) $(BIN)/python benchmarks/scaling.py
 	$(RUN) OMP_NUM_THREADS=1 $(BIN)/python benchmarks/hybrid_mesh.py
+	$(RUN) $(BIN)/python benchmarks/torch_api.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info report

@@ -18,7 +18,8 @@ BELOW = {
     "core": set(),
     "sim": {"core"},
     "dist": {"core"},
-    "launch": {"core", "sim", "dist"},
+    "torch_api": {"core", "sim", "dist"},  # torch.distributed's backend over SimComm (sim/) or TorchComm (dist/)
+    "launch": {"core", "sim", "dist", "torch_api"},
     "models": {"core"},
     "tensor_parallel": {"core", "models"},
     "context_parallel": {"core", "models"},

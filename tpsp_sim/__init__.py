@@ -4,6 +4,7 @@ The package is layered; data flows one way, per-rank code → Comm → backend �
 
     core/              the Comm interface, the op table, the trace, errors, meshes, differentiable collectives
     sim/  dist/        the backends: virtual ranks (threads in this process); real torch.distributed
+    torch_api/         torch.distributed's own API on these ranks: dist.*, DTensor, FSDP2 inside ts.run
     models/            the dense references: GPT and Llama blocks, a tiny Llama, dense attention
     tensor_parallel/   Megatron's parallel linears and a block's tensor-parallel sublayers (TP, TP+SP)
     context_parallel/  attention tiles and the context-parallel attention kinds (ring, Ulysses, USP, all-gather)
@@ -30,6 +31,10 @@ from .core.ops import wire_bytes
 from .core.mesh import DeviceMesh, init_device_mesh
 from .core.autograd import CommFunction
 from .core import mappings
+# torch.distributed on the simulator (ts.run(..., torch_distributed=True)): the process group over a rank's Comm,
+# and fn wrapped for torchrun; PyTorch's TP+SP plan of LlamaBlock is tpsp_sim.torch_api.plans (imports DTensor: ~2 s)
+from .torch_api.backend import on_default_group
+from .torch_api.process_group import CommProcessGroup
 
 # ---- dense references ---------------------------------------------------------------------------
 from .models.attention import dense_attention
@@ -80,7 +85,7 @@ __all__ = [
     # running per-rank code, and what it records
     "run", "Comm", "Work", "RunResult", "SimulationError", "CollectiveMismatchError", "DeadlockError",
     "RankFailedError", "SimComm", "TorchComm", "CommEvent", "CommTrace", "ComputeSpan", "WaitMark", "format_bytes",
-    "wire_bytes", "DeviceMesh", "init_device_mesh", "CommFunction", "mappings",
+    "wire_bytes", "DeviceMesh", "init_device_mesh", "CommFunction", "mappings", "on_default_group", "CommProcessGroup",
     # dense references
     "dense_attention", "Dropout", "DropoutRNG", "MLP", "SelfAttention", "TransformerBlock", "LlamaBlock", "RMSNorm",
     "rope", "TinyLlama",

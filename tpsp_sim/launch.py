@@ -9,12 +9,14 @@ import torch
 from .core.result import RunResult
 from .dist.processes import run_processes
 from .sim.runtime import run_virtual
+from .torch_api import backend as torch_api
 
 BACKENDS = ("sim", "gloo", "nccl")
 
 
 def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim",
-        timeout: float | None = None, count_flops: bool = False, **kwargs: Any) -> RunResult:
+        timeout: float | None = None, count_flops: bool = False, torch_distributed: bool = False,
+        **kwargs: Any) -> RunResult:
     """Call ``fn(comm, *args, **kwargs)`` on every rank; return ``RunResult(outputs, trace)``.
 
     ``backend="sim"`` runs ``world_size`` virtual ranks as threads of this process (timeout
@@ -22,7 +24,9 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
     counted once every process has joined; how failures are blamed: dist/processes.py; NCCL
     needs one GPU per rank, and tensor arguments are moved to each rank's GPU). ``count_flops``
     (simulator only) records the FLOPs each rank computes between communications, for
-    ``ts.timeline``.
+    ``ts.timeline``. ``torch_distributed=True`` gives every rank an initialised torch.distributed
+    default group on the run's own backend, so ``dist.*``, DTensor and FSDP2 code runs inside ``fn``
+    and is recorded in the trace (torch_api/).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -31,11 +35,14 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
     if backend == "sim":
-        return run_virtual(fn, args, kwargs, world_size, timeout=600.0 if timeout is None else timeout,
-                           count_flops=count_flops)
+        with torch_api.installed() if torch_distributed else torch_api.hint_without_default_group():
+            return run_virtual(fn, args, kwargs, world_size, timeout=600.0 if timeout is None else timeout,
+                               count_flops=count_flops,
+                               rank_context=torch_api.default_group if torch_distributed else None)
     if count_flops:
         raise ValueError("count_flops is available on the simulator only (backend='sim')")
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ValueError(f"backend='nccl' needs one GPU per rank: world_size={world_size}, "
                          f"GPUs visible={torch.cuda.device_count()}")
-    return run_processes(fn, args, kwargs, world_size, backend, 120.0 if timeout is None else timeout)
+    return run_processes(torch_api.on_default_group(fn) if torch_distributed else fn, args, kwargs, world_size,
+                         backend, 120.0 if timeout is None else timeout)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from queue import Empty, SimpleQueue
 from typing import Any, Callable, Iterator
 
@@ -136,8 +136,12 @@ class _SimWork:
 # ---- running fn on every virtual rank -----------------------------------------------------------
 
 def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
-                timeout: float | None = 600.0, count_flops: bool = False) -> RunResult:
-    """Call ``fn(comm, *args, **kwargs)`` on ``world_size`` virtual ranks (threads) and collect the results."""
+                timeout: float | None = 600.0, count_flops: bool = False,
+                rank_context: Callable[[Comm], AbstractContextManager] | None = None) -> RunResult:
+    """Call ``fn(comm, *args, **kwargs)`` on ``world_size`` virtual ranks (threads) and collect the results.
+
+    ``rank_context(comm)``, if given, is entered in each rank's thread around ``fn`` (torch_api/ uses
+    it to give each rank a torch.distributed default group)."""
     recorders = [Recorder(r) for r in range(world_size)]
     world = SimWorld(recorders, timeout)
     parent: SimWorld | None = getattr(_current, "world", None)  # this run is nested in a rank of another
@@ -171,7 +175,7 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
         recorder.flop_counter = FlopCounter(recorder.label) if count_flops else None
         try:
             world.enter(rank)
-            with recorder.flop_counter or nullcontext():
+            with rank_context(comm) if rank_context else nullcontext(), recorder.flop_counter or nullcontext():
                 outputs[rank] = fn(comm, *args, **kwargs)
                 recorder.finish()
         except SimulationError as error:

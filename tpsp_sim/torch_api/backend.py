@@ -1,0 +1,166 @@
+"""The ``"tpsp_sim"`` torch.distributed backend: ``init_process_group`` on every rank of a run.
+
+``ts.run(fn, world_size=N, torch_distributed=True)`` enters ``installed()`` around the run (world.py:
+per-rank c10d state, restored when the run ends) and ``default_group(comm)`` in each rank thread
+around ``fn``: that calls ``dist.init_process_group("tpsp_sim", rank, world_size)``, whose group is a
+``CommProcessGroup`` over the rank's own ``Comm``, and destroys it when ``fn`` returns or raises.
+
+``dist.new_group(ranks)`` (and ``init_device_mesh``, which calls it per mesh dim) reaches the
+backend's creator only on the ranks in the group, so on the simulator the creator cannot use the
+collective ``comm.new_group``: it registers the group with the run's world itself, the k-th group
+any rank creates on a given tuple of ranks being the same group on every rank of it (c10d too
+requires every rank to create groups in the same order).
+
+On real processes (``ts.run(..., backend="gloo", torch_distributed=True)``) the worker has already
+joined the real group and built its ``TorchComm``; ``on_default_group(fn)`` runs ``fn`` with the same
+backend over that ``TorchComm``, so the very same ``dist.*`` calls are recorded the same way and run on
+gloo. A ``TorchComm`` calls torch.distributed itself, on the process's real groups: it does so in
+``real_world()`` (world.py), and a subgroup is a real gloo group made by its members only
+(``use_local_synchronization``), since c10d calls the creator on the members only.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from datetime import timedelta
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import torch.distributed as dist
+
+from ..core.comm import Comm
+from ..core.errors import SimulationError
+from ..dist.torch_comm import TorchComm
+from ..sim.runtime import SimComm
+from ..sim.world import SimWorld
+from .process_group import CommProcessGroup
+from .world import BACKEND, RankWorld, RankWorlds
+from . import world as _world
+
+_rank = threading.local()  # in a rank thread with a default group: .comm, .made (ranks -> groups made so far)
+
+
+class _Run:
+    """What the ranks of one simulated run share: c10d's store (the store-based barriers that
+    TORCH_DIST_INIT_BARRIER=1 asks for meet in it), and the groups made so far, (ranks, k) -> group id."""
+
+    def __init__(self) -> None:
+        self.store = dist.HashStore()
+        self.groups: dict[tuple[tuple[int, ...], int], int] = {}
+
+
+_runs: "weakref.WeakKeyDictionary[SimWorld, _Run]" = weakref.WeakKeyDictionary()
+
+
+def _run_of(world: SimWorld) -> _Run:
+    with world.lock:
+        return _runs.setdefault(world, _Run())
+
+
+def _sim_subgroup(comm: SimComm, ranks: tuple[int, ...], k: int) -> SimComm:
+    """The SimComm of the k-th group over global ``ranks`` created in ``comm``'s run."""
+    world, ids = comm.world, _run_of(comm.world).groups
+    with world.lock:
+        if (ranks, k) not in ids:
+            world.groups.append(ranks)
+            ids[ranks, k] = len(world.groups) - 1
+        group_id = ids[ranks, k]
+    return SimComm(world, ranks.index(comm.global_rank), ranks, group_id, comm.recorder)
+
+
+class _RealTorchComm(TorchComm):
+    """A ``TorchComm`` that calls torch.distributed in the process's real c10d world (not the rank's own)."""
+
+    def __init__(self, pg: dist.ProcessGroup, like: TorchComm) -> None:
+        with dist.distributed_c10d._world.real_world():
+            super().__init__(pg, like.recorder, like.device, like._calls)
+
+
+def _in_real_world(method: Callable) -> Callable:
+    def call(self, *args: Any) -> Any:
+        with dist.distributed_c10d._world.real_world():
+            return method(self, *args)
+    return call
+
+
+for _name in ("_all_gather", "_all_reduce", "_reduce_scatter", "_broadcast", "_all_to_all", "_barrier", "_isend",
+              "_irecv", "_sendrecv"):
+    setattr(_RealTorchComm, _name, _in_real_world(getattr(TorchComm, _name)))
+
+
+def _real_subgroup(comm: TorchComm, ranks: tuple[int, ...]) -> TorchComm:
+    with dist.distributed_c10d._world.real_world():
+        pg = dist.new_group(list(ranks), use_local_synchronization=True)
+    return _RealTorchComm(pg, comm)
+
+
+def _create(options: Any, backend_options: Any) -> CommProcessGroup:
+    """c10d's creator for the backend (extended API: it gets the group's global ranks)."""
+    comm: Comm | None = getattr(_rank, "comm", None)
+    if comm is None:
+        raise SimulationError("torch.distributed's tpsp_sim backend works only inside ts.run(..., "
+                              "torch_distributed=True): not inside ts.run")
+    ranks = tuple(options.global_ranks_in_group)
+    if isinstance(comm, TorchComm):
+        return CommProcessGroup(_real_subgroup(comm, ranks) if ranks else _RealTorchComm(comm.pg, comm))
+    if not ranks:  # the default group
+        return CommProcessGroup(comm)
+    k = _rank.made.get(ranks, 0)
+    _rank.made[ranks] = k + 1
+    return CommProcessGroup(_sim_subgroup(comm, ranks, k))
+
+
+@contextmanager
+def installed() -> Iterator[RankWorlds]:
+    """torch.distributed made per virtual rank while the runs inside last (see world.py)."""
+    with _world.installed(_create) as worlds:
+        yield worlds
+
+
+@contextmanager
+def hint_without_default_group() -> Iterator[None]:
+    """Around a run without ``torch_distributed=True``: a rank's dist.* call fails with torch's "Default process
+    group has not been initialized"; add how to get one."""
+    try:
+        yield
+    except ValueError as error:
+        if "Default process group has not been initialized" in str(error):
+            error.add_note("not inside ts.run(..., torch_distributed=True): pass torch_distributed=True, and every "
+                           "rank gets an initialised torch.distributed default group for its dist.* calls")
+        raise
+
+
+@contextmanager
+def default_group(comm: Comm) -> Iterator[None]:
+    """In a rank thread, inside ``installed()``: the default process group over ``comm`` while the block runs."""
+    worlds = dist.distributed_c10d._world
+    if not isinstance(worlds, RankWorlds):
+        raise SimulationError("default_group needs torch_api.installed() around the run")
+    worlds.local.world = RankWorld()
+    _rank.comm, _rank.made = comm, {}
+    try:
+        sim = isinstance(comm, SimComm)
+        dist.init_process_group(BACKEND, rank=comm.rank, world_size=comm.world_size,
+                                store=_run_of(comm.world).store if sim else dist.HashStore(),
+                                timeout=timedelta(seconds=comm.world.timeout or 86400) if sim else None)
+        yield
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            del worlds.local.world
+            del _rank.comm, _rank.made
+
+
+def on_default_group(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with torch.distributed's default group over its comm: for real processes, whose workers
+    call ``fn(comm, ...)`` (picklable: a partial of a module-level function)."""
+    return partial(_call_on_default_group, fn)
+
+
+def _call_on_default_group(fn: Callable[..., Any], comm: Comm, *args: Any, **kwargs: Any) -> Any:
+    with installed(), default_group(comm):
+        return fn(comm, *args, **kwargs)
