@@ -90,15 +90,16 @@ def test_wire_bytes_closed_forms_by_hand():
 
 @pytest.mark.parametrize("name", KINDS)
 def test_causal_excess_leaves_each_rank_its_balanced_share_of_the_causal_flops(name):
-    """Counted by the simulator minus the declared excess = what a causal flash kernel does per rank:
-    forward 4·d·H·b·(s²/2)/cp (half the score matrix, shared evenly: zigzag), backward 2.5× that."""
+    """On the meta device, as the planner simulates: counted by the simulator minus the declared excess =
+    what a causal flash kernel does per rank, forward 4·d·H·b·(s²/2)/cp (half the score matrix, shared
+    evenly: zigzag), backward 2.5× that."""
     kind = ATTENTIONS[name]
     b, heads, tokens, d = 1, 4, 4, 8
     for u, r in grids(kind)[1:]:
         cp, s = u * r, tokens * u * r
         if kind.problem(LocalShape(b, heads, heads, tokens, d), u, r, "zigzag"):
             continue
-        q, k, v, dout = make_qkv(b, heads, heads, s, d)
+        q, k, v, dout = (x.to("meta") for x in make_qkv(b, heads, heads, s, d))
         _, res = run_kind(kind, u, r, q, k, v, dout, causal=True, layout="zigzag", count_flops=True)
         forward_excess, backward_excess = kind.causal_excess(LocalShape(b, heads, heads, tokens, d), u, r, "zigzag")
         ideal = 4 * d * heads * b * (s * s / 2) / cp

@@ -50,7 +50,7 @@ from .tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from .tensor_parallel.sharding import replicate
 
 # ---- context parallelism ------------------------------------------------------------------------
-from .context_parallel.attention import (attention_block, blockwise_attention, flash_attention, online_softmax_merge,
+from .context_parallel.attention import (attention_block, blockwise_attention, online_softmax_merge,
                                          sequence_positions, shard_sequence, unshard_sequence)
 from .context_parallel.allgather import allgather_attention
 from .context_parallel.ring import ring_attention
@@ -93,7 +93,7 @@ __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "gather_dense_grads", "gather_dense_parameters", "replicate",
     "sync_sequence_parallel_grads",
     # context parallelism
-    "attention_block", "blockwise_attention", "flash_attention", "online_softmax_merge", "sequence_positions",
+    "attention_block", "blockwise_attention", "online_softmax_merge", "sequence_positions",
     "shard_sequence", "unshard_sequence", "allgather_attention", "ring_attention", "ulysses_attention",
     "usp_attention", "usp_shard_sequence", "usp_unshard_sequence",
     # compositions

@@ -92,32 +92,6 @@ def attention_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return dq, dk.view(b, kv_heads, h // kv_heads, m, d).sum(2), dv.view(b, kv_heads, h // kv_heads, m, d).sum(2)
 
 
-class _FlashAttention(torch.autograd.Function):
-    """forward: one tile (``attention_block``), keeping lse; backward: FlashAttention-2's, from the lse."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal):
-        out, lse = attention_block(q, k, v, causal=causal)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal = causal
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        delta = (dout.to(out.dtype) * out).sum(-1)
-        dq, dk, dv = attention_block_backward(q, k, v, dout, lse, delta, causal=ctx.causal)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
-
-
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-    """Attention over one device's whole q, k, v as a single flash tile with its own backward: the local
-    kernel of the context-parallel kinds (Ulysses), counted alike on every device (4·n·m·d FLOPs per head
-    forward, 5 tile matmuls backward), where ``scaled_dot_product_attention`` picks a kernel per device."""
-    check_qkv(q, k, v, "flash_attention")
-    return _FlashAttention.apply(q, k, v, causal)
-
-
 def online_softmax_merge(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor,
                          block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a tile's (out, lse) into the running state; with no state yet (None) the tile becomes it."""

@@ -62,8 +62,9 @@ class AttentionKind:
     attend: Attend
     # (shape, u, r) -> {(group, phase): bytes one rank sends (= receives)}, a closed form checked by the trace
     wire_bytes: Callable[[LocalShape, int, int], dict[tuple[str, str], int]]
-    # (shape, u, r, layout) -> (forward, backward) FLOPs the simulator's kernels count beyond a causal
-    # flash kernel that skips masked halves (the planner takes them off the compute)
+    # (shape, u, r, layout) -> (forward, backward) FLOPs the simulator's kernels count on the meta device
+    # (where the planner simulates) beyond a causal flash kernel that skips masked halves; the planner
+    # takes them off the compute
     causal_excess: Callable[[LocalShape, int, int, str], tuple[float, float]]
     # (shape, u, r) -> bytes it keeps for backward beyond its own q, k, v, out and lse (memory budget)
     extra_saved_bytes: Callable[[LocalShape, int, int], int]
