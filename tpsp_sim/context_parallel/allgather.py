@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import (attention_block, attention_block_backward, check_layout, check_qkv, online_softmax_merge,
-                        shard_sequence, unshard_sequence)
+from .attention import (attention_block, attention_block_backward, check_shard, online_softmax_merge, shard_sequence,
+                        unshard_sequence)
 from .kind import AttentionKind, LocalShape, diagonal_excess, ring_problem
 from ..core.autograd import CommFunction
 from ..core.comm import Comm
@@ -102,11 +102,7 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm:
     """This rank's attention output for its sequence shard ``q, k, v`` ([batch, heads, seq_local, head_dim];
     K/V may have fewer heads), equal to dense attention over the full sequence; ``layout`` says how the
     sequence was sharded (``ts.shard_sequence``)."""
-    check_layout(layout)
-    check_qkv(q, k, v, f"rank {comm.rank}: allgather_attention")
-    if layout == "zigzag" and q.shape[2] % 2:
-        raise ValueError(f"rank {comm.rank}: allgather_attention(layout='zigzag') needs an even local sequence "
-                         f"length (chunks r and 2p-1-r of 2p={2 * comm.world_size}), got {q.shape[2]}")
+    check_shard(q, k, v, comm.rank, comm.world_size, layout, "allgather_attention")
     with comm.scope("allgather_attn"):
         return _AllGatherAttention.apply(q, k, v, comm, causal, layout)
 

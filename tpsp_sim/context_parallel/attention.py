@@ -125,6 +125,17 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def check_shard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, world_size: int, layout: str,
+                where: str) -> None:
+    """ValueError (naming ``where`` and the rank) unless ``q, k, v`` are a rank's sequence shard of ``layout``
+    (a zigzag shard is two chunks: an even length)."""
+    check_layout(layout)
+    check_qkv(q, k, v, f"rank {rank}: {where}")
+    if layout == "zigzag" and q.shape[2] % 2:
+        raise ValueError(f"rank {rank}: {where}(layout='zigzag') needs an even local sequence length "
+                         f"(chunks r and 2p-1-r of 2p={2 * world_size}), got {q.shape[2]}")
+
+
 def shard_sequence(x: torch.Tensor, rank: int, world_size: int, *, dim: int,
                    layout: str = "contiguous") -> torch.Tensor:
     """Rank ``rank``'s piece of the sequence dim ``dim`` (a new tensor): chunk r of p ("contiguous"),

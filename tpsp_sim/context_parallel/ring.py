@@ -31,7 +31,7 @@ from typing import Iterator
 
 import torch
 
-from .attention import attention_block, attention_block_backward, check_layout, check_qkv, online_softmax_merge
+from .attention import attention_block, attention_block_backward, check_shard, online_softmax_merge
 from .kind import AttentionKind, LocalShape, diagonal_excess, no_extra_memory, ring_problem
 from ..core.autograd import CommFunction
 from ..core.comm import Comm
@@ -142,11 +142,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm
     """This rank's attention output for its sequence shard ``q, k, v`` ([batch, heads, seq_local, head_dim];
     K/V may have fewer heads), equal to dense attention over the full sequence. ``layout`` says how the
     sequence was sharded (``ts.shard_sequence``); "zigzag" balances causal work across ranks."""
-    check_layout(layout)
-    check_qkv(q, k, v, f"rank {comm.rank}: ring_attention")
-    if layout == "zigzag" and q.shape[2] % 2:
-        raise ValueError(f"rank {comm.rank}: ring_attention(layout='zigzag') needs an even local sequence length "
-                         f"(chunks r and 2p-1-r of 2p={2 * comm.world_size}), got {q.shape[2]}")
+    check_shard(q, k, v, comm.rank, comm.world_size, layout, "ring_attention")
     with comm.scope("ring_attn"):
         return _RingAttention.apply(q, k, v, comm, causal, layout)
 
