@@ -16,6 +16,7 @@ BELOW = {
     "core": set(),
     "sim": {"core"},
     "dist": {"core"},
+    "data_parallel": {"core"},
 }
 
 

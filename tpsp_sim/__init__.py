@@ -43,6 +43,12 @@ from .tensor_parallel.llama import LlamaBlock, RMSNorm, rope
 from .tensor_parallel.layers import (ColumnParallelLinear, Dropout, DropoutRNG, RowParallelLinear,
                                      gather_dense_grads, gather_dense_parameters, replicate,
                                      sync_sequence_parallel_grads)
+# data parallelism as really run (issue 21): DDP buckets, ZeRO-1/2, FSDP2's fully_shard
+from .data_parallel.closed_forms import zero_bytes_per_step, zero_memory_per_rank
+from .data_parallel.ddp import DistributedDataParallel
+from .data_parallel.fsdp import FSDPModule, fully_shard
+from .data_parallel.memory import held_bytes
+from .data_parallel.zero import ZeroOptimizer
 
 __version__ = "0.2.0"
 
@@ -60,4 +66,6 @@ __all__ = [
     "replicate", "saved_tensor_meter", "sync_sequence_parallel_grads", "LlamaBlock", "RMSNorm", "rope",
     "Hardware", "Model", "Plan", "Timeline", "cost", "memory", "plan", "timeline",
     "exercises",
+    "DistributedDataParallel", "FSDPModule", "ZeroOptimizer", "fully_shard", "held_bytes", "zero_bytes_per_step",
+    "zero_memory_per_rank",
 ]
