@@ -13,7 +13,8 @@ import tpsp_sim as ts
 from dp_cases import batches, mean_loss, tiny_llama, train_dense, train_rank, assert_same_parameters
 
 
-@pytest.mark.parametrize("p, micro, cap", [(2, 2, 25), (3, 3, 0.001), (4, 1, 0.002)])
+@pytest.mark.parametrize("p, micro, cap", [(3, 3, 0.001), pytest.param(2, 2, 25, marks=pytest.mark.slow),
+                                           pytest.param(4, 1, 0.002, marks=pytest.mark.slow)])
 def test_ddp_training_with_accumulation_equals_dense(p, micro, cap):
     model, data = tiny_llama(), batches(steps=2, micro=micro, batch=p)
     want = train_dense(model, data)

@@ -17,8 +17,8 @@ from dp_cases import assert_same_parameters, batches, mean_loss, tiny_llama, tra
 STEP_COUNTER = 4  # AdamW's "step": a float32 scalar per parameter tensor it updates
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-@pytest.mark.parametrize("p, cap", [(2, 25), (3, 0.002)])
+@pytest.mark.parametrize("stage, p, cap", [(1, 3, 0.002), (2, 2, 25), pytest.param(1, 2, 25, marks=pytest.mark.slow),
+                                           pytest.param(2, 3, 0.002, marks=pytest.mark.slow)])
 def test_zero_training_with_accumulation_equals_dense(stage, p, cap):
     model, data = tiny_llama(), batches(steps=2, micro=2, batch=p)
     res = ts.run(train_rank, model, data, f"zero{stage}", cap, world_size=p)

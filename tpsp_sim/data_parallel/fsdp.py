@@ -176,6 +176,8 @@ class FSDPState:
             with self.comm.phase("grad_sync"), self.comm.replay_scope(self.scope):
                 mine = self.comm.reduce_scatter(torch.cat(rows, dim=1).reshape(-1), dim=0, op="avg")
             for sp, off in zip(self.params, self.offsets):
+                if sp.unsharded.grad is None:  # frozen, or unused on every rank: no gradient to keep
+                    continue
                 grad = mine[off:off + sp.shard_numel].view_as(sp.padded)[:sp.local_rows]
                 if sp.sharded.grad is None:
                     sp.sharded.grad = grad
