@@ -1,6 +1,6 @@
 """Training end to end under each data-parallel strategy, and FSDP composed with TP+SP and context
 parallelism on a (dp, cp, tp) mesh (torchtitan's layout: FSDP over the flattened dp × cp), against the
-dense model in float64 to 1e-10; and one FSDP step on gloo processes with the simulator's trace."""
+dense model in float64 to 1e-10; and a step of each strategy on gloo processes with the simulator's trace."""
 
 from __future__ import annotations
 
@@ -96,19 +96,21 @@ def test_twenty_steps_of_fsdp_over_dp_cp_with_tp_sp(attention):
 
 # ---- the same on real torch.distributed -----------------------------------------------------------
 
-def fsdp_step(comm, model, data):
-    """One FSDP training step (two micro-batches) on any backend: the losses, the weights, the trace."""
-    return train_rank(comm, model, data, "fsdp")[0]
+def every_strategy(comm, model, data):
+    """One step (two micro-batches) under DDP, ZeRO-1, ZeRO-2 and FSDP on any backend: the weights of each."""
+    return {strategy: train_rank(comm, model, data, strategy, 0.002)[0] for strategy in STRATEGIES}
 
 
 @pytest.mark.real
 @pytest.mark.timeout(180)
-def test_an_fsdp_step_on_gloo_has_the_simulators_trace():
+def test_every_strategy_on_gloo_has_the_simulators_trace():
     model, data = tiny_llama(), batches(steps=1, micro=2, batch=2)
-    sim = ts.run(fsdp_step, model, data, world_size=2)
-    real = ts.run(fsdp_step, model, data, world_size=2, backend="gloo")
+    sim = ts.run(every_strategy, model, data, world_size=2)
+    real = ts.run(every_strategy, model, data, world_size=2, backend="gloo")
     assert real.trace.events == sim.trace.events
-    assert {e.op for e in real.trace.events} == {"all_gather", "reduce_scatter"}
-    for got, want in zip(real.outputs, sim.outputs):
-        assert_same_parameters(got, want, atol=1e-12)
-    assert_same_parameters(sim.outputs[0], train_dense(model, data))
+    assert {e.op for e in real.trace.events} == {"broadcast", "all_reduce", "all_gather", "reduce_scatter"}
+    want = train_dense(model, data)
+    for got, expected in zip(real.outputs, sim.outputs):
+        for strategy in STRATEGIES:
+            assert_same_parameters(got[strategy], expected[strategy], atol=1e-12)
+            assert_same_parameters(got[strategy], want)
