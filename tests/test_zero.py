@@ -125,3 +125,12 @@ def test_closed_forms():
         ts.zero_bytes_per_step(1, 2, 4)
     with pytest.raises(ValueError, match="positive int"):
         ts.zero_memory_per_rank(1, 0, 1)
+
+
+def test_the_closed_forms_agree_with_the_memory_budget():
+    """ts.memory.budget's ZeRO-1 (distributed_optimizer=True) and no sharding are stages 1 and 0 here."""
+    for dp in (1, 8, 64):
+        for stage, distributed in ((0, False), (1, True)):
+            b = ts.memory.budget("llama3-8b", (dp, 1, 1), 8192, 1, distributed_optimizer=distributed)
+            mine = ts.zero_memory_per_rank(b.parameters, dp, stage)
+            assert mine == pytest.approx({"weights": b.weights, "gradients": b.gradients, "optimizer": b.optimizer})
