@@ -138,3 +138,33 @@ def test_bad_modules_and_groups():
         ts.run(lambda comm: ts.DistributedDataParallel(nn.Linear(2, 2), comm.new_group([0])), world_size=2)
     with pytest.raises(ts.RankFailedError, match="bucket_cap_mb must be a positive"):
         ts.run(lambda comm: ts.DistributedDataParallel(nn.Linear(2, 2), comm, bucket_cap_mb=0), world_size=2)
+
+
+# ---- the buckets on their own stream --------------------------------------------------------------
+
+def _event(seq, nbytes, scope, phase="grad_sync"):
+    return ts.CommEvent("all_reduce", 0, (0, 1), (nbytes,), torch.float64, nbytes, nbytes, nbytes, scope, phase, seq)
+
+
+def test_grad_sync_overlap_by_hand():
+    """10 FLOP at 10 FLOP/s = 1 s of compute, bucket a (3 s), 1 s, bucket b (1 s), 0.5 s, a blocking 2 s call:
+    a runs 1-4, b waits for it and runs 4-5; the rank is busy until 4.5, so a is hidden and b exposed 0.5 s."""
+    trace = ts.CommTrace(events=[_event(1, 3, "a"), _event(3, 1, "b"), _event(5, 2, "tp", phase="backward")],
+                         compute=[ts.ComputeSpan(0, 0, 10, "", "backward"), ts.ComputeSpan(0, 2, 10, "", "backward"),
+                                  ts.ComputeSpan(0, 4, 5, "", "backward")], world_size=1)
+    buckets, compute_end = ts.grad_sync_overlap(trace, 0, flops_per_second=10, seconds=lambda e: e.nbytes)
+    assert compute_end == 4.5  # 2.5 s of compute and the blocking 2 s call
+    assert [(b.scope, b.launched, b.start, b.end) for b in buckets] == [("a", 1, 1, 4), ("b", 2, 4, 5)]
+    assert [b.exposed for b in buckets] == [0, 0.5]
+
+
+def test_grad_sync_overlap_of_a_real_backward():
+    model, rows = tiny_llama(), batches(1, 1, 4)[0, 0]
+    trace = ts.run(gradients_after_one_backward, model, rows, 0.001, world_size=2, count_flops=True).trace
+    hw = ts.cost.hardware("h100-nvlink")
+    buckets, end = ts.grad_sync_overlap(trace, 1, flops_per_second=1e9, seconds=lambda e: ts.cost.event_time(e, hw))
+    assert len(buckets) == trace.count(rank=1, phase="grad_sync") > 2
+    assert buckets[0].launched < end and all(a.end <= b.start for a, b in zip(buckets, buckets[1:]))
+    assert sum(b.exposed for b in buckets) == pytest.approx(max(0.0, buckets[-1].end - end))
+    with pytest.raises(ValueError, match="rank 5 recorded nothing"):
+        ts.grad_sync_overlap(trace, 5, flops_per_second=1e9, seconds=lambda e: 0.0)
