@@ -154,7 +154,8 @@ def test_grad_sync_overlap_by_hand():
                                   ts.ComputeSpan(0, 4, 5, "", "backward")], world_size=1)
     buckets, compute_end = ts.grad_sync_overlap(trace, 0, flops_per_second=10, seconds=lambda e: e.nbytes)
     assert compute_end == 4.5  # 2.5 s of compute and the blocking 2 s call
-    assert [(b.scope, b.launched, b.start, b.end) for b in buckets] == [("a", 1, 1, 4), ("b", 2, 4, 5)]
+    assert [(b.scope, b.op, b.launched, b.start, b.end) for b in buckets] == [("a", "all_reduce", 1, 1, 4),
+                                                                             ("b", "all_reduce", 2, 4, 5)]
     assert [b.exposed for b in buckets] == [0, 0.5]
 
 

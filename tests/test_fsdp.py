@@ -154,3 +154,36 @@ def test_a_one_dim_mesh_is_its_group():
         lin = ts.fully_shard(nn.Linear(4, 2).double(), ts.init_device_mesh(comm, (2,), mesh_dim_names=("dp",)))
         return tuple(lin.weight.shape)
     assert ts.run(fn, world_size=2).outputs == [(1, 4), (1, 4)]
+
+
+# ---- prefetch ---------------------------------------------------------------------------------------
+
+def _call(op, seq, seconds, scope, phase):
+    return ts.CommEvent(op, 0, (0, 1), (seconds,), torch.float64, seconds, seconds, seconds, scope, phase, seq)
+
+
+def test_prefetch_by_hand():
+    """All-gather a (2 s), 1 s of compute, all-gather b (2 s), 1 s, reduce-scatter (1 s), 1 s. Without prefetch
+    the rank waits 2 + 2 s and ends at 7; prefetching b right after a (2-4, under the compute) waits 2 + 1 s, ends at 6."""
+    trace = ts.CommTrace(
+        events=[_call("all_gather", 0, 2, "fsdp/a", "forward"), _call("all_gather", 2, 2, "fsdp/b", "forward"),
+                _call("reduce_scatter", 4, 1, "fsdp/b", "grad_sync")],
+        compute=[ts.ComputeSpan(0, s, 10, "", "forward") for s in (1, 3, 5)], world_size=1)
+    for prefetch, waits, end in ((False, [2, 2, 0], 7), (True, [2, 1, 0], 6)):
+        calls, done = ts.fsdp_prefetch_overlap(trace, 0, flops_per_second=10, seconds=lambda e: e.nbytes,
+                                               prefetch=prefetch)
+        assert [c.exposed for c in calls] == waits and done == end
+        assert [c.scope for c in calls] == ["fsdp/a", "fsdp/b", "fsdp/b"]
+
+
+def test_prefetch_of_a_real_step_hides_all_gathers():
+    model, rows = tiny_llama(n_layers=3), batches(1, 1, 2)[0, 0]
+    trace = ts.run(one_step, model, rows, True, world_size=2, count_flops=True).trace
+    hw = ts.cost.Hardware("slow", link_bandwidth=1e9, latency=5e-6, peak_flops=1e9)
+    exposed = {}
+    for prefetch in (False, True):
+        calls, end = ts.fsdp_prefetch_overlap(trace, 0, flops_per_second=1e9, seconds=lambda e: ts.cost.event_time(e, hw),
+                                              prefetch=prefetch)
+        assert len(calls) == trace.count(rank=0)
+        exposed[prefetch] = sum(c.exposed for c in calls if c.op == "all_gather")
+    assert exposed[True] < exposed[False] / 2

@@ -48,7 +48,7 @@ from .data_parallel.closed_forms import zero_bytes_per_step, zero_memory_per_ran
 from .data_parallel.ddp import DistributedDataParallel
 from .data_parallel.fsdp import FSDPModule, fully_shard
 from .data_parallel.memory import held_bytes
-from .data_parallel.overlap import BucketTime, grad_sync_overlap
+from .data_parallel.overlap import StreamCall, fsdp_prefetch_overlap, grad_sync_overlap
 from .data_parallel.zero import ZeroOptimizer
 
 __version__ = "0.2.0"
@@ -67,6 +67,6 @@ __all__ = [
     "replicate", "saved_tensor_meter", "sync_sequence_parallel_grads", "LlamaBlock", "RMSNorm", "rope",
     "Hardware", "Model", "Plan", "Timeline", "cost", "memory", "plan", "timeline",
     "exercises",
-    "BucketTime", "DistributedDataParallel", "FSDPModule", "ZeroOptimizer", "fully_shard", "grad_sync_overlap",
-    "held_bytes", "zero_bytes_per_step", "zero_memory_per_rank",
+    "DistributedDataParallel", "FSDPModule", "StreamCall", "ZeroOptimizer", "fsdp_prefetch_overlap", "fully_shard",
+    "grad_sync_overlap", "held_bytes", "zero_bytes_per_step", "zero_memory_per_rank",
 ]

@@ -27,9 +27,12 @@ Bytes per rank and step for a block sharded with ``reshard_after_forward=True``:
 and in backward, Ψ(p−1)/p each, and the reduce-scatter, Ψ(p−1)/p: 3Ψ(p−1)/p (ZeRO paper §7), with Ψ the
 padded parameter bytes p·c·rest·(element size); 2Ψ(p−1)/p for the root and for ``reshard_after_forward=
 False``. ``set_requires_gradient_sync(False)`` (gradient accumulation) keeps the unsharded gradients and
-skips the reduce-scatter until a backward with it True. Not modelled: prefetching the next module's
-all-gather (the simulator's collectives are synchronous), mixed precision, HSDP (a 2-D mesh: pass the
-flattened group, e.g. ``mesh["dp", "cp"]``, as torchtitan's FSDP over dp × cp does).
+skips the reduce-scatter until a backward with it True (forgetting the final backward with it True
+is not caught, as in FSDP2: the optimizer then skips the parameters, whose sharded gradients are None).
+Prefetching the next module's all-gather is not run (the simulator's collectives are synchronous) but
+priced from a recorded step by ``ts.fsdp_prefetch_overlap`` (overlap.py). Not modelled: mixed
+precision, HSDP (a 2-D mesh: pass the flattened group, e.g. ``mesh["dp", "cp"]``, as torchtitan's FSDP
+over dp × cp does).
 """
 
 from __future__ import annotations
