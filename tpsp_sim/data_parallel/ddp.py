@@ -40,8 +40,8 @@ from torch import nn
 
 from ..core.comm import Comm
 from ..core.errors import SimulationError
-from ..core.mesh import DeviceMesh
 from .buckets import Bucket, build_buckets
+from .group import data_parallel_group
 
 
 class BucketReducer(Protocol):
@@ -52,28 +52,12 @@ class BucketReducer(Protocol):
     def reduce(self, bucket: Bucket) -> None: ...
 
 
-def _comm_of(mesh_or_comm: Any, who: str) -> Comm:
-    """The communicator of a ``Comm`` or a one-dim ``DeviceMesh``; a clear error for anything else."""
-    if isinstance(mesh_or_comm, DeviceMesh):
-        if len(mesh_or_comm.shape) != 1:
-            raise ValueError(f"rank {mesh_or_comm.comm.rank}: {who} takes a 1-D mesh or a Comm, got a mesh of shape "
-                             f"{mesh_or_comm.shape} {mesh_or_comm.mesh_dim_names}: pass the flattened axes, e.g. "
-                             f"mesh[{mesh_or_comm.mesh_dim_names[:2]!r}]")
-        return mesh_or_comm[mesh_or_comm.mesh_dim_names[0]]
-    if isinstance(mesh_or_comm, Comm):
-        return mesh_or_comm
-    if mesh_or_comm is None:
-        raise ValueError(f"{who}: the mesh does not include the calling rank (got None, which new_group returns "
-                         f"to the ranks outside a group)")
-    raise ValueError(f"{who} takes a Comm or a 1-D DeviceMesh, got {type(mesh_or_comm).__name__}")
-
-
 class DistributedDataParallel(nn.Module):
     """One rank's replica of ``module``; its gradients are averaged over ``comm`` during backward (module docstring)."""
 
     def __init__(self, module: nn.Module, comm: Comm, bucket_cap_mb: float = 25) -> None:
         super().__init__()
-        self.comm = _comm_of(comm, "DistributedDataParallel")
+        self.comm = data_parallel_group(comm, "DistributedDataParallel")
         self.module = module
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:

@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..core.autograd import CommFunction
 from ..core.comm import Comm
-from .ddp import _comm_of
+from .group import data_parallel_group
 
 
 @dataclass(eq=False)
@@ -282,7 +282,7 @@ _CLASSES: dict[type, type] = {}
 def fully_shard(module: nn.Module, mesh_or_comm: Any, *, reshard_after_forward: bool = True) -> nn.Module:
     """Shard ``module``'s parameters over the ranks of ``mesh_or_comm`` (a ``Comm`` or a 1-D ``DeviceMesh``);
     returns ``module`` itself, now an ``FSDPModule`` (module docstring)."""
-    comm = _comm_of(mesh_or_comm, "fully_shard")
+    comm = data_parallel_group(mesh_or_comm, "fully_shard")
     if isinstance(module, FSDPModule):
         raise ValueError(f"rank {comm.rank}: fully_shard called twice on {type(module).__name__}")
     if next(module.parameters(), None) is None:
