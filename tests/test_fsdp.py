@@ -187,3 +187,21 @@ def test_prefetch_of_a_real_step_hides_all_gathers():
         assert len(calls) == trace.count(rank=0)
         exposed[prefetch] = sum(c.exposed for c in calls if c.op == "all_gather")
     assert exposed[True] < exposed[False] / 2
+
+
+def frozen_bias(comm, model, x):
+    net = copy.deepcopy(model)
+    ts.fully_shard(net[0], comm)
+    ts.fully_shard(net, comm)
+    net(x.chunk(comm.world_size)[comm.rank]).sum().backward()
+    return {n: p.grad for n, p in net.named_parameters()}
+
+
+def test_a_frozen_parameter_is_sharded_and_gets_no_gradient():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)).double()
+    model[0].bias.requires_grad_(False)
+    x = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model(x).sum().backward()
+    for r, grads in enumerate(ts.run(frozen_bias, model, x, world_size=2).outputs):
+        assert grads["0.bias"] is None
+        torch.testing.assert_close(grads["0.weight"] * 2, model[0].weight.grad[3 * r:3 * r + 3], rtol=0, atol=1e-12)

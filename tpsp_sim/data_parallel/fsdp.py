@@ -93,7 +93,8 @@ class FSDPState:
         self.final_callback_queued = False
         self.ready: set[int] = set()
         for sp in self.params:
-            sp.unsharded.register_post_accumulate_grad_hook(self._grad_ready)
+            if sp.unsharded.requires_grad:  # a frozen parameter gets no gradient to wait for
+                sp.unsharded.register_post_accumulate_grad_hook(self._grad_ready)
 
     @property
     def scope(self) -> str:
