@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tpsp_sim as ts
 from dp_cases import LR, STRATEGIES, assert_same_parameters, batches, tiny_llama, train_dense, train_rank
@@ -30,21 +31,27 @@ def test_twenty_adamw_steps_with_four_micro_batches_equal_dense(strategy, p):
 MESH = ("dp", "cp", "tp")
 
 
-def hybrid_rank(comm, model, data, shape, attention):
+def hybrid_rank(comm, model, data, shape, attention, strategy="fsdp"):
     """torchtitan's order: TP+SP and CP build the parallel model, then fully_shard each block and the root
-    over the flattened dp × cp group; the sequence-parallel weights' gradients are summed over tp."""
+    over the flattened dp × cp group (or DDP over it); the sequence-parallel weights' gradients are summed
+    over tp."""
     mesh = ts.init_device_mesh(comm, shape, mesh_dim_names=MESH)
     tp, cp, dp_cp = mesh["tp"], mesh["cp"], mesh["dp", "cp"]
     par = ts.ParallelTinyLlama.from_dense(model, tp=tp, cp=cp, attention=attention, layout="zigzag")
-    for block in par.blocks:
-        ts.fully_shard(block, dp_cp)
-    ts.fully_shard(par, dp_cp)
-    opt = torch.optim.AdamW(par.parameters(), lr=LR)
+    if strategy == "fsdp":
+        for block in par.blocks:
+            ts.fully_shard(block, dp_cp)
+        net = ts.fully_shard(par, dp_cp)
+    else:
+        net = ts.DistributedDataParallel(par, dp_cp, bucket_cap_mb=0.01)
+    opt = torch.optim.AdamW(net.parameters(), lr=LR)
     for step in data:
         rows = step.flatten(0, 1).chunk(mesh.size("dp"))[mesh.get_local_rank("dp")]
         tokens, targets = (ts.shard_hybrid(t, tp, cp, attention, "zigzag") for t in (rows[:, :-1], rows[:, 1:]))
         opt.zero_grad()
-        par.loss(tokens, targets).backward()
+        logits = net(tokens)  # ParallelTinyLlama.loss, through the wrapper: its replica's share of the mean
+        F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").div(targets.numel() * tp.world_size
+                                                                                       ).backward()
         ts.sync_sequence_parallel_grads(par, tp)
         opt.step()
     for m in par.modules():
@@ -82,6 +89,15 @@ def test_fsdp_over_dp_cp_with_tp_sp_equals_dense(shape, attention, steps):
         assert_same_parameters(params, want)
     # the FSDP collectives run on the dp × cp groups only
     assert {e.axis for e in res.trace.events if e.scope.startswith("fsdp/")} == {"dp_cp"}
+
+
+def test_ddp_over_dp_cp_with_tp_sp_equals_dense():
+    model, data = hybrid_model(), hybrid_data(2, batch=2)
+    res = ts.run(hybrid_rank, model, data, (2, 2, 2), "ring", "ddp", world_size=8)
+    want = dense_llama_steps(model, data)
+    for params in res.outputs:
+        assert_same_parameters(params, want)
+    assert {e.axis for e in res.trace.events if e.scope.startswith("dp_grads/")} == {"dp_cp"}
 
 
 @pytest.mark.slow
