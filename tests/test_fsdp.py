@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tpsp_sim as ts
-from dp_cases import (LR, assert_same_parameters, batches, mean_loss, shard_model, tiny_llama, train_dense,
+from dp_cases import (assert_same_parameters, batches, mean_loss, shard_model, tiny_llama, train_dense,
                       train_rank)
 
 
