@@ -25,9 +25,10 @@ BELOW = {
     "context_parallel": {"core", "models"},
     "hybrid": {"core", "models", "tensor_parallel", "context_parallel"},
     "pipeline": {"core", "analysis"},  # analysis: only memory.saved_tensor_meter, the stage's meter
+    "data_parallel": {"core"},
     "analysis": {"core", "launch", "models", "tensor_parallel", "context_parallel", "hybrid"},
     "viz": {"core", "launch", "models", "context_parallel", "pipeline", "analysis"},
-    "exercises": {"core", "launch", "models", "context_parallel", "pipeline"},
+    "exercises": {"core", "launch", "models", "context_parallel", "pipeline", "data_parallel"},
     "__main__": {"analysis", "context_parallel", "viz"},
     "": set(),  # tpsp_sim/__init__.py re-exports every layer's public names
 }

@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 import tpsp_sim as ts
 from tpsp_sim.analysis.models import MODELS, Model
-from tpsp_sim.tensor_parallel.blocks import SelfAttention
+from tpsp_sim.models.gpt import SelfAttention
 
 # Parameter counts written out from the published shapes (models.py), by hand:
 # Llama 3 8B layer: q, o 2·4096² = 33,554,432; k, v 2·4096·1024 = 8,388,608; SwiGLU 3·4096·14336 =

@@ -21,8 +21,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-LAST = 9  # the suite ends with 09_pipeline_parallelism.ipynb (issue 20): the one notebook with no next
-ALSO_LAST = {11}  # 11_pytorch_native (issue 23) has no next either (10 comes from another branch: merge, then relink)
+LAST = 11  # the suite ends with 11_pytorch_native.ipynb (issue 23): the one notebook with no next
 
 NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 IGNORE_TAG = "nbval-ignore-output"
@@ -109,7 +108,7 @@ def check_seeded(nb) -> list[str]:
 def check_links_next(nb, name: str, existing: list[str]) -> list[str]:
     """A markdown link to the notebook numbered one more (that exact file, once it exists)."""
     number = int(NAME.match(name).group(1))
-    if number == LAST or number in ALSO_LAST:
+    if number == LAST:
         return []
     prefix = f"{number + 1:02d}_"
     targets = {Path(m.group(1)).name for c in nb.cells if c.cell_type == "markdown" for m in LINK.finditer(c.source)}

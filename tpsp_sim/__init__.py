@@ -10,6 +10,7 @@ The package is layered; data flows one way, per-rank code → Comm → backend �
     context_parallel/  attention tiles and the context-parallel attention kinds (ring, Ulysses, USP, all-gather)
     hybrid/            the compositions: the parallel block (TP+SP × CP), the tiny Llama on a mesh, data parallelism
     pipeline/          pipeline stages and schedules (GPipe, 1F1B, interleaved, ZB-H1)
+    data_parallel/     DDP's buckets, ZeRO-1/2, FSDP2's fully_shard
     analysis/          cost model and clusters, timeline, memory, sweeps, the planner
     viz/  exercises/   plots and the dashboard; the notebooks' exercises
 
@@ -64,6 +65,13 @@ from .hybrid.data_parallel import sync_gradients
 from .hybrid.tiny_llama import ParallelTinyLlama
 from . import pipeline  # stages and schedules in torch.distributed.pipelining's names
 from .pipeline import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleZBH1
+# data parallelism as it is run: DDP's buckets, ZeRO-1/2, FSDP2's fully_shard, and their closed forms
+from .data_parallel.closed_forms import zero_bytes_per_step, zero_memory_per_rank
+from .data_parallel.ddp import DistributedDataParallel
+from .data_parallel.fsdp import FSDPModule, fully_shard
+from .data_parallel.memory import held_bytes
+from .data_parallel.overlap import StreamCall, fsdp_prefetch_overlap, grad_sync_overlap
+from .data_parallel.zero import ZeroOptimizer
 
 # ---- analysis -----------------------------------------------------------------------------------
 from .analysis import cost, memory
@@ -99,6 +107,8 @@ __all__ = [
     # compositions
     "ParallelTransformerBlock", "hybrid_positions", "shard_hybrid", "sync_gradients", "ParallelTinyLlama",
     "pipeline", "PipelineStage", "Schedule1F1B", "ScheduleGPipe", "ScheduleInterleaved1F1B", "ScheduleZBH1",
+    "zero_bytes_per_step", "zero_memory_per_rank", "DistributedDataParallel", "FSDPModule", "fully_shard",
+    "held_bytes", "StreamCall", "fsdp_prefetch_overlap", "grad_sync_overlap", "ZeroOptimizer",
     # analysis
     "cost", "memory", "Hardware", "activation_memory", "saved_tensor_meter", "Model", "Plan", "plan", "Timeline",
     "timeline",
