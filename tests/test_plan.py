@@ -41,9 +41,10 @@ def test_step_time_by_hand(tiny_plans):
     sequence of s = 256: matmuls 6 · 36,864 weights · 256 tokens (forward 2, backward 4), causal attention
     forward 2·s²·h and backward 2.5× that: 3.5 · 2 · 256² · 64. Selective: (56,623,104 + 29,360,128) · 2 /
     5e11 = 3.43933e-4 s; full recompute adds the forward, (18,874,368 + 8,388,608) · 2 / 5e11 = 1.09052e-4 s.
-    Nothing else but the gradient all-reduce across nodes: 6·1e-5 + 1.5 · 173,696 / 1e8 = 2.66544e-3 s."""
+    Nothing else but the gradient all-reduce across nodes, two replicas in each node (two rings, two
+    NICs: 2 · 1e8 B/s): 6·1e-5 + 1.5 · 173,696 / 2e8 = 1.36272e-3 s."""
     plans = {p.recompute: p for p in tiny_plans if (p.dp, p.cp, p.tp) == (4, 1, 1)}
-    all_reduce = 2.66544e-3
+    all_reduce = 1.36272e-3
     for mode, compute in (("selective", 3.43933e-4), ("full", 4.52985e-4)):
         p = plans[mode]
         assert p.compute == pytest.approx(compute, rel=1e-5)
@@ -54,10 +55,10 @@ def test_step_time_by_hand(tiny_plans):
 def test_gradient_all_reduce_is_priced_on_the_replicas_link(tiny_plans):
     """dp = 4 on nodes of 2: the gradient all-reduce crosses nodes. Parameters by hand: per layer q, o 2·64² +
     k, v 2·64·32 + SwiGLU 3·64·128 + norms 128 = 36,992; x 2 + embedding and output 2·100·64 + final norm 64
-    = 86,848, 2 bytes each; all_reduce on 4 ranks: 6α + 1.5·N/B on the slow link."""
+    = 86,848, 2 bytes each; all_reduce on 4 ranks, 2 in each node: 6α + 1.5·N/(2B) on two slow NICs."""
     p = next(p for p in tiny_plans if (p.dp, p.cp, p.tp, p.recompute) == (4, 1, 1, "selective"))
     assert p.memory.parameters == 86_848
-    assert p.exposed["dp_cp"] == pytest.approx(6e-5 + 1.5 * 173_696 / 1e8, rel=1e-12)
+    assert p.exposed["dp_cp"] == pytest.approx(6e-5 + 1.5 * 173_696 / 2e8, rel=1e-12)
 
 
 def test_causal_attention_is_charged_the_same_work_whatever_the_split(tiny_plans):
