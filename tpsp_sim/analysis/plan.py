@@ -4,15 +4,16 @@ For every factorisation gpus = dp · cp · tp (tp innermost, then cp, then dp: M
 a tp group is tp neighbouring ranks), every context-parallel attention (ring, Ulysses, USP with each
 Ulysses size u, 1 < u < cp) and every recompute mode:
 
-1. memory per GPU: ``ts.memory.budget`` (bf16 weights and gradients, Adam with the distributed
-   optimizer over dp·cp, Table 2 activations); a plan that does not fit in ``Cluster.memory_bytes``
+1. memory per GPU: ``ts.memory.budget`` with the same defaults (Megatron's accounting: bf16 weights,
+   fp32 master weights and main gradients, Adam with the distributed optimizer over dp·cp (``zero=1``),
+   Table 2 activations, the output layer's logits, a 2 GiB reserve); a plan that does not fit in ``Cluster.memory_bytes``
    is listed with why, and not simulated;
 2. one layer, forward and backward, simulated on meta tensors on a (cp, tp) mesh of virtual ranks
    (``simulate_layer``: the hybrid TP+SP × CP block, Llama-shaped for "swiglu" models), laid out
    on the cluster by ``ts.timeline`` with compute at ``mfu`` × peak (each call priced on its group's
    link). The busiest rank's compute, exposed communication per axis and idle time, times the
    layers and the micro-batches of a step (``global_batch_tokens`` / (dp · micro_batch · seq)),
-   plus the gradient all-reduce over dp·cp once per step (2 bytes per parameter, not overlapped),
+   plus the gradient synchronisation over dp·cp once per step (``gradient_sync_time``, not overlapped),
    is the step time. "full" recompute adds the layer's forward compute again.
 
 Causal attention: the simulator's kernels compute a masked (diagonal) tile whole, as a square, and
@@ -51,9 +52,9 @@ from ..launch import run
 from ..tensor_parallel.blocks import ParallelTransformerBlock, TransformerBlock
 from ..tensor_parallel.hybrid import ATTENTIONS
 from ..tensor_parallel.llama import LlamaBlock
-from .cluster import Cluster, cluster as as_cluster
+from .cluster import Cluster, Link, cluster as as_cluster
 from .cost import collective_time, format_seconds
-from .memory import Budget, budget
+from .memory import DTYPE_BYTES, RESERVE_BYTES, Budget, budget
 from .models import Model, model as as_model
 from .timeline import timeline
 
@@ -98,6 +99,9 @@ def simulate_layer(m: Model, cp: int, tp: int, attention: str, seq: int, micro_b
     "usp" runs on a (cp/ulysses, ulysses, tp) mesh whose two context axes are named "cp_ring" and
     "cp_ulysses". Raises ValueError (or a ``SimulationError``) if the shapes do not split.
     """
+    if m.q_dim != m.d_model:
+        raise ValueError(f"the simulated blocks have n_heads · head_dim = d_model; {m.name} has "
+                         f"{m.n_heads} x {m.head_dim} = {m.q_dim} != {m.d_model}")
     with torch.device("meta"):
         if m.mlp == "swiglu":
             dense = LlamaBlock(m.d_model, m.n_heads, m.n_kv_heads, m.d_ff).to(torch.bfloat16)
@@ -177,8 +181,8 @@ def _attention_kinds(cp: int, attentions: Iterable[str]) -> list[tuple[str, str,
 
 def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int = 1,
          global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = ATTENTIONS,
-         recompute: Iterable[str] = PLANNED_RECOMPUTE, distributed_optimizer: bool = True, overlap_tp: bool = False,
-         progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
+         recompute: Iterable[str] = PLANNED_RECOMPUTE, zero: int = 1, grad_dtype: str = "fp32",
+         reserve: float = RESERVE_BYTES, overlap_tp: bool = False, progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
     """Every (dp, cp, tp) × attention × recompute plan for ``model`` at ``seq`` tokens on ``gpus`` GPUs of
     ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
 
@@ -187,8 +191,9 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     TP's backward reduce-scatters behind the weight-gradient matmuls (``ts.timeline``). ``cluster``: a
     ``Cluster`` or a key of ``ts.cost.CLUSTERS``, as ``ts.timeline`` takes.
 
-    One layer is simulated per distinct (cp, tp, attention), shared by every dp and recompute mode (dp
-    adds only the gradient all-reduce, priced in closed form); ``workers`` > 1 runs these simulations
+    ``zero``, ``grad_dtype`` and ``reserve`` are ``ts.memory.budget``'s (the same defaults). One layer is
+    simulated per distinct (cp, tp, attention), shared by every dp and recompute mode (dp adds only the
+    gradient synchronisation, priced in closed form); ``workers`` > 1 runs these simulations
     in that many processes (the plans are the same). ``progress`` wraps the simulations as they finish,
     a sized iterable (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
     """
@@ -207,17 +212,17 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
             dp = gpus // (tp * cp)
             mesh = f"dp={dp}, cp={cp}, tp={tp}"
             reason = _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp)
+            if reason:  # one row for the mesh, whatever the attention and recompute
+                plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, reason))
+                continue
             for label, kind, u in _attention_kinds(cp, attentions):
                 for mode in modes:
-                    if reason:
-                        plans.append(Plan(dp, cp, tp, label, mode, Budget(0, 0, 0, 0, 0, 0), False, reason))
-                        continue
-                    mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode,
-                                 distributed_optimizer=distributed_optimizer)
+                    mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode, zero=zero,
+                                 grad_dtype=grad_dtype, reserve=reserve)
                     if mem.total > c.memory_bytes:
                         why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
-                               f"(weights+grads+optimizer {(mem.total - mem.activations) / GIB:.1f}, "
-                               f"activations {mem.activations / GIB:.1f})")
+                               f"(weights+grads+optimizer {mem.states / GIB:.1f}, "
+                               f"activations {mem.activations / GIB:.1f}, reserve {mem.reserve / GIB:.1f})")
                         plans.append(Plan(dp, cp, tp, label, mode, mem, False, why))
                     else:
                         candidates.append((dp, cp, tp, label, kind, u, mode, mem))
@@ -234,11 +239,26 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
         compute = per_step * (layer.compute + (layer.forward_compute if mode == "full" else 0.0))
         exposed = {axis: per_step * t for axis, t in layer.exposed.items()}
         group = tuple(range(0, gpus, tp))  # rank 0's dp·cp replicas
-        exposed["dp_cp"] += collective_time("all_reduce", int(2 * mem.parameters), dp * cp, c.link(group))
+        exposed["dp_cp"] += gradient_sync_time(mem.parameters, zero, DTYPE_BYTES[grad_dtype], dp * cp, c.link(group))
         step = compute + sum(exposed.values()) + per_step * layer.idle
         why = f"uses {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB"
         plans.append(Plan(dp, cp, tp, label, mode, mem, True, why, step, compute, exposed, per_step * layer.idle))
     return sorted(plans, key=_rank)
+
+
+def gradient_sync_time(parameters: float, zero: int, grad_bytes: int, replicas: int, link: Link) -> float:
+    """Seconds of the once-per-step gradient synchronisation of the ``parameters`` a GPU holds over the dp·cp
+    ``replicas`` (not overlapped with backward).
+
+    ZeRO 0: an all_reduce of the gradients (``grad_bytes`` each; Megatron reduces its fp32 main gradients
+    in fp32). ZeRO ≥ 1 (Megatron's distributed optimizer): a reduce_scatter of the gradients, then an
+    all_gather of the updated bf16 weights (each replica's 1/replicas shard). ZeRO 3's per-layer weight
+    gathers in forward and backward are not priced (``IGNORES``).
+    """
+    if zero == 0:
+        return collective_time("all_reduce", int(grad_bytes * parameters), replicas, link)
+    return (collective_time("reduce_scatter", int(grad_bytes * parameters), replicas, link)
+            + collective_time("all_gather", int(2 * parameters) // replicas, replicas, link))
 
 
 def _layer_job(m: Model, c: Cluster, seq: int, micro_batch: int, mfu: float, overlap_tp: bool,
