@@ -131,6 +131,8 @@ def resource_tracker():
 
 
 def test_workers_give_the_same_plans(tiny_plans, resource_tracker):
+    from tpsp_sim.analysis.plan import clear_cache
+    clear_cache()  # simulate again, in the workers
     assert plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, workers=2) == tiny_plans
 
 
@@ -166,3 +168,34 @@ def test_llama3_70b_at_128k_keeps_tensor_parallelism_inside_a_dgx_node(resource_
     assert inside, "some plan with TP inside a node fits"
     best = plans[0]
     assert best.fits and best.tp <= 8, table(plans, 5)
+
+
+def test_search_space_controls_and_evaluate(tiny_plans):
+    """Fixed axes, max_tp and tp_within_node narrow the meshes; evaluate() prices one split as plan() does."""
+    from tpsp_sim.analysis.plan import evaluate
+    options = dict(global_batch_tokens=4 * 256, reserve=0)
+    meshes = lambda plans: {(p.dp, p.cp, p.tp) for p in plans}
+    assert meshes(plan(TINY, 256, 4, PAIRS, max_tp=1, **options)) == {(4, 1, 1), (2, 2, 1), (1, 4, 1)}
+    assert meshes(plan(TINY, 256, 4, PAIRS, tp_within_node=True, **options)) == \
+           {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2)}  # tp = 4 spans two 2-GPU nodes
+    assert meshes(plan(TINY, 256, 4, PAIRS, cp=2, **options)) == {(2, 2, 1), (1, 2, 2)}
+    one = evaluate(TINY, 256, PAIRS, 2, 2, 1, attention="ulysses", recompute="full", **options)
+    expected = next(p for p in tiny_plans if (p.dp, p.cp, p.tp, p.attention, p.recompute) == (2, 2, 1, "ulysses", "full"))
+    assert one == expected
+    with pytest.raises(ValueError, match="cp=3 must be a positive divisor of gpus=4"):
+        plan(TINY, 256, 4, PAIRS, cp=3, **options)
+    with pytest.raises(ValueError, match="no \\(dp, cp, tp\\) of 4 GPUs satisfies"):
+        plan(TINY, 256, 4, PAIRS, tp=4, max_tp=2, **options)
+
+
+def test_a_second_plan_of_the_same_case_simulates_nothing(monkeypatch):
+    """Layers are simulated once per case and shape; another memory setting re-plans from the cache."""
+    from tpsp_sim.analysis import plan as plan_module
+    first = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
+    monkeypatch.setattr(plan_module, "simulate_layer", lambda *a, **k: pytest.fail("simulated again"))
+    again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, zero=0)
+    assert {(p.dp, p.cp, p.tp, p.attention, p.recompute) for p in again} == \
+           {(p.dp, p.cp, p.tp, p.attention, p.recompute) for p in first}
+    plan_module.clear_cache()
+    with pytest.raises(pytest.fail.Exception, match="simulated again"):
+        plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)

@@ -23,13 +23,13 @@ better than it is. So the busiest rank's compute is reduced by half of its diago
 (``causal_overcount``), forward and backward. This corrects the compute only: a rank
 whose timeline waited on a transfer under the masked half is not re-laid out.
 
-What it ignores, plainly: pipeline parallelism; the embedding and output layer's compute and
-activations; kernels' efficiency beyond one stated MFU (default 0.5) for all compute; overlap of
-the gradient reduction with backward (Megatron's ``--overlap-grad-reduce`` hides most of it: the
-step times here are upper bounds on it); the sequence-parallel norm-gradient all-reduce (h values
-per layer); contention in the network. Attention kernels are assumed flash-style (no s × s scores
-kept, tiles recomputed in backward, as ``ring_attention`` does), so "selective" (Table 2's row: keep
-everything but the scores) costs no extra compute and "none" would be the same plan.
+What it ignores is listed, complete, in ``IGNORES``. Among it: pipeline parallelism (the pp axis is
+another engineer's; ``_meshes`` is the seam where it joins the search); one stated MFU (default 0.5)
+for all compute; overlap of the gradient synchronisation with backward (Megatron's
+``--overlap-grad-reduce`` hides most of it: the step times here are upper bounds on it). Attention
+kernels are assumed flash-style (no s × s scores kept, tiles recomputed in backward, as
+``ring_attention`` does), so "selective" (Table 2's row: keep everything but the scores) costs no
+extra compute and "none" would be the same plan.
 """
 
 from __future__ import annotations
@@ -61,10 +61,14 @@ from .timeline import timeline
 PLANNED_RECOMPUTE = ("selective", "full")  # memory.RECOMPUTE's "none" is "selective" under flash attention
 GIB = 2**30
 AXES = ("tp", "cp", "dp_cp")  # the columns of exposed communication
-IGNORES = ("pipeline parallelism; the embedding and output layer's compute and activations; kernel efficiency "
-           "beyond one MFU for all compute; overlap of the gradient all-reduce with backward (counted fully "
-           "exposed); the sequence-parallel norm-gradient all-reduce; network contention. Attention kernels are "
-           "assumed flash-style (no scores kept), so recompute 'selective' costs no extra compute.")
+IGNORES = ("pipeline parallelism (the pp axis is not searched); ZeRO 3's per-layer weight all-gathers; the embedding "
+           "and output layer's compute (their memory is counted); kernel efficiency beyond one MFU for all compute "
+           "(GEMMs and attention alike: FlashAttention-3 reaches 0.75 of peak, so attention-bound long-context steps "
+           "are priced slow); overlap of the gradient synchronisation with backward (counted fully exposed); "
+           "Megatron's overlap of TP's all-gathers (overlap_tp hides its reduce-scatters only); the sequence-parallel "
+           "norm-gradient all-reduce; NCCL's tree all_reduce (rings only); network contention between groups; "
+           "allocator fragmentation beyond the reserve. Attention kernels are assumed flash-style (no scores kept), "
+           "so recompute 'selective' costs no extra compute.")
 
 
 @dataclass(frozen=True)
@@ -182,11 +186,14 @@ def _attention_kinds(cp: int, attentions: Iterable[str]) -> list[tuple[str, str,
 def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int = 1,
          global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = ATTENTIONS,
          recompute: Iterable[str] = PLANNED_RECOMPUTE, zero: int = 1, grad_dtype: str = "fp32",
-         reserve: float = RESERVE_BYTES, overlap_tp: bool = False, progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
+         reserve: float = RESERVE_BYTES, overlap_tp: bool = False, max_tp: int | None = None,
+         tp_within_node: bool = False, dp: int | None = None, cp: int | None = None, tp: int | None = None,
+         progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
     """Every (dp, cp, tp) × attention × recompute plan for ``model`` at ``seq`` tokens on ``gpus`` GPUs of
     ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
 
-    A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
+    Search space: ``dp``, ``cp``, ``tp`` fix an axis; ``max_tp`` caps tp; ``tp_within_node`` keeps each tp group
+    on one node. ``evaluate`` prices one split. A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
     seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica. ``overlap_tp``: hide
     TP's backward reduce-scatters behind the weight-gradient matmuls (``ts.timeline``). ``cluster``: a
     ``Cluster`` or a key of ``ts.cost.CLUSTERS``, as ``ts.timeline`` takes.
@@ -207,29 +214,30 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
         raise ValueError(f"unknown attention or recompute {unknown}; attentions are {ATTENTIONS}, recompute {PLANNED_RECOMPUTE}")
     candidates: list[tuple[int, int, int, str, str, int, str, Budget]] = []
     plans: list[Plan] = []
-    for tp in _divisors(gpus):
-        for cp in _divisors(gpus // tp):
-            dp = gpus // (tp * cp)
-            mesh = f"dp={dp}, cp={cp}, tp={tp}"
-            reason = _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp)
-            if reason:  # one row for the mesh, whatever the attention and recompute
-                plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, reason))
-                continue
-            for label, kind, u in _attention_kinds(cp, attentions):
-                for mode in modes:
-                    mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode, zero=zero,
-                                 grad_dtype=grad_dtype, reserve=reserve)
-                    if mem.total > c.memory_bytes:
-                        why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
-                               f"(weights+grads+optimizer {mem.states / GIB:.1f}, "
-                               f"activations {mem.activations / GIB:.1f}, reserve {mem.reserve / GIB:.1f})")
-                        plans.append(Plan(dp, cp, tp, label, mode, mem, False, why))
-                    else:
-                        candidates.append((dp, cp, tp, label, kind, u, mode, mem))
+    fixed = {"dp": dp, "cp": cp, "tp": tp}
+    for tp, cp, dp in _meshes(gpus, c, fixed, max_tp, tp_within_node):
+        reason = _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp)
+        if reason:  # one row for the mesh, whatever the attention and recompute
+            plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, reason))
+            continue
+        for label, kind, u in _attention_kinds(cp, attentions):
+            for mode in modes:
+                mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode, zero=zero,
+                             grad_dtype=grad_dtype, reserve=reserve)
+                if mem.total > c.memory_bytes:
+                    why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
+                           f"(weights+grads+optimizer {mem.states / GIB:.1f}, "
+                           f"activations {mem.activations / GIB:.1f}, reserve {mem.reserve / GIB:.1f})")
+                    plans.append(Plan(dp, cp, tp, label, mode, mem, False, why))
+                else:
+                    candidates.append((dp, cp, tp, label, kind, u, mode, mem))
     jobs = sorted({(cp, tp, kind, u) for _, cp, tp, _, kind, u, _, _ in candidates},
                   key=lambda job: (-job[0] * job[1], job))  # the biggest meshes first: they take longest
     layer_job = partial(_layer_job, m, c, seq, micro_batch, mfu, overlap_tp)
-    layers = _run_jobs(layer_job, jobs, workers, progress)
+    key = (m, c, seq, micro_batch, mfu, overlap_tp)
+    missing = [job for job in jobs if (key, job) not in _LAYERS]
+    _LAYERS.update({(key, job): layer for job, layer in _run_jobs(layer_job, missing, workers, progress).items()})
+    layers = {job: _LAYERS[key, job] for job in jobs}
     for dp, cp, tp, label, kind, u, mode, mem in candidates:
         layer = layers[cp, tp, kind, u]
         if isinstance(layer, str):
@@ -244,6 +252,56 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
         why = f"uses {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB"
         plans.append(Plan(dp, cp, tp, label, mode, mem, True, why, step, compute, exposed, per_step * layer.idle))
     return sorted(plans, key=_rank)
+
+
+# One simulated layer per (model, cluster, seq, micro-batch, mfu, overlap, mesh, attention): a second plan()
+# of the same case (other memory settings, batch, recompute or search space) simulates nothing again.
+_LAYERS: dict[tuple, "_LayerTime | str"] = {}
+
+
+def clear_cache() -> None:
+    """Forget the layers simulated so far (the next ``plan`` simulates every one again)."""
+    _LAYERS.clear()
+
+
+def _meshes(gpus: int, c: Cluster, fixed: dict[str, int | None], max_tp: int | None,
+            tp_within_node: bool) -> list[tuple[int, int, int]]:
+    """(tp, cp, dp) with dp·cp·tp = ``gpus`` in the search space: the ``fixed`` axes as given, tp <= ``max_tp``,
+    and with ``tp_within_node`` tp dividing the node (its group on one node, as tp is innermost)."""
+    for axis, value in fixed.items():
+        if value is not None and (int(value) != value or value < 1 or gpus % value):
+            raise ValueError(f"{axis}={value} must be a positive divisor of gpus={gpus}")
+    if max_tp is not None and max_tp < 1:
+        raise ValueError(f"max_tp must be >= 1, got {max_tp}")
+    node = c.gpus_per_node or gpus
+    meshes = []
+    for tp in _divisors(gpus):
+        for cp in _divisors(gpus // tp):
+            mesh = {"tp": tp, "cp": cp, "dp": gpus // (tp * cp)}
+            if any(v is not None and mesh[axis] != v for axis, v in fixed.items()):
+                continue
+            if (max_tp is not None and tp > max_tp) or (tp_within_node and node % tp):
+                continue
+            meshes.append((tp, cp, mesh["dp"]))
+    if not meshes:
+        raise ValueError(f"no (dp, cp, tp) of {gpus} GPUs satisfies dp={fixed['dp']}, cp={fixed['cp']}, "
+                         f"tp={fixed['tp']}, max_tp={max_tp}, tp_within_node={tp_within_node}")
+    return meshes
+
+
+def evaluate(model: Model | str, seq: int, cluster: Cluster | str, dp: int, cp: int, tp: int, *,
+             attention: str = "ring", ulysses: int | None = None, recompute: str = "selective", **options) -> Plan:
+    """One split, priced as ``plan`` prices every split: dp · cp · tp GPUs, ``attention`` over cp (USP with
+    ``ulysses`` ranks in its Ulysses axis), ``recompute``; ``options`` are ``plan``'s (micro_batch, mfu,
+    zero, reserve, ...). Its ``.fits`` and ``.why`` say whether it fits and runs."""
+    label = "-" if cp == 1 else (f"usp(u={ulysses})" if attention == "usp" else attention)
+    plans = plan(model, seq, dp * cp * tp, cluster, dp=dp, cp=cp, tp=tp, attentions=(attention,),
+                 recompute=(recompute,), **options)
+    matching = [p for p in plans if p.attention in (label, "-")]
+    if not matching:
+        raise ValueError(f"{attention} has no split with ulysses={ulysses} on cp={cp}: "
+                         f"{sorted({p.attention for p in plans})}")
+    return matching[0]
 
 
 def gradient_sync_time(parameters: float, zero: int, grad_bytes: int, replicas: int, link: Link) -> float:
