@@ -161,7 +161,7 @@ def output_activations(model: Model | str, seq: int, micro_batch: int, cp: int =
             in 16 bits, and the logits in fp32 for the cross-entropy)
 
     all divided by t, as Megatron does (sequence and vocabulary parallelism). For Llama 3 (V = 128,256,
-    h = 4,096) the output layer keeps 129·s·b·h bytes: more than all 32 layers' selective activations at t = 1.
+    h = 4,096) the output layer keeps 129·s·b·h bytes: more than all 32 layers keep under full recompute (64·s·b·h).
     """
     m = as_model(model)
     s, b, h = seq // cp, micro_batch, m.d_model
