@@ -199,3 +199,22 @@ def test_a_second_plan_of_the_same_case_simulates_nothing(monkeypatch):
     plan_module.clear_cache()
     with pytest.raises(pytest.fail.Exception, match="simulated again"):
         plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
+
+
+def test_attention_at_its_own_efficiency(tiny_plans):
+    """dp = 4, cp = tp = 1: the causal attention core is 2·256²·16·4 = 8,388,608 FLOPs forward and 2.5× that
+    backward per layer and sequence; at 1.0 of peak instead of mfu 0.5 each of the 2 layer passes saves
+    29,360,128 · (2e-12 − 1e-12) s. Default (None): the same plans as one MFU for all compute."""
+    from tpsp_sim.analysis.plan import FLASH_ATTENTION_3_H100, causal_attention_flops
+    assert causal_attention_flops(TINY, 256, 1, 1) == (8_388_608, 2.5 * 8_388_608)
+    assert causal_attention_flops(TINY, 256, 2, 2) == (8_388_608 / 4, 2.5 * 8_388_608 / 4)
+    faster = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, attention_efficiency=1.0)
+    key = lambda p: (p.dp, p.cp, p.tp, p.attention, p.recompute)
+    before = {key(p): p for p in tiny_plans}
+    for mode, passes in (("selective", 2), ("full", 2)):
+        p = next(p for p in faster if key(p) == (4, 1, 1, "-", mode))
+        saved = passes * (1 if mode == "selective" else 8_388_608 / 29_360_128 + 1) * 29_360_128 * 1e-12
+        assert before[key(p)].compute - p.compute == pytest.approx(saved, rel=1e-9)
+    assert round(FLASH_ATTENTION_3_H100, 3) == 0.748
+    with pytest.raises(ValueError, match="attention_efficiency must be in"):
+        plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, attention_efficiency=0)

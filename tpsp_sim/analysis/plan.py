@@ -63,8 +63,9 @@ GIB = 2**30
 AXES = ("tp", "cp", "dp_cp")  # the columns of exposed communication
 IGNORES = ("pipeline parallelism (the pp axis is not searched); ZeRO 3's per-layer weight all-gathers; the embedding "
            "and output layer's compute (their memory is counted); kernel efficiency beyond one MFU for all compute "
-           "(GEMMs and attention alike: FlashAttention-3 reaches 0.75 of peak, so attention-bound long-context steps "
-           "are priced slow); overlap of the gradient synchronisation with backward (counted fully exposed); "
+           "unless attention_efficiency is given (FlashAttention-3 reaches 0.75 of peak, so attention-bound long-context "
+           "steps are priced slow by default; its backward is taken at the forward's efficiency); overlap of the "
+           "gradient synchronisation with backward (counted fully exposed); "
            "Megatron's overlap of TP's all-gathers (overlap_tp hides its reduce-scatters only); the sequence-parallel "
            "norm-gradient all-reduce; NCCL's tree all_reduce (rings only); network contention between groups; "
            "allocator fragmentation beyond the reserve. Attention kernels are assumed flash-style (no scores kept), "
@@ -136,6 +137,22 @@ class _LayerTime:
     idle: float
 
 
+# Attention kernels' share of peak, forward, BF16, long sequences (pass as ``plan(attention_efficiency=...)``):
+# FlashAttention-3 on H100 SXM: up to 740 of 989 TFLOP/s (Shah et al. 2024, https://arxiv.org/abs/2407.08608);
+# FlashAttention-2 on A100: up to 73% of peak (Dao 2023, https://arxiv.org/abs/2307.08691).
+FLASH_ATTENTION_3_H100 = 740 / 989
+FLASH_ATTENTION_2_A100 = 0.73
+
+
+def causal_attention_flops(m: Model, seq: int, cp: int, tp: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of one sequence's causal attention core per rank and layer, as a causal
+    flash kernel computes them: Q Kᵀ and P V over the unmasked half, 2 · seq² · head_dim · n_heads in all,
+    split evenly over the cp · tp ranks (zigzag rings and Ulysses' heads both balance it); backward 2.5×
+    (five tile matmuls against two). Whatever the attention kind."""
+    forward = 2 * seq * seq * m.head_dim * m.n_heads / (cp * tp)
+    return forward, 2.5 * forward
+
+
 def causal_overcount(m: Model, seq: int, cp: int, tp: int, attention: str, ulysses: int = 1) -> tuple[float, float]:
     """(forward, backward) FLOPs per rank, layer and sequence that the simulator counts beyond a causal
     flash kernel (which skips masked halves and recomputes S in backward: 5 tile matmuls, 2.5× forward).
@@ -188,10 +205,12 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
          recompute: Iterable[str] = PLANNED_RECOMPUTE, zero: int = 1, grad_dtype: str = "fp32",
          reserve: float = RESERVE_BYTES, overlap_tp: bool = False, max_tp: int | None = None,
          tp_within_node: bool = False, dp: int | None = None, cp: int | None = None, tp: int | None = None,
-         progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
+         attention_efficiency: float | None = None, progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
     """Every (dp, cp, tp) × attention × recompute plan for ``model`` at ``seq`` tokens on ``gpus`` GPUs of
     ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
 
+    ``attention_efficiency``: the attention core's share of peak when it differs from ``mfu`` (GEMMs and the
+    rest stay at ``mfu``), e.g. ``FLASH_ATTENTION_3_H100``; None (default): one ``mfu`` for all compute.
     Search space: ``dp``, ``cp``, ``tp`` fix an axis; ``max_tp`` caps tp; ``tp_within_node`` keeps each tp group
     on one node. ``evaluate`` prices one split. A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
     seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica. ``overlap_tp``: hide
@@ -244,7 +263,9 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
             plans.append(Plan(dp, cp, tp, label, mode, mem, False, layer))
             continue
         per_step = sequences // (dp * micro_batch) * m.n_layers  # layer passes per step on each GPU
-        compute = per_step * (layer.compute + (layer.forward_compute if mode == "full" else 0.0))
+        forward_extra, backward_extra = _attention_repriced(m, c, seq, micro_batch, cp, tp, mfu, attention_efficiency)
+        forward = layer.forward_compute + forward_extra
+        compute = per_step * (layer.compute + forward_extra + backward_extra + (forward if mode == "full" else 0.0))
         exposed = {axis: per_step * t for axis, t in layer.exposed.items()}
         group = tuple(range(0, gpus, tp))  # rank 0's dp·cp replicas
         exposed["dp_cp"] += gradient_sync_time(mem.parameters, zero, DTYPE_BYTES[grad_dtype], dp * cp, c.link(group))
@@ -302,6 +323,19 @@ def evaluate(model: Model | str, seq: int, cluster: Cluster | str, dp: int, cp: 
         raise ValueError(f"{attention} has no split with ulysses={ulysses} on cp={cp}: "
                          f"{sorted({p.attention for p in plans})}")
     return matching[0]
+
+
+def _attention_repriced(m: Model, c: Cluster, seq: int, micro_batch: int, cp: int, tp: int, mfu: float,
+                        efficiency: float | None) -> tuple[float, float]:
+    """Seconds to add to a layer's (forward, backward) compute when its causal attention core runs at
+    ``efficiency`` of peak instead of ``mfu`` (None: no change). A correction of the busiest rank's
+    compute, as ``causal_overcount`` is: the timeline is not laid out again."""
+    if efficiency is None:
+        return 0.0, 0.0
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"attention_efficiency must be in (0, 1], got {efficiency}")
+    scale = 1 / (efficiency * c.peak_flops) - 1 / (mfu * c.peak_flops)
+    return tuple(micro_batch * flops * scale for flops in causal_attention_flops(m, seq, cp, tp))
 
 
 def gradient_sync_time(parameters: float, zero: int, grad_bytes: int, replicas: int, link: Link) -> float:
