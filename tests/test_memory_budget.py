@@ -149,3 +149,26 @@ def test_head_dim_apart_from_d_model():
     assert not any(p.runs for p in plans)
     assert all(p.why == "cannot run: the simulated blocks have n_heads · head_dim = d_model; wide heads has "
                         "4 x 32 = 128 != 64" for p in plans)
+
+
+@pytest.mark.parametrize("s, b, h, heads, kv_heads, f", [(64, 1, 64, 4, 2, 96), (32, 2, 128, 8, 2, 160),
+                                                          (48, 1, 64, 4, 4, 128)])
+def test_llama_block_activations_measured_by_the_meter(s, b, h, heads, kv_heads, f):
+    """The dense ``ts.LlamaBlock`` in bfloat16, measured by the saved-tensor meter, keeps exactly the
+    "selective" row (K = 8h + 4q + 4k + 8f bytes per token: its attention is torch's flash kernel, no
+    scores kept) plus what the accounting leaves out, named here:
+
+    * each of the two unfused RMSNorms keeps x·rsqrt (2·s·b·h) and rsqrt itself (2·s·b), besides its
+      input and output that the row counts;
+    * RoPE's cos and sin tables, fp32 [s, head_dim], kept once for q and once for k: 4 · 4·s·head_dim;
+    * the flash kernel's log-sum-exp, fp32 [b, heads, s]: 4·b·heads·s."""
+    torch.manual_seed(0)
+    dense = ts.LlamaBlock(h, heads, kv_heads, f).to(torch.bfloat16)
+    x = torch.randn(b, s, h, dtype=torch.bfloat16, requires_grad=True)
+    with ts.saved_tensor_meter(exclude=dense.parameters()) as meter:
+        dense(x)
+    row = ts.memory.layer_activations(Model("llama", 1, h, heads, kv_heads, f, 10), s, b, recompute="selective")
+    d = h // heads
+    norms, rope, lse = 2 * (2 * s * b * h + 2 * s * b), 4 * 4 * s * d, 4 * b * heads * s
+    assert meter.nbytes == row + norms + rope + lse
+    assert row == s * b * (8 * h + 4 * h + 4 * kv_heads * d + 8 * f)

@@ -83,8 +83,7 @@ def layer_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 
     2h (= 34h at f = 4h; with q = n_heads · head_dim ≠ h: 10h + 8q + 4f); z = 5: the softmax output, its dropout mask and the dropped probabilities.
     This row is checked against ``saved_tensor_meter`` within 1% (tests/test_memory_budget.py).
 
-    Llama block (``mlp="swiglu"``, no dropout), the same accounting (a derivation: the package's own
-    ``LlamaBlock`` is unfused and keeps more, so the meter cannot check it): K = 12h + 4h·H_kv/H + 8f
+    Llama block (``mlp="swiglu"``, no dropout), the same accounting: K = 12h + 4h·H_kv/H + 8f
     — RMSNorm inputs 4h, qkv input 2h, q 2h, k and v 4h·H_kv/H (grouped-query attention keeps the
     H_kv heads), o input 2h, MLP input 2h, gate and up outputs 4f, silu(gate) 2f and the product
     2f (SwiGLU keeps twice GELU's 4f); z = 2: the softmax output only. With q = H · head_dim and
@@ -92,7 +91,10 @@ def layer_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 
     GPT's 18h + 4f (its TODO: "query_projection_size potentially being different from hidden_size");
     for Llama 3 8B that is 131,072 bytes per token against these 167,936: the difference is SwiGLU's
     extra 4f (gate, silu(gate), product vs fc1 and GELU outputs), less the 4h·(1 − H_kv/H) that GQA
-    saves on k and v and the 2h of dropout masks Llama does not have.
+    saves on k and v and the 2h of dropout masks Llama does not have. The meter measures the package's
+    dense ``LlamaBlock`` (flash attention: the "selective" row) at exactly this row plus what it leaves
+    out: per unfused RMSNorm x·rsqrt (2·s'bh) and rsqrt (2·s'b), RoPE's fp32 cos and sin tables (4 ·
+    4·s'·head_dim) and the kernel's fp32 log-sum-exp (4·b·H·s') (tests/test_memory_budget.py).
 
     The score term is this rank's s' queries against all s keys for a/t heads (Ulysses holds a/(t·cp)
     heads against s queries: the same bytes). Flash-style kernels, and ``ring_attention``, keep none
