@@ -50,6 +50,7 @@ def test_report_rejects_sizes_below_one_before_writing_anything(tmp_path, capsys
     (["--gpus", "2", "--head-dim", "0"], "--head-dim: 0 must be >= 1"),
     (["--gpus", "2", "--reserve-gib", "-1"], "--reserve-gib: -1 must be >= 0.0"),
     (["--gpus", "2", "--zero", "4"], "--zero: invalid choice: 4"),
+    (["--gpus", "2", "--cluster", "dgx-a100", "--cluster-file", "c.toml"], "not allowed with argument --cluster"),
 ])
 def test_plan_rejects_bad_numbers_at_parse_time(tmp_path, capsys, flags, match):
     fails_to_parse(["plan", *TINY, *flags, "--out", str(tmp_path / "plan")], capsys, match)

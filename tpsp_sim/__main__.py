@@ -160,16 +160,18 @@ MODEL_FLAGS = {"layers": "n_layers", "d_model": "d_model", "heads": "n_heads", "
 def add_plan_command(commands: argparse._SubParsersAction) -> None:
     """Add the ``plan`` command to the ``commands`` of the top-level parser."""
     cmd = commands.add_parser("plan", help=PLAN_DOC.splitlines()[0], description=PLAN_DOC)
-    cmd.add_argument("--model", default="llama3-8b",
-                     help=f"a preset ({', '.join(sorted(MODELS))}) or 'custom' (give every size below)")
-    cmd.add_argument("--model-file", type=Path, help="a TOML file of Model fields (instead of --model)")
+    models = cmd.add_mutually_exclusive_group()
+    models.add_argument("--model", default="llama3-8b",
+                        help=f"a preset ({', '.join(sorted(MODELS))}) or 'custom' (give every size below)")
+    models.add_argument("--model-file", type=Path, help="a TOML file of Model fields (instead of --model)")
     for flag, field in MODEL_FLAGS.items():
         cmd.add_argument(f"--{flag.replace('_', '-')}", type=POSITIVE,
                          help=f"the model's {field} (overrides the preset's; required with --model custom)")
     cmd.add_argument("--seq", type=POSITIVE, required=True, help="tokens per sequence")
     cmd.add_argument("--gpus", type=POSITIVE, required=True)
-    cmd.add_argument("--cluster", default="dgx-h100", choices=sorted(CLUSTERS))
-    cmd.add_argument("--cluster-file", type=Path, help="a TOML file of Cluster fields (instead of --cluster)")
+    clusters = cmd.add_mutually_exclusive_group()
+    clusters.add_argument("--cluster", default="dgx-h100", choices=sorted(CLUSTERS))
+    clusters.add_argument("--cluster-file", type=Path, help="a TOML file of Cluster fields (instead of --cluster)")
     cmd.add_argument("--micro-batch", type=POSITIVE, default=1, help="sequences per micro-batch (default 1)")
     cmd.add_argument("--global-batch-tokens", type=POSITIVE, default=16 * 2**20, help="tokens per step (default 16M)")
     cmd.add_argument("--mfu", type=FRACTION, default=0.5, help="fraction of peak FLOP/s for all compute (default 0.5)")
