@@ -20,11 +20,11 @@ PAIRS = ts.cost.Cluster("pairs", peak_flops=1e12, gpus_per_node=2, intra_node=FA
 
 @pytest.fixture(scope="module")
 def tiny_plans():
-    return plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256)
+    return plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
 
 
 def test_small_case_is_deterministic_and_ranked(tiny_plans):
-    again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256)
+    again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
     assert again == tiny_plans
     fitting = [p for p in tiny_plans if p.fits]
     assert fitting and tiny_plans[:len(fitting)] == fitting  # the plans that fit come first
@@ -41,9 +41,9 @@ def test_step_time_by_hand(tiny_plans):
     sequence of s = 256: matmuls 6 · 36,864 weights · 256 tokens (forward 2, backward 4), causal attention
     forward 2·s²·h and backward 2.5× that: 3.5 · 2 · 256² · 64. Selective: (56,623,104 + 29,360,128) · 2 /
     5e11 = 3.43933e-4 s; full recompute adds the forward, (18,874,368 + 8,388,608) · 2 / 5e11 = 1.09052e-4 s.
-    Nothing else but the gradient all-reduce across nodes: 6·1e-5 + 1.5 · 173,696 / 1e8 = 2.66544e-3 s."""
+    Nothing else but the gradient synchronisation across nodes (test below): 2.01408e-3 s."""
     plans = {p.recompute: p for p in tiny_plans if (p.dp, p.cp, p.tp) == (4, 1, 1)}
-    all_reduce = 2.66544e-3
+    all_reduce = 2.01408e-3
     for mode, compute in (("selective", 3.43933e-4), ("full", 4.52985e-4)):
         p = plans[mode]
         assert p.compute == pytest.approx(compute, rel=1e-5)
@@ -51,13 +51,22 @@ def test_step_time_by_hand(tiny_plans):
         assert p.step_time == pytest.approx(compute + all_reduce, rel=1e-5)
 
 
-def test_gradient_all_reduce_is_priced_on_the_replicas_link(tiny_plans):
-    """dp = 4 on nodes of 2: the gradient all-reduce crosses nodes. Parameters by hand: per layer q, o 2·64² +
-    k, v 2·64·32 + SwiGLU 3·64·128 + norms 128 = 36,992; x 2 + embedding and output 2·100·64 + final norm 64
-    = 86,848, 2 bytes each; all_reduce on 4 ranks: 6α + 1.5·N/B on the slow link."""
+def test_gradient_sync_is_priced_on_the_replicas_link(tiny_plans):
+    """dp = 4 on nodes of 2: the gradient synchronisation crosses nodes, two replicas in each node (two rings,
+    two NICs: 2 · 1e8 B/s, α = 1e-5). Parameters by hand: per layer q, o 2·64² + k, v 2·64·32 + SwiGLU
+    3·64·128 + norms 128 = 36,992; x 2 + embedding and output 2·100·64 + final norm 64 = 86,848. The
+    distributed optimizer (zero=1): reduce_scatter of the fp32 main gradients, 4 · 86,848 = 347,392 bytes,
+    3α + 3/4 · 347,392 / 2e8; all_gather of each replica's bf16 weight shard, 2 · 86,848 / 4 = 43,424 bytes,
+    3α + 3 · 43,424 / 2e8: 2.01408e-3 s. ZeRO 0: all_reduce of the fp32 gradients, 6α + 1.5 · 347,392 / 2e8."""
     p = next(p for p in tiny_plans if (p.dp, p.cp, p.tp, p.recompute) == (4, 1, 1, "selective"))
     assert p.memory.parameters == 86_848
-    assert p.exposed["dp_cp"] == pytest.approx(6e-5 + 1.5 * 173_696 / 1e8, rel=1e-12)
+    assert p.exposed["dp_cp"] == pytest.approx(6e-5 + 0.75 * 347_392 / 2e8 + 3 * 43_424 / 2e8, rel=1e-12)
+    assert p.exposed["dp_cp"] == pytest.approx(2.01408e-3, rel=1e-12)
+    plain = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, zero=0, attentions=("ring",),
+                 recompute=("selective",))
+    q = next(q for q in plain if (q.dp, q.cp, q.tp) == (4, 1, 1))
+    assert q.exposed["dp_cp"] == pytest.approx(6e-5 + 1.5 * 347_392 / 2e8, rel=1e-12)
+    assert q.memory.states == 18 * 86_848 and p.memory.states == (6 + 12 / 4) * 86_848
 
 
 def test_causal_attention_is_charged_the_same_work_whatever_the_split(tiny_plans):
@@ -72,7 +81,7 @@ def test_causal_attention_is_charged_the_same_work_whatever_the_split(tiny_plans
 
 def test_overlap_tp_hides_part_of_tensor_parallelism(tiny_plans):
     """Megatron's overlap of TP's backward reduce-scatters with the weight-gradient matmuls shortens TP plans only."""
-    overlapped = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, overlap_tp=True)
+    overlapped = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, overlap_tp=True)
     before = {(p.dp, p.cp, p.tp, p.attention, p.recompute): p for p in tiny_plans if p.runs}
     for p in (p for p in overlapped if p.runs):
         q = before[p.dp, p.cp, p.tp, p.attention, p.recompute]
@@ -83,18 +92,21 @@ def test_overlap_tp_hides_part_of_tensor_parallelism(tiny_plans):
 
 
 def full_mesh_step(comm, dense, dp, cp, tp, seq, parameters):
-    """One layer on the whole (dp, cp, tp) mesh, then the gradient all-reduce over dp·cp: what plan prices
-    from a (cp, tp) simulation and a closed form."""
+    """One layer on the whole (dp, cp, tp) mesh, then the distributed optimizer's gradient synchronisation over
+    dp·cp (reduce-scatter the fp32 main gradients, all-gather the bf16 weight shards): what plan prices from
+    a (cp, tp) simulation and a closed form."""
     mesh = ts.init_device_mesh(comm, (dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))
     block = ts.ParallelTransformerBlock.from_dense(dense, tp=mesh["tp"], cp=mesh["cp"], attention="ring")
     x = torch.empty(1, seq // cp // tp, dense.d_model, dtype=torch.bfloat16, device="meta", requires_grad=True)
     block(x).float().sum().backward()
-    mesh["dp", "cp"].all_reduce(torch.empty(parameters, dtype=torch.bfloat16, device="meta"))
+    replicas = mesh["dp", "cp"]
+    replicas.reduce_scatter(torch.empty(parameters, dtype=torch.float32, device="meta"))
+    replicas.all_gather(torch.empty(parameters // (dp * cp), dtype=torch.bfloat16, device="meta"))
 
 
 @pytest.mark.parametrize("dp, cp, tp", [(2, 2, 1), (2, 1, 2)])
 def test_plan_equals_a_full_mesh_simulation(tiny_plans, dp, cp, tp):
-    """The planner simulates one (cp, tp) slice and adds the dp·cp gradient all-reduce in closed form;
+    """The planner simulates one (cp, tp) slice and adds the dp·cp gradient synchronisation in closed form;
     simulating every rank of the (dp, cp, tp) mesh gives the same exposed communication per axis."""
     p = next(p for p in tiny_plans if (p.dp, p.cp, p.tp, p.attention, p.recompute)
              == (dp, cp, tp, "ring" if cp > 1 else "-", "selective"))
@@ -119,7 +131,9 @@ def resource_tracker():
 
 
 def test_workers_give_the_same_plans(tiny_plans, resource_tracker):
-    assert plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, workers=2) == tiny_plans
+    from tpsp_sim.analysis.planner import clear_cache
+    clear_cache()  # simulate again, in the workers
+    assert plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, workers=2) == tiny_plans
 
 
 def test_causal_overcount_by_hand():
@@ -131,7 +145,7 @@ def test_causal_overcount_by_hand():
 
 def test_plans_that_do_not_fit_say_why():
     small = ts.cost.Cluster("small", 1e12, 2, FAST, SLOW, memory_bytes=1e5)
-    plans = plan(TINY, 256, 4, small, global_batch_tokens=4 * 256)
+    plans = plan(TINY, 256, 4, small, global_batch_tokens=4 * 256, reserve=0)
     assert not any(p.fits for p in plans) and not any(p.runs for p in plans)
     assert all(p.why.startswith("needs ") and "of 0 GiB" in p.why for p in plans)  # 1e5 bytes: 0.0001 GiB
     with pytest.raises(ValueError, match="unknown attention or recompute"):
@@ -154,3 +168,53 @@ def test_llama3_70b_at_128k_keeps_tensor_parallelism_inside_a_dgx_node(resource_
     assert inside, "some plan with TP inside a node fits"
     best = plans[0]
     assert best.fits and best.tp <= 8, table(plans, 5)
+
+
+def test_search_space_controls_and_evaluate(tiny_plans):
+    """Fixed axes, max_tp and tp_within_node narrow the meshes; evaluate() prices one split as plan() does."""
+    from tpsp_sim.analysis.planner import evaluate
+    options = dict(global_batch_tokens=4 * 256, reserve=0)
+    meshes = lambda plans: {(p.dp, p.cp, p.tp) for p in plans}
+    assert meshes(plan(TINY, 256, 4, PAIRS, max_tp=1, **options)) == {(4, 1, 1), (2, 2, 1), (1, 4, 1)}
+    assert meshes(plan(TINY, 256, 4, PAIRS, tp_within_node=True, **options)) == \
+           {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2)}  # tp = 4 spans two 2-GPU nodes
+    assert meshes(plan(TINY, 256, 4, PAIRS, cp=2, **options)) == {(2, 2, 1), (1, 2, 2)}
+    one = evaluate(TINY, 256, PAIRS, 2, 2, 1, attention="ulysses", recompute="full", **options)
+    expected = next(p for p in tiny_plans if (p.dp, p.cp, p.tp, p.attention, p.recompute) == (2, 2, 1, "ulysses", "full"))
+    assert one == expected
+    with pytest.raises(ValueError, match="cp=3 must be a positive divisor of gpus=4"):
+        plan(TINY, 256, 4, PAIRS, cp=3, **options)
+    with pytest.raises(ValueError, match="no \\(dp, cp, tp\\) of 4 GPUs satisfies"):
+        plan(TINY, 256, 4, PAIRS, tp=4, max_tp=2, **options)
+
+
+def test_a_second_plan_of_the_same_case_simulates_nothing(monkeypatch):
+    """Layers are simulated once per case and shape; another memory setting re-plans from the cache."""
+    from tpsp_sim.analysis import plan as plan_module
+    first = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
+    monkeypatch.setattr(plan_module, "simulate_layer", lambda *a, **k: pytest.fail("simulated again"))
+    again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, zero=0)
+    assert {(p.dp, p.cp, p.tp, p.attention, p.recompute) for p in again} == \
+           {(p.dp, p.cp, p.tp, p.attention, p.recompute) for p in first}
+    plan_module.clear_cache()
+    with pytest.raises(pytest.fail.Exception, match="simulated again"):
+        plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
+
+
+def test_attention_at_its_own_efficiency(tiny_plans):
+    """dp = 4, cp = tp = 1: the causal attention core is 2·256²·16·4 = 8,388,608 FLOPs forward and 2.5× that
+    backward per layer and sequence; at 1.0 of peak instead of mfu 0.5 each of the 2 layer passes saves
+    29,360,128 · (2e-12 − 1e-12) s. Default (None): the same plans as one MFU for all compute."""
+    from tpsp_sim.analysis.planner import FLASH_ATTENTION_3_H100, causal_attention_flops
+    assert causal_attention_flops(TINY, 256, 1, 1) == (8_388_608, 2.5 * 8_388_608)
+    assert causal_attention_flops(TINY, 256, 2, 2) == (8_388_608 / 4, 2.5 * 8_388_608 / 4)
+    faster = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, attention_efficiency=1.0)
+    key = lambda p: (p.dp, p.cp, p.tp, p.attention, p.recompute)
+    before = {key(p): p for p in tiny_plans}
+    for mode, passes in (("selective", 2), ("full", 2)):
+        p = next(p for p in faster if key(p) == (4, 1, 1, "-", mode))
+        saved = passes * (1 if mode == "selective" else 8_388_608 / 29_360_128 + 1) * 29_360_128 * 1e-12
+        assert before[key(p)].compute - p.compute == pytest.approx(saved, rel=1e-9)
+    assert round(FLASH_ATTENTION_3_H100, 3) == 0.748
+    with pytest.raises(ValueError, match="attention_efficiency must be in"):
+        plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, attention_efficiency=0)

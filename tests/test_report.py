@@ -45,10 +45,15 @@ def test_report_of_a_world_size_outside_the_sweep_is_not_empty(tmp_path):
     assert "## tp: calls per scope" in md and (tmp_path / "timeline_tp.png").exists()
 
 
-def test_report_lists_what_cannot_run(tmp_path):
-    main(["report", "--world-size", "3", "--seq", "30", "--hidden", "16", "--heads", "4", "--methods", "tp", "ulysses",
-          "--device", "cpu", "--out", str(tmp_path)])
+def test_report_lists_what_cannot_run(tmp_path, capsys):
+    """Nothing runs: report.md says why each was skipped, no table and no figure, and the exit status is 1."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--world-size", "3", "--seq", "30", "--hidden", "16", "--heads", "4", "--methods", "tp",
+              "ulysses", "--device", "cpu", "--out", str(tmp_path)])
+    assert exit_.value.code == 1 and "Nothing runs: no method runs" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
     md = (tmp_path / "report.md").read_text()
+    assert "| method |" not in md
     assert "## Skipped" in md and "n_heads=4 is not divisible by the tensor-parallel size t=3" in md
     assert "ulysses on 3 ranks, seq 30" in md
 

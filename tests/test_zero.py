@@ -128,9 +128,12 @@ def test_closed_forms():
 
 
 def test_the_closed_forms_agree_with_the_memory_budget():
-    """ts.memory.budget's ZeRO-1 (distributed_optimizer=True) and no sharding are stages 1 and 0 here."""
+    """ts.memory.budget's ZeRO stages are these, with its master weights counted as optimizer state (as the
+    ZeRO paper's 12 bytes do), in bf16 gradients (2 + 2 + 12) and Megatron's fp32 ones (2 + 4 + 12)."""
     for dp in (1, 8, 64):
-        for stage, distributed in ((0, False), (1, True)):
-            b = ts.memory.budget("llama3-8b", (dp, 1, 1), 8192, 1, distributed_optimizer=distributed)
-            mine = ts.zero_memory_per_rank(b.parameters, dp, stage)
-            assert mine == pytest.approx({"weights": b.weights, "gradients": b.gradients, "optimizer": b.optimizer})
+        for stage in (0, 1, 2, 3):
+            for grad_dtype, grad_bytes in (("bf16", 2), ("fp32", 4)):
+                b = ts.memory.budget("llama3-8b", (dp, 1, 1), 8192, 1, zero=stage, grad_dtype=grad_dtype)
+                mine = ts.zero_memory_per_rank(b.parameters, dp, stage, grad_bytes=grad_bytes)
+                assert mine == pytest.approx({"weights": b.weights, "gradients": b.gradients,
+                                              "optimizer": b.optimizer + b.master_weights})

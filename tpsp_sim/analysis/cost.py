@@ -8,13 +8,15 @@ sends over the whole call are exactly its wire bytes. Both come from the table o
 
     latency_steps · α + max(sent, received) / B
 
-e.g. all_reduce 2α·(p-1) + 2(p-1)/p·N/B; all_to_all α + (p-1)/p·N/B (NCCL posts all its pairs at once).
+where B is the link's bus bandwidth as nccl-tests measures it (``Link.busbw``: the achieved figure
+where the link has one, its datasheet figure otherwise; NVLink SHARP's for an all_reduce on a link
+that has it), e.g. all_reduce 2α·(p-1) + 2(p-1)/p·N/B; all_to_all α + (p-1)/p·N/B (NCCL posts all its pairs at once).
 
 (Thakur, Rabenseifner & Gropp 2005; the nccl-tests "bus bandwidth" convention). The model ignores
 contention and the switch topology: it is the time one rank's link is busy. Links are full duplex:
 ``estimate`` prices a send and a receive that a rank posts together (a ring shift) as the slower of
 the two, not their sum (``Estimate``). On a ``Cluster`` (``cluster.py``) each call is priced on its
-group's link: intra-node, or inter-node if it spans nodes.
+group's link: intra-node, or, if it spans nodes, NCCL's one ring per NIC (``Cluster.link``).
 """
 
 from __future__ import annotations
@@ -25,64 +27,40 @@ from typing import Any, Callable, Sequence
 from ..core.ops import latency_steps, wire_bytes
 from ..core.table import Table
 from ..core.trace import CommEvent, CommTrace, ComputeSpan, format_bytes
-from .cluster import CLUSTERS, Cluster, Link, cluster
-from .presets import preset
+from .cluster import CLUSTERS, Cluster, Link, cluster  # noqa: F401 (ts.cost.Cluster, ts.cost.CLUSTERS)
 
 
-@dataclass(frozen=True)
-class Hardware:
-    """One kind of link between ranks and the accelerators on its ends."""
+# The one hardware type is ``Cluster`` (cluster.py); a single link is a one-level cluster, made by
+# ``Hardware(name, link_bandwidth, latency, peak_flops)`` (the name this constructor has always had).
+Hardware = Cluster.one_link
+hardware = cluster  # a preset by key, or a cluster as is: the one normalisation of ``hw``
 
-    name: str
-    link_bandwidth: float  # bytes/s per direction, one rank's link
-    latency: float  # seconds per message (one ring step)
-    peak_flops: float  # FLOP/s of one accelerator (dense 16-bit matmul)
-
-
-# The one-link presets are the one-level clusters of ``CLUSTERS`` (datasheet sources in cluster.py).
-# Bandwidths and FLOP/s are nominal. Achieved bandwidth is lower: nccl-tests all_reduce on H100
-# NVLink measures ~370 of the nominal 450 GB/s; for achieved numbers use e.g.
-# dataclasses.replace(H100_NVLINK, link_bandwidth=370e9).
+# The one-link presets: the one-level clusters of ``CLUSTERS`` (datasheet figures, sources in cluster.py).
+PRESETS: dict[str, Cluster] = {key: c for key, c in CLUSTERS.items() if c.gpus_per_node is None}
+H100_NVLINK, A100_NVLINK, PCIE_GEN4, INFINIBAND_HDR, INFINIBAND_NDR, A100_INFINIBAND = (
+    PRESETS[k] for k in ("h100-nvlink", "a100-nvlink", "pcie-gen4", "ib-hdr", "ib-ndr", "a100-ib"))
 
 
-def _one_link(key: str) -> Hardware:
-    c = CLUSTERS[key]
-    return Hardware(c.name, link_bandwidth=c.intra_node.bandwidth, latency=c.intra_node.latency, peak_flops=c.peak_flops)
-
-
-H100_NVLINK = _one_link("h100-nvlink")
-A100_NVLINK = _one_link("a100-nvlink")
-PCIE_GEN4 = _one_link("pcie-gen4")
-INFINIBAND_HDR = _one_link("ib-hdr")
-INFINIBAND_NDR = _one_link("ib-ndr")
-A100_INFINIBAND = _one_link("a100-ib")
-
-PRESETS: dict[str, Hardware] = {
-    "h100-nvlink": H100_NVLINK, "a100-nvlink": A100_NVLINK, "pcie-gen4": PCIE_GEN4,
-    "ib-hdr": INFINIBAND_HDR, "ib-ndr": INFINIBAND_NDR, "a100-ib": A100_INFINIBAND,
-}
-
-
-def hardware(name: str | Hardware) -> Hardware:
-    """A preset by its key in ``PRESETS`` (a ``Hardware`` is returned as is)."""
-    return name if isinstance(name, Hardware) else preset(PRESETS, name, "hardware")
-
-
-def collective_time(op: str, nbytes: int, world_size: int, hw: Hardware | Cluster | Link | str, *,
+def collective_time(op: str, nbytes: int, world_size: int, hw: Cluster | Link | str, *,
                     ranks: Sequence[int] | None = None) -> float:
     """Seconds one rank spends in ``op`` (alpha-beta, ring); ``nbytes`` is its input, as in ``CommEvent.nbytes``.
 
-    ``hw``: a ``Link``; a ``Hardware`` or one-link preset; or a ``Cluster`` or key of ``CLUSTERS``, as
-    ``estimate`` and ``timeline`` take. A cluster with two links prices the call on the link of its
-    group: pass the group's global ``ranks`` (``world_size`` of them), or the link itself,
-    ``cluster.link(ranks)``.
+    latency_steps · α + max(sent, received) / busbw, with the link's measured bus bandwidth (``Link.busbw``;
+    ``Link.nvls`` for an all_reduce where the link has NVLink SHARP). ``hw``: a ``Link``; or a ``Cluster``
+    (a one-link ``Hardware`` is one) or a key of ``CLUSTERS``, as ``estimate`` and ``timeline`` take. A
+    cluster with two links prices the call on its group's link (``Cluster.link``: NCCL's one ring per
+    NIC): pass the group's global ``ranks`` (``world_size`` of them), or the link itself.
     """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)) or not nbytes >= 0:
+        raise ValueError(f"collective_time: nbytes must be a number of bytes >= 0, got {nbytes!r}")
+    if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
+        raise ValueError(f"collective_time: world_size must be an integer >= 1, got {world_size!r}")
     link = _link(hw, world_size, ranks)
-    sent, received = wire_bytes(op, nbytes, world_size)  # broadcast: the root's share, N
-    return latency_steps(op, world_size) * link.latency + max(sent, received) / link.bandwidth
+    sent, received = wire_bytes(op, int(nbytes), int(world_size))  # broadcast: the root's share, N
+    return latency_steps(op, int(world_size)) * link.latency + max(sent, received) / link.bandwidth_of(op)
 
 
-def _link(hw: Hardware | Cluster | Link | str, world_size: int, ranks: Sequence[int] | None) -> Link:
+def _link(hw: Cluster | Link | str, world_size: int, ranks: Sequence[int] | None) -> Link:
     """The link a call of ``world_size`` ranks (``ranks``, where the cluster needs them) runs on."""
     if isinstance(hw, Link):
         return hw
@@ -98,19 +76,17 @@ def _link(hw: Hardware | Cluster | Link | str, world_size: int, ranks: Sequence[
     return c.link(ranks)
 
 
-def event_time(event: CommEvent, hw: Hardware | Link | str) -> float:
+def event_time(event: CommEvent, hw: Cluster | Link | str) -> float:
     """``collective_time`` of one recorded call, on the group it ran on: for a send or recv, its
     transfer's α + n/B (``estimate`` charges a recv posted together with a send less; see ``Estimate``)."""
     return collective_time(event.op, event.nbytes, len(event.group), hw)
 
 
-def _flops_and_bandwidth(hw: Hardware | Cluster | str, link: Link | None) -> tuple[float, float]:
-    """(peak FLOP/s, link bytes/s): ``link`` if given, else a cluster's inter-node link, else the one link."""
-    if isinstance(hw, Cluster) or (isinstance(hw, str) and hw not in PRESETS):
-        c = cluster(hw)
-        return c.peak_flops, (link or c.inter_node).bandwidth
-    hw = hardware(hw)
-    return hw.peak_flops, link.bandwidth if link else hw.link_bandwidth
+def _flops_and_bandwidth(hw: Cluster | str, link: Link | None) -> tuple[float, float]:
+    """(peak FLOP/s, link bytes/s): ``link`` if given, else the cluster's inter-node link (its one link
+    on a one-level cluster): one GPU's link, as a ring's point-to-point shifts use."""
+    c = cluster(hw)
+    return c.peak_flops, (link or c.inter_node).busbw
 
 
 def _kv_fraction(n_heads: int | None, n_kv_heads: int | None) -> float:
@@ -123,7 +99,7 @@ def _kv_fraction(n_heads: int | None, n_kv_heads: int | None) -> float:
     return n_kv_heads / n_heads
 
 
-def ring_overlap_block(hw: Hardware | Cluster | str, dtype_bytes: int = 2, *, n_heads: int | None = None,
+def ring_overlap_block(hw: Cluster | str, dtype_bytes: int = 2, *, n_heads: int | None = None,
                        n_kv_heads: int | None = None, link: Link | None = None) -> float:
     """Smallest block of c tokens whose forward attention hides its K/V transfer (Liu et al. 2023, §3).
 
@@ -144,7 +120,7 @@ def ring_overlap_block(hw: Hardware | Cluster | str, dtype_bytes: int = 2, *, n_
     return _kv_fraction(n_heads, n_kv_heads) * dtype_bytes * flops / (2 * bandwidth)
 
 
-def ring_overlap_block_backward(hw: Hardware | Cluster | str, dtype_bytes: int = 2, *, grad_bytes: int = 4,
+def ring_overlap_block_backward(hw: Cluster | str, dtype_bytes: int = 2, *, grad_bytes: int = 4,
                                 n_heads: int | None = None, n_kv_heads: int | None = None,
                                 link: Link | None = None) -> float:
     """Smallest block of c tokens whose backward attention hides its ring transfer (``ring_attention``'s backward).
@@ -195,7 +171,7 @@ class Estimate:
     """
 
     trace: CommTrace
-    hardware: Cluster  # a one-link ``Hardware`` is a one-level cluster
+    hardware: Cluster
     seconds: dict[tuple[int, int], float]
 
     def of(self, event: CommEvent) -> float:
@@ -248,7 +224,7 @@ class Estimate:
         return self.table("html")
 
 
-def estimate(trace: CommTrace, hw: Hardware | Cluster | str) -> Estimate:
+def estimate(trace: CommTrace, hw: Cluster | str) -> Estimate:
     """Predicted time of every call of ``trace`` on ``hw`` (see ``Estimate``): a ``Cluster`` (or a key of
     ``CLUSTERS``) prices each call on its group's link (``Cluster.link_for``); a ``Hardware`` is one link.
     Pass the whole trace and filter the ``Estimate``: a receive is priced against the sends posted with it,

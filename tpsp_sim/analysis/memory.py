@@ -30,12 +30,12 @@ So the meter is the paper's count plus the LayerNorm statistics, 8bs bytes per l
 tp_sp): a fraction 8/(h(34 + 5as/h)) of the total, under 0.4% for h >= 64. The paper leaves them
 out as small. Scalars (1/sqrt(d), 1/(1-p)) are not saved.
 
-``budget(model, (dp, cp, tp), seq, micro_batch, recompute=...)`` is the whole memory of one GPU:
-weights, gradients and optimizer state (mixed-precision Adam: 2 + 2 + 12 = 16 bytes per parameter,
-ZeRO paper §3.1, before any sharding; all three divided by tp, and with ``distributed_optimizer=True``
-the optimizer's 12 also by dp·cp) and the activations of every layer (see ``layer_activations``).
-``budget`` defaults to ``distributed_optimizer=False`` (the plain count); ``ts.plan`` passes True,
-as Megatron-LM runs long-context training.
+``budget(model, (dp, cp, tp), seq, micro_batch, recompute=...)`` is the whole memory of one GPU as
+Megatron-LM counts it: 16-bit weights, fp32 master weights, fp32 main gradients and Adam's two moments
+(18 bytes per parameter, divided by tp; ZeRO stage 1, the default, shards the master weights and
+moments over dp·cp: 6 + 12/(dp·cp)), the activations of every layer (``layer_activations``), of the
+embedding and of the output layer and loss (``output_activations``), and a reserve for the CUDA
+context and NCCL. ``budget`` and ``ts.plan`` share these defaults.
 """
 
 from __future__ import annotations
@@ -80,14 +80,21 @@ def layer_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 
 
     GPT block (``mlp="gelu"``), Table 2 term by term: K = 18h + 4f — LayerNorm inputs 4h, qkv input
     2h, q k v 6h, proj input 2h, fc1 input 2h, fc1 and GELU outputs 4f, two residual dropout masks
-    2h (= 34h at f = 4h); z = 5: the softmax output, its dropout mask and the dropped probabilities.
+    2h (= 34h at f = 4h; with q = n_heads · head_dim ≠ h: 10h + 8q + 4f); z = 5: the softmax output, its dropout mask and the dropped probabilities.
     This row is checked against ``saved_tensor_meter`` within 1% (tests/test_memory_budget.py).
 
-    Llama block (``mlp="swiglu"``, no dropout), the same accounting (a derivation: the package's own
-    ``LlamaBlock`` is unfused and keeps more, so the meter cannot check it): K = 12h + 4h·H_kv/H + 8f
+    Llama block (``mlp="swiglu"``, no dropout), the same accounting: K = 12h + 4h·H_kv/H + 8f
     — RMSNorm inputs 4h, qkv input 2h, q 2h, k and v 4h·H_kv/H (grouped-query attention keeps the
     H_kv heads), o input 2h, MLP input 2h, gate and up outputs 4f, silu(gate) 2f and the product
-    2f (SwiGLU keeps twice GELU's 4f); z = 2: the softmax output only.
+    2f (SwiGLU keeps twice GELU's 4f); z = 2: the softmax output only. With q = H · head_dim and
+    k = H_kv · head_dim written out: K = 8h + 4q + 4k + 8f. Megatron's formula charges every model
+    GPT's 18h + 4f (its TODO: "query_projection_size potentially being different from hidden_size");
+    for Llama 3 8B that is 131,072 bytes per token against these 167,936: the difference is SwiGLU's
+    extra 4f (gate, silu(gate), product vs fc1 and GELU outputs), less the 4h·(1 − H_kv/H) that GQA
+    saves on k and v and the 2h of dropout masks Llama does not have. The meter measures the package's
+    dense ``LlamaBlock`` (flash attention: the "selective" row) at exactly this row plus what it leaves
+    out: per unfused RMSNorm x·rsqrt (2·s'bh) and rsqrt (2·s'b), RoPE's fp32 cos and sin tables (4 ·
+    4·s'·head_dim) and the kernel's fp32 log-sum-exp (4·b·H·s') (tests/test_memory_budget.py).
 
     The score term is this rank's s' queries against all s keys for a/t heads (Ulysses holds a/(t·cp)
     heads against s queries: the same bytes). Flash-style kernels, and ``ring_attention``, keep none
@@ -102,62 +109,113 @@ def layer_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 
     s_local, b, h, f, a = seq // cp, micro_batch, m.d_model, m.d_ff, m.n_heads
     if recompute == "full":
         return 2 * s_local * b * h / tp
+    q, kv = m.q_dim, m.n_kv_heads * m.head_dim
     if m.mlp == "gelu":
-        per_token, score_bytes = 18 * h + 4 * f, 5
+        per_token, score_bytes = 10 * h + 8 * q + 4 * f, 5
     else:
-        per_token, score_bytes = 12 * h + 4 * h * m.n_kv_heads / m.n_heads + 8 * f, 2
+        per_token, score_bytes = 8 * h + 4 * q + 4 * kv + 8 * f, 2
     kept = s_local * b * per_token / tp
     return kept if recompute == "selective" else kept + score_bytes * a * s_local * seq * b / tp
 
 
+GIB = 2**30
+# What a training process holds beyond its tensors: the CUDA context (~0.3 GiB with lazy module loading since
+# CUDA 11.7, over 1 GiB before: https://github.com/pytorch/pytorch/issues/107667), NCCL's communicator
+# buffers (a few MiB per channel and peer, for each of the tp, cp and dp communicators) and cuBLAS
+# workspaces. An allowance, not a measurement; allocator fragmentation comes on top and is not modelled.
+RESERVE_BYTES = 2 * GIB
+ZERO_STAGES = (0, 1, 2, 3)
+
+
 @dataclass(frozen=True)
 class Budget:
-    """Bytes per GPU: ``weights``, ``gradients``, ``optimizer`` state and ``activations`` (all layers)."""
+    """Bytes per GPU: 16-bit ``weights``, fp32 ``master_weights``, ``gradients``, ``optimizer`` state (Adam's
+    two moments), ``activations`` (every layer, the embedding, the output layer and loss; of which
+    ``output_activations`` are the embedding's and the output layer's), and a ``reserve`` for the CUDA
+    context and NCCL."""
 
     weights: float
     gradients: float
     optimizer: float
     activations: float
     activations_per_layer: float
-    parameters: float  # held by this GPU
+    parameters: float  # held by this GPU (before ZeRO sharding)
+    master_weights: float = 0.0
+    output_activations: float = 0.0
+    reserve: float = 0.0
+
+    @property
+    def states(self) -> float:
+        """Weights, master weights, gradients and optimizer state: Megatron's "weight and optimizer memory"."""
+        return self.weights + self.master_weights + self.gradients + self.optimizer
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.states + self.activations + self.reserve
+
+
+def output_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 1, tp: int = 1) -> float:
+    """Activation bytes of the embedding, the output layer and the loss on one GPU (Megatron's
+    ``compute_activation_memory``, with s' = seq/cp tokens):
+
+        embedding: 8·s'·b (the token ids, int64) + s'·b·h (its dropout mask; GPT only, Llama has none)
+        output layer and loss: 4·s'·b·h·(1 + V/h) = 4·s'·b·h + 4·s'·b·V (the final norm's input and output
+            in 16 bits, and the logits in fp32 for the cross-entropy)
+
+    all divided by t, as Megatron does (sequence and vocabulary parallelism). For Llama 3 (V = 128,256,
+    h = 4,096) the output layer keeps 129·s·b·h bytes: more than all 32 layers keep under full recompute (64·s·b·h).
+    """
+    m = as_model(model)
+    s, b, h = seq // cp, micro_batch, m.d_model
+    embedding = 8 * s * b + (s * b * h if m.mlp == "gelu" else 0)
+    return (embedding + 4 * s * b * h * (1 + m.vocab / h)) / tp
 
 
 def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro_batch: int, *,
-           dtype: str = "bf16", optimizer: str = "adam", recompute: str = "none",
-           distributed_optimizer: bool = False) -> Budget:
-    """The memory of one GPU training ``model`` on a (dp, cp, tp) mesh, in bytes.
+           dtype: str = "bf16", grad_dtype: str = "fp32", optimizer: str = "adam", recompute: str = "none",
+           zero: int = 1, reserve: float = RESERVE_BYTES) -> Budget:
+    """The memory of one GPU training ``model`` on a (dp, cp, tp) mesh, in bytes, as Megatron-LM counts it
+    (``megatron/training/theoretical_memory_usage.py``).
 
-    Weights and gradients in ``dtype``; ``optimizer="adam"`` keeps fp32 master weights, momentum and
-    variance (12 bytes per parameter; 8 when ``dtype="fp32"``, whose weights are their own master),
-    ``"none"`` nothing. So mixed-precision Adam holds 16 bytes per parameter, divided by tp (the
-    parameters a GPU holds, ``Model.parameters(tp)``). ``distributed_optimizer=True`` also splits the
-    optimizer state over the dp·cp replicas (ZeRO stage 1; Megatron's ``--use-distributed-optimizer``,
-    whose group is DP×CP); weights and gradients stay whole on every replica (default False; ``ts.plan``'s
-    default is True). Activations: ``layer_activations`` times the number of layers (no pipeline
-    parallelism: every layer is on every GPU). Not counted: the embedding and output
-    layer's activations (the logits), temporary buffers, the allocator's fragmentation, CUDA context.
+    Per parameter held (``Model.parameters(tp)``): weights in ``dtype``; gradients in ``grad_dtype``
+    (default fp32: Megatron accumulates and reduces "main gradients" in fp32 with bf16 weights; "bf16"
+    selectable); ``optimizer="adam"``: fp32 master weights (none when ``dtype="fp32"``: the weights are
+    their own master) and two fp32 moments, ``"none"``: nothing. bf16 weights, fp32 gradients, Adam:
+    2 + 4 + 4 + 8 = 18 bytes, Megatron's 18. ``zero`` shards them over the dp·cp replicas (Megatron's
+    distributed optimizer shards over DP×CP): 1 the master weights and moments (``--use-distributed-optimizer``:
+    6 + 12/(dp·cp) bytes, the default here and in ``ts.plan``), 2 also the gradients, 3 (FSDP) also the
+    weights; 0 nothing. Activations: ``layer_activations`` times the layers (no pipeline parallelism:
+    every layer is on every GPU) plus ``output_activations``. ``reserve``: bytes for the CUDA context
+    and NCCL (``RESERVE_BYTES``, 2 GiB, an allowance). Not counted: temporary buffers and allocator
+    fragmentation.
     """
     m = as_model(model)
     if len(mesh_shape) != 3 or any(int(n) != n or n < 1 for n in mesh_shape):
         raise ValueError(f"mesh_shape must be (dp, cp, tp) of positive integers, got {mesh_shape}")
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    for name, value in (("dtype", dtype), ("grad_dtype", grad_dtype)):
+        if value not in DTYPE_BYTES:
+            raise ValueError(f"{name} must be one of {sorted(DTYPE_BYTES)}, got {value!r}")
     if optimizer not in ("adam", "none"):
         raise ValueError(f"optimizer must be 'adam' or 'none', got {optimizer!r}")
+    if zero not in ZERO_STAGES:
+        raise ValueError(f"zero must be one of {ZERO_STAGES}, got {zero!r}")
+    if not reserve >= 0:
+        raise ValueError(f"reserve must be >= 0 bytes, got {reserve}")
     dp, cp, tp = mesh_shape
     if m.n_heads % tp:
         raise ValueError(f"n_heads={m.n_heads} of {m.name} is not divisible by tp={tp}")
-    e = DTYPE_BYTES[dtype]
     params = m.parameters(tp)
-    state = 0 if optimizer == "none" else (8 if e == 4 else 12)
+    e = DTYPE_BYTES[dtype]
+    master = 0 if optimizer == "none" or e == 4 else 4
+    moments = 0 if optimizer == "none" else 8
+    replicas = dp * cp
+    shard = {stage: (replicas if zero >= stage else 1) for stage in (1, 2, 3)}
     per_layer = layer_activations(m, seq, micro_batch, cp, tp, recompute)
-    shards = dp * cp if distributed_optimizer else 1
-    return Budget(weights=params * e, gradients=params * e, optimizer=params * state / shards,
-                  activations=m.n_layers * per_layer, activations_per_layer=per_layer, parameters=params)
+    output = output_activations(m, seq, micro_batch, cp, tp)
+    return Budget(weights=params * e / shard[3], gradients=params * DTYPE_BYTES[grad_dtype] / shard[2],
+                  optimizer=params * moments / shard[1], activations=m.n_layers * per_layer + output,
+                  activations_per_layer=per_layer, parameters=params, master_weights=params * master / shard[1],
+                  output_activations=output, reserve=reserve)
 
 
 class saved_tensor_meter:

@@ -1,10 +1,11 @@
 """Model shapes for memory budgets and plans: published presets and custom shapes.
 
-``Model(name, n_layers, d_model, n_heads, n_kv_heads, d_ff, vocab, mlp="swiglu")``. Parameters per
-layer (h = d_model, f = d_ff, k = n_kv_heads · head_dim):
+``Model(name, n_layers, d_model, n_heads, n_kv_heads, d_ff, vocab, mlp="swiglu", head_dim=0)``.
+Parameters per layer (h = d_model, f = d_ff, q = n_heads · head_dim (h unless ``head_dim`` is given),
+k = n_kv_heads · head_dim):
 
-    "swiglu" (Llama: no biases)   q, o: 2h²   k, v: 2hk   gate, up, down: 3hf   2 RMSNorms: 2h
-    "gelu"   (GPT: biases)        qkv: 3h² + 3h   proj: h² + h   fc1, fc2: 2hf + f + h   2 LayerNorms: 4h
+    "swiglu" (Llama: no biases)   q, o: 2hq   k, v: 2hk   gate, up, down: 3hf   2 RMSNorms: 2h
+    "gelu"   (GPT: biases)        qkv: 3hq + 3q   proj: qh + h   fc1, fc2: 2hf + f + h   2 LayerNorms: 4h
 
 plus the embedding (V·h), an untied output layer (V·h, Llama) and the final norm (h; 2h for a LayerNorm).
 At f = 4h a GPT layer has 12h² + 13h parameters.
@@ -34,24 +35,33 @@ class Model:
     vocab: int
     mlp: str = "swiglu"  # "swiglu" (Llama) or "gelu" (GPT)
     tied_embeddings: bool = False
+    head_dim: int = 0  # 0: d_model // n_heads; set it for models whose heads x head_dim != d_model
+    source: str = ""
 
     def __post_init__(self) -> None:
         if self.mlp not in ("swiglu", "gelu"):
             raise ValueError(f"model {self.name!r}: mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
-        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+        sizes = {k: getattr(self, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab")}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes.values()) or self.head_dim < 0:
+            raise ValueError(f"model {self.name!r}: sizes must be integers >= 1, got {sizes}, head_dim={self.head_dim}")
+        if self.n_heads % self.n_kv_heads or (not self.head_dim and self.d_model % self.n_heads):
             raise ValueError(f"model {self.name!r}: d_model={self.d_model}, n_heads={self.n_heads} and "
-                             f"n_kv_heads={self.n_kv_heads} must divide (d_model by n_heads, n_heads by n_kv_heads)")
+                             f"n_kv_heads={self.n_kv_heads} must divide (d_model by n_heads unless head_dim is given, "
+                             f"n_heads by n_kv_heads)")
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def q_dim(self) -> int:
+        """Width of the query (and attention output) projection: n_heads · head_dim."""
+        return self.n_heads * self.head_dim
 
     def layer_parameters(self, t: int = 1) -> float:
         """Parameters of one layer held by one of ``t`` tensor-parallel ranks."""
-        h, f, kv = self.d_model, self.d_ff, self.n_kv_heads * self.head_dim
+        h, f, q, kv = self.d_model, self.d_ff, self.q_dim, self.n_kv_heads * self.head_dim
         if self.mlp == "swiglu":
-            return (2 * h * h + 3 * h * f) / t + 2 * h * kv / min(t, self.n_kv_heads) + 2 * h
-        return (4 * h * h + 3 * h + 2 * h * f + f) / t + 2 * h + 4 * h  # row biases and LayerNorms replicated
+            return (2 * h * q + 3 * h * f) / t + 2 * h * kv / min(t, self.n_kv_heads) + 2 * h
+        return (4 * h * q + 3 * q + 2 * h * f + f) / t + 2 * h + 4 * h  # row biases and LayerNorms replicated
 
     def other_parameters(self, t: int = 1) -> float:
         """Embedding, output layer and final norm held by one of ``t`` ranks (vocabulary-parallel)."""
@@ -66,9 +76,10 @@ class Model:
 # Llama 3 (Meta, "The Llama 3 Herd of Models", 2024, Table 3; params.json of the released weights):
 # 8B: 32 layers, d 4096, 32 heads, 8 K/V heads, FFN 14336; 70B: 80 layers, d 8192, 64 heads, 8 K/V,
 # FFN 28672; vocabulary 128256; untied output layer.
+LLAMA3 = "Llama 3 paper, Table 3 (https://arxiv.org/abs/2407.21783); params.json of the released weights"
 MODELS: dict[str, Model] = {
-    "llama3-8b": Model("Llama 3 8B", 32, 4096, 32, 8, 14336, 128256),
-    "llama3-70b": Model("Llama 3 70B", 80, 8192, 64, 8, 28672, 128256),
+    "llama3-8b": Model("Llama 3 8B", 32, 4096, 32, 8, 14336, 128256, source=LLAMA3),
+    "llama3-70b": Model("Llama 3 70B", 80, 8192, 64, 8, 28672, 128256, source=LLAMA3),
 }
 
 

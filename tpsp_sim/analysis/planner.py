@@ -4,15 +4,16 @@ For every factorisation gpus = dp · cp · tp (tp innermost, then cp, then dp: M
 a tp group is tp neighbouring ranks), every context-parallel attention (ring, Ulysses, USP with each
 Ulysses size u, 1 < u < cp) and every recompute mode:
 
-1. memory per GPU: ``ts.memory.budget`` (bf16 weights and gradients, Adam with the distributed
-   optimizer over dp·cp, Table 2 activations); a plan that does not fit in ``Cluster.memory_bytes``
+1. memory per GPU: ``ts.memory.budget`` with the same defaults (Megatron's accounting: bf16 weights,
+   fp32 master weights and main gradients, Adam with the distributed optimizer over dp·cp (``zero=1``),
+   Table 2 activations, the output layer's logits, a 2 GiB reserve); a plan that does not fit in ``Cluster.memory_bytes``
    is listed with why, and not simulated;
 2. one layer, forward and backward, simulated on meta tensors on a (cp, tp) mesh of virtual ranks
    (``simulate_layer``: the hybrid TP+SP × CP block, Llama-shaped for "swiglu" models), laid out
    on the cluster by ``ts.timeline`` with compute at ``mfu`` × peak (each call priced on its group's
    link). The busiest rank's compute, exposed communication per axis and idle time, times the
    layers and the micro-batches of a step (``global_batch_tokens`` / (dp · micro_batch · seq)),
-   plus the gradient all-reduce over dp·cp once per step (2 bytes per parameter, not overlapped),
+   plus the gradient synchronisation over dp·cp once per step (``gradient_sync_time``, not overlapped),
    is the step time. "full" recompute adds the layer's forward compute again.
 
 Causal attention: the simulator's kernels compute a masked (diagonal) tile whole, as a square, and
@@ -22,13 +23,13 @@ better than it is. So the busiest rank's compute is reduced by half of its diago
 (``causal_overcount``), forward and backward. This corrects the compute only: a rank
 whose timeline waited on a transfer under the masked half is not re-laid out.
 
-What it ignores, plainly: pipeline parallelism; the embedding and output layer's compute and
-activations; kernels' efficiency beyond one stated MFU (default 0.5) for all compute; overlap of
-the gradient reduction with backward (Megatron's ``--overlap-grad-reduce`` hides most of it: the
-step times here are upper bounds on it); the sequence-parallel norm-gradient all-reduce (h values
-per layer); contention in the network. Attention kernels are assumed flash-style (no s × s scores
-kept, tiles recomputed in backward, as ``ring_attention`` does), so "selective" (Table 2's row: keep
-everything but the scores) costs no extra compute and "none" would be the same plan.
+What it ignores is listed, complete, in ``IGNORES``. Among it: pipeline parallelism (the pp axis is
+another engineer's; ``_meshes`` is the seam where it joins the search); one stated MFU (default 0.5)
+for all compute; overlap of the gradient synchronisation with backward (Megatron's
+``--overlap-grad-reduce`` hides most of it: the step times here are upper bounds on it). Attention
+kernels are assumed flash-style (no s × s scores kept, tiles recomputed in backward, as
+``ring_attention`` does), so "selective" (Table 2's row: keep everything but the scores) costs no
+extra compute and "none" would be the same plan.
 """
 
 from __future__ import annotations
@@ -53,19 +54,24 @@ from ..launch import run
 from ..hybrid.block import ParallelTransformerBlock
 from ..models.gpt import TransformerBlock
 from ..models.llama import LlamaBlock
-from .cluster import Cluster, cluster as as_cluster
+from .cluster import Cluster, Link, cluster as as_cluster
 from .cost import collective_time, format_seconds
-from .memory import Budget, budget
+from .memory import DTYPE_BYTES, RESERVE_BYTES, Budget, budget
 from .models import Model, model as as_model
 from .replay import timeline
 
 PLANNED_RECOMPUTE = ("selective", "full")  # memory.RECOMPUTE's "none" is "selective" under flash attention
 GIB = 2**30
 AXES = ("tp", "cp", "dp_cp")  # the columns of exposed communication
-IGNORES = ("pipeline parallelism; the embedding and output layer's compute and activations; kernel efficiency "
-           "beyond one MFU for all compute; overlap of the gradient all-reduce with backward (counted fully "
-           "exposed); the sequence-parallel norm-gradient all-reduce; network contention. Attention kernels are "
-           "assumed flash-style (no scores kept), so recompute 'selective' costs no extra compute.")
+IGNORES = ("pipeline parallelism (the pp axis is not searched); ZeRO 3's per-layer weight all-gathers; the embedding "
+           "and output layer's compute (their memory is counted); kernel efficiency beyond one MFU for all compute "
+           "unless attention_efficiency is given (FlashAttention-3 reaches 0.75 of peak, so attention-bound long-context "
+           "steps are priced slow by default; its backward is taken at the forward's efficiency); overlap of the "
+           "gradient synchronisation with backward (counted fully exposed); "
+           "Megatron's overlap of TP's all-gathers (overlap_tp hides its reduce-scatters only); the sequence-parallel "
+           "norm-gradient all-reduce; NCCL's tree all_reduce (rings only); network contention between groups; "
+           "allocator fragmentation beyond the reserve. Attention kernels are assumed flash-style (no scores kept), "
+           "so recompute 'selective' costs no extra compute.")
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,9 @@ def simulate_layer(m: Model, cp: int, tp: int, attention: str, seq: int, micro_b
     A kind with both groups ("usp") runs on a (cp/ulysses, ulysses, tp) mesh whose two context axes are
     named "cp_ring" and "cp_ulysses". Raises ValueError (or a ``SimulationError``) if the shapes do not split.
     """
+    if m.q_dim != m.d_model:
+        raise ValueError(f"the simulated blocks have n_heads · head_dim = d_model; {m.name} has "
+                         f"{m.n_heads} x {m.head_dim} = {m.q_dim} != {m.d_model}")
     with torch.device("meta"):
         if m.mlp == "swiglu":
             dense = LlamaBlock(m.d_model, m.n_heads, m.n_kv_heads, m.d_ff).to(torch.bfloat16)
@@ -128,6 +137,22 @@ class _LayerTime:
     forward_compute: float
     exposed: dict[str, float]
     idle: float
+
+
+# Attention kernels' share of peak, forward, BF16, long sequences (pass as ``plan(attention_efficiency=...)``):
+# FlashAttention-3 on H100 SXM: up to 740 of 989 TFLOP/s (Shah et al. 2024, https://arxiv.org/abs/2407.08608);
+# FlashAttention-2 on A100: up to 73% of peak (Dao 2023, https://arxiv.org/abs/2307.08691).
+FLASH_ATTENTION_3_H100 = 740 / 989
+FLASH_ATTENTION_2_A100 = 0.73
+
+
+def causal_attention_flops(m: Model, seq: int, cp: int, tp: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of one sequence's causal attention core per rank and layer, as a causal
+    flash kernel computes them: Q Kᵀ and P V over the unmasked half, 2 · seq² · head_dim · n_heads in all,
+    split evenly over the cp · tp ranks (zigzag rings and Ulysses' heads both balance it); backward 2.5×
+    (five tile matmuls against two). Whatever the attention kind."""
+    forward = 2 * seq * seq * m.head_dim * m.n_heads / (cp * tp)
+    return forward, 2.5 * forward
 
 
 def causal_overcount(m: Model, seq: int, cp: int, tp: int, attention: str, ulysses: int = 1) -> tuple[float, float]:
@@ -174,18 +199,24 @@ def _attention_kinds(cp: int, attentions: Iterable[str]) -> list[tuple[str, str,
 
 def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int = 1,
          global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = tuple(ATTENTIONS),
-         recompute: Iterable[str] = PLANNED_RECOMPUTE, distributed_optimizer: bool = True, overlap_tp: bool = False,
-         progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
+         recompute: Iterable[str] = PLANNED_RECOMPUTE, zero: int = 1, grad_dtype: str = "fp32",
+         reserve: float = RESERVE_BYTES, overlap_tp: bool = False, max_tp: int | None = None,
+         tp_within_node: bool = False, dp: int | None = None, cp: int | None = None, tp: int | None = None,
+         attention_efficiency: float | None = None, progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
     """Every (dp, cp, tp) × attention × recompute plan for ``model`` at ``seq`` tokens on ``gpus`` GPUs of
     ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
 
-    A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
+    ``attention_efficiency``: the attention core's share of peak when it differs from ``mfu`` (GEMMs and the
+    rest stay at ``mfu``), e.g. ``FLASH_ATTENTION_3_H100``; None (default): one ``mfu`` for all compute.
+    Search space: ``dp``, ``cp``, ``tp`` fix an axis; ``max_tp`` caps tp; ``tp_within_node`` keeps each tp group
+    on one node. ``evaluate`` prices one split. A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
     seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica. ``overlap_tp``: hide
     TP's backward reduce-scatters behind the weight-gradient matmuls (``ts.timeline``). ``cluster``: a
     ``Cluster`` or a key of ``ts.cost.CLUSTERS``, as ``ts.timeline`` takes.
 
-    One layer is simulated per distinct (cp, tp, attention), shared by every dp and recompute mode (dp
-    adds only the gradient all-reduce, priced in closed form); ``workers`` > 1 runs these simulations
+    ``zero``, ``grad_dtype`` and ``reserve`` are ``ts.memory.budget``'s (the same defaults). One layer is
+    simulated per distinct (cp, tp, attention), shared by every dp and recompute mode (dp adds only the
+    gradient synchronisation, priced in closed form); ``workers`` > 1 runs these simulations
     in that many processes (the plans are the same). ``progress`` wraps the simulations as they finish,
     a sized iterable (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
     """
@@ -200,42 +231,124 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
                          f"recompute {PLANNED_RECOMPUTE}")
     candidates: list[tuple[int, int, int, str, str, int, str, Budget]] = []
     plans: list[Plan] = []
-    for tp in _divisors(gpus):
-        for cp in _divisors(gpus // tp):
-            dp = gpus // (tp * cp)
-            reason = _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp)
-            for label, kind, u in _attention_kinds(cp, attentions):
-                for mode in modes:
-                    if reason:
-                        plans.append(Plan(dp, cp, tp, label, mode, Budget(0, 0, 0, 0, 0, 0), False, reason))
-                        continue
-                    mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode,
-                                 distributed_optimizer=distributed_optimizer)
-                    if mem.total > c.memory_bytes:
-                        why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
-                               f"(weights+grads+optimizer {(mem.total - mem.activations) / GIB:.1f}, "
-                               f"activations {mem.activations / GIB:.1f})")
-                        plans.append(Plan(dp, cp, tp, label, mode, mem, False, why))
-                    else:
-                        candidates.append((dp, cp, tp, label, kind, u, mode, mem))
+    fixed = {"dp": dp, "cp": cp, "tp": tp}
+    for tp, cp, dp in _meshes(gpus, c, fixed, max_tp, tp_within_node):
+        reason = _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp)
+        if reason:  # one row for the mesh, whatever the attention and recompute
+            plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, reason))
+            continue
+        for label, kind, u in _attention_kinds(cp, attentions):
+            for mode in modes:
+                mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode, zero=zero,
+                             grad_dtype=grad_dtype, reserve=reserve)
+                if mem.total > c.memory_bytes:
+                    why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
+                           f"(weights+grads+optimizer {mem.states / GIB:.1f}, "
+                           f"activations {mem.activations / GIB:.1f}, reserve {mem.reserve / GIB:.1f})")
+                    plans.append(Plan(dp, cp, tp, label, mode, mem, False, why))
+                else:
+                    candidates.append((dp, cp, tp, label, kind, u, mode, mem))
     jobs = sorted({(cp, tp, kind, u) for _, cp, tp, _, kind, u, _, _ in candidates},
                   key=lambda job: (-job[0] * job[1], job))  # the biggest meshes first: they take longest
     layer_job = partial(_layer_job, m, c, seq, micro_batch, mfu, overlap_tp)
-    layers = _run_jobs(layer_job, jobs, workers, progress)
+    key = (m, c, seq, micro_batch, mfu, overlap_tp)
+    missing = [job for job in jobs if (key, job) not in _LAYERS]
+    _LAYERS.update({(key, job): layer for job, layer in _run_jobs(layer_job, missing, workers, progress).items()})
+    layers = {job: _LAYERS[key, job] for job in jobs}
     for dp, cp, tp, label, kind, u, mode, mem in candidates:
         layer = layers[cp, tp, kind, u]
         if isinstance(layer, str):
             plans.append(Plan(dp, cp, tp, label, mode, mem, False, layer))
             continue
         per_step = sequences // (dp * micro_batch) * m.n_layers  # layer passes per step on each GPU
-        compute = per_step * (layer.compute + (layer.forward_compute if mode == "full" else 0.0))
+        forward_extra, backward_extra = _attention_repriced(m, c, seq, micro_batch, cp, tp, mfu, attention_efficiency)
+        forward = layer.forward_compute + forward_extra
+        compute = per_step * (layer.compute + forward_extra + backward_extra + (forward if mode == "full" else 0.0))
         exposed = {axis: per_step * t for axis, t in layer.exposed.items()}
         group = tuple(range(0, gpus, tp))  # rank 0's dp·cp replicas
-        exposed["dp_cp"] += collective_time("all_reduce", int(2 * mem.parameters), dp * cp, c.link(group))
+        exposed["dp_cp"] += gradient_sync_time(mem.parameters, zero, DTYPE_BYTES[grad_dtype], dp * cp, c.link(group))
         step = compute + sum(exposed.values()) + per_step * layer.idle
         why = f"uses {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB"
         plans.append(Plan(dp, cp, tp, label, mode, mem, True, why, step, compute, exposed, per_step * layer.idle))
     return sorted(plans, key=_rank)
+
+
+# One simulated layer per (model, cluster, seq, micro-batch, mfu, overlap, mesh, attention): a second plan()
+# of the same case (other memory settings, batch, recompute or search space) simulates nothing again.
+_LAYERS: dict[tuple, "_LayerTime | str"] = {}
+
+
+def clear_cache() -> None:
+    """Forget the layers simulated so far (the next ``plan`` simulates every one again)."""
+    _LAYERS.clear()
+
+
+def _meshes(gpus: int, c: Cluster, fixed: dict[str, int | None], max_tp: int | None,
+            tp_within_node: bool) -> list[tuple[int, int, int]]:
+    """(tp, cp, dp) with dp·cp·tp = ``gpus`` in the search space: the ``fixed`` axes as given, tp <= ``max_tp``,
+    and with ``tp_within_node`` tp dividing the node (its group on one node, as tp is innermost)."""
+    for axis, value in fixed.items():
+        if value is not None and (int(value) != value or value < 1 or gpus % value):
+            raise ValueError(f"{axis}={value} must be a positive divisor of gpus={gpus}")
+    if max_tp is not None and max_tp < 1:
+        raise ValueError(f"max_tp must be >= 1, got {max_tp}")
+    node = c.gpus_per_node or gpus
+    meshes = []
+    for tp in _divisors(gpus):
+        for cp in _divisors(gpus // tp):
+            mesh = {"tp": tp, "cp": cp, "dp": gpus // (tp * cp)}
+            if any(v is not None and mesh[axis] != v for axis, v in fixed.items()):
+                continue
+            if (max_tp is not None and tp > max_tp) or (tp_within_node and node % tp):
+                continue
+            meshes.append((tp, cp, mesh["dp"]))
+    if not meshes:
+        raise ValueError(f"no (dp, cp, tp) of {gpus} GPUs satisfies dp={fixed['dp']}, cp={fixed['cp']}, "
+                         f"tp={fixed['tp']}, max_tp={max_tp}, tp_within_node={tp_within_node}")
+    return meshes
+
+
+def evaluate(model: Model | str, seq: int, cluster: Cluster | str, dp: int, cp: int, tp: int, *,
+             attention: str = "ring", ulysses: int | None = None, recompute: str = "selective", **options) -> Plan:
+    """One split, priced as ``plan`` prices every split: dp · cp · tp GPUs, ``attention`` over cp (USP with
+    ``ulysses`` ranks in its Ulysses axis), ``recompute``; ``options`` are ``plan``'s (micro_batch, mfu,
+    zero, reserve, ...). Its ``.fits`` and ``.why`` say whether it fits and runs."""
+    label = "-" if cp == 1 else (f"usp(u={ulysses})" if attention == "usp" else attention)
+    plans = plan(model, seq, dp * cp * tp, cluster, dp=dp, cp=cp, tp=tp, attentions=(attention,),
+                 recompute=(recompute,), **options)
+    matching = [p for p in plans if p.attention in (label, "-")]
+    if not matching:
+        raise ValueError(f"{attention} has no split with ulysses={ulysses} on cp={cp}: "
+                         f"{sorted({p.attention for p in plans})}")
+    return matching[0]
+
+
+def _attention_repriced(m: Model, c: Cluster, seq: int, micro_batch: int, cp: int, tp: int, mfu: float,
+                        efficiency: float | None) -> tuple[float, float]:
+    """Seconds to add to a layer's (forward, backward) compute when its causal attention core runs at
+    ``efficiency`` of peak instead of ``mfu`` (None: no change). A correction of the busiest rank's
+    compute, as ``causal_overcount`` is: the timeline is not laid out again."""
+    if efficiency is None:
+        return 0.0, 0.0
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"attention_efficiency must be in (0, 1], got {efficiency}")
+    scale = 1 / (efficiency * c.peak_flops) - 1 / (mfu * c.peak_flops)
+    return tuple(micro_batch * flops * scale for flops in causal_attention_flops(m, seq, cp, tp))
+
+
+def gradient_sync_time(parameters: float, zero: int, grad_bytes: int, replicas: int, link: Link) -> float:
+    """Seconds of the once-per-step gradient synchronisation of the ``parameters`` a GPU holds over the dp·cp
+    ``replicas`` (not overlapped with backward).
+
+    ZeRO 0: an all_reduce of the gradients (``grad_bytes`` each; Megatron reduces its fp32 main gradients
+    in fp32). ZeRO ≥ 1 (Megatron's distributed optimizer): a reduce_scatter of the gradients, then an
+    all_gather of the updated bf16 weights (each replica's 1/replicas shard). ZeRO 3's per-layer weight
+    gathers in forward and backward are not priced (``IGNORES``).
+    """
+    if zero == 0:
+        return collective_time("all_reduce", int(grad_bytes * parameters), replicas, link)
+    return (collective_time("reduce_scatter", int(grad_bytes * parameters), replicas, link)
+            + collective_time("all_gather", int(2 * parameters) // replicas, replicas, link))
 
 
 def _layer_job(m: Model, c: Cluster, seq: int, micro_batch: int, mfu: float, overlap_tp: bool,

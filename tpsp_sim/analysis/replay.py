@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .cluster import Cluster, cluster
-from .cost import Hardware, event_time
+from .cost import event_time
 from ..core.errors import SimulationError
 from ..core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark
 
@@ -71,7 +71,7 @@ class Timeline:
     """The spans of every rank, and what they add up to (seconds)."""
 
     spans: tuple[Span, ...]
-    hardware: Cluster  # a one-link ``Hardware`` becomes a one-level cluster
+    hardware: Cluster
 
     @property
     def ranks(self) -> list[int]:
@@ -126,7 +126,7 @@ class Timeline:
         return [(r, self.compute(r), self.hidden(r), self.exposed(r), self.idle(r), self.end(r)) for r in self.ranks]
 
 
-def timeline(trace: CommTrace, hw: Cluster | Hardware | str, *, mfu: float = 1.0, overlap_tp: bool = False) -> Timeline:
+def timeline(trace: CommTrace, hw: Cluster | str, *, mfu: float = 1.0, overlap_tp: bool = False) -> Timeline:
     """Lay out every rank's recorded program on ``hw`` (see the module docstring). Needs the whole trace.
 
     ``hw``: a ``Cluster`` or a key of ``ts.cost.CLUSTERS`` (what ``ts.plan`` takes as ``cluster=``), or a

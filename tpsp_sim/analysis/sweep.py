@@ -28,7 +28,7 @@ from ..models.gpt import TransformerBlock
 from ..tensor_parallel.grad_sync import sync_sequence_parallel_grads
 from ..core.comm import Comm
 from .cluster import Cluster, cluster
-from .cost import Hardware, format_seconds
+from .cost import format_seconds
 from ..launch import run
 from ..context_parallel.ring import ring_attention
 from .replay import Timeline, timeline
@@ -112,7 +112,7 @@ class Point:
     timeline: Timeline
 
 
-def measure(method: str, cfg: Config, hw: Hardware | Cluster | str) -> Point:
+def measure(method: str, cfg: Config, hw: Cluster | str) -> Point:
     """Record ``method`` on ``cfg`` and lay it out on ``hw``."""
     trace = record(method, cfg)
     tl = timeline(trace, hw)
@@ -120,7 +120,7 @@ def measure(method: str, cfg: Config, hw: Hardware | Cluster | str) -> Point:
                  max(tl.comm(r) for r in tl.ranks), max(tl.exposed(r) for r in tl.ranks), trace, tl)
 
 
-def sweep(cfg: Config, hw: Hardware | Cluster | str, methods: Iterable[str] = METHODS, world_sizes: Iterable[int] = (),
+def sweep(cfg: Config, hw: Cluster | str, methods: Iterable[str] = METHODS, world_sizes: Iterable[int] = (),
           seqs: Iterable[int] = (), progress: Callable[[list], Iterable] = iter) -> tuple[list[Point], list[str]]:
     """``measure`` every method on ``cfg``, or on ``cfg`` with each of ``world_sizes`` and then each of
     ``seqs``; ``progress`` wraps the list of runs (e.g. ``tqdm.tqdm``). Returns (points, why each
@@ -135,7 +135,7 @@ def sweep(cfg: Config, hw: Hardware | Cluster | str, methods: Iterable[str] = ME
     return points, skipped
 
 
-def table(points: Iterable[Point], hw: Hardware | Cluster | str, fmt: str = "markdown") -> str:
+def table(points: Iterable[Point], hw: Cluster | str, fmt: str = "markdown") -> str:
     """The points' bytes sent and predicted seconds per rank on ``hw``: "markdown" (default), "text" or "html"."""
     rows = [(p.method, str(p.world_size), str(p.seq), format_bytes(p.sent), format_seconds(p.seconds),
              format_seconds(p.exposed)) for p in points]

@@ -20,6 +20,8 @@ def label(p: Plan) -> str:
 def plot_plans(plans: list[Plan], top: int = 10, title: str = "") -> Figure:
     """Horizontal stacked bars of the first ``top`` plans that run, best at the top."""
     shown = [p for p in plans if p.runs][:top]
+    if not shown:
+        raise ValueError("no plan runs: nothing to plot (every plan does not fit or cannot run; see their .why)")
     fig = Figure(figsize=(9, 0.45 * len(shown) + 1.4))
     ax = fig.subplots()
     for i, p in enumerate(shown):

@@ -18,7 +18,8 @@ from matplotlib.axis import Axis
 from matplotlib.ticker import Formatter, FuncFormatter, Locator, LogLocator, NullLocator
 
 from ..context_parallel.attention import sequence_positions
-from ..analysis.cost import Hardware, estimate, format_seconds, hardware
+from ..analysis.cluster import Cluster, cluster
+from ..analysis.cost import estimate, format_seconds
 from .collectives import rank_colors
 from ..analysis.replay import Timeline
 from ..core import ops
@@ -96,7 +97,7 @@ def op_color(op: str):
     return ops.OPS[op].color if op in ops.OPS else "grey"
 
 
-def comm_bars(traces: CommTrace | dict[str, CommTrace], hw: Hardware | str | None = None,
+def comm_bars(traces: CommTrace | dict[str, CommTrace], hw: Cluster | str | None = None,
               by: str = "scope") -> dict[str, dict[tuple[str, str], float]]:
     """{bar: {(op, phase): bytes sent per rank}}, or predicted seconds per rank with ``hw``.
 
@@ -108,7 +109,7 @@ def comm_bars(traces: CommTrace | dict[str, CommTrace], hw: Hardware | str | Non
     return {label: _stacks(trace, lambda e, label=label: label, hw).get(label, {}) for label, trace in traces.items()}
 
 
-def _stacks(trace: CommTrace, bar: Callable[[CommEvent], str], hw: Hardware | str | None):
+def _stacks(trace: CommTrace, bar: Callable[[CommEvent], str], hw: Cluster | str | None):
     n = len(trace.ranks) or 1
 
     def key(e: CommEvent) -> tuple[str, str, str]:
@@ -122,14 +123,14 @@ def _stacks(trace: CommTrace, bar: Callable[[CommEvent], str], hw: Hardware | st
     return bars
 
 
-def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Hardware | str | None = None, title: str = "",
+def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Cluster | str | None = None, title: str = "",
               by: str = "scope") -> Figure:
     """Bytes sent per rank, one bar per scope (``by="axis"``: per mesh axis; or per labelled trace), stacked by
     op and phase (backward hatched //, grad_sync dotted); with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
     (one after another, except that a send and a receive posted together overlap; the timeline also overlaps compute)."""
     panels = [(comm_bars(traces, by=by), "sent per rank", byte_axis)]
     if hw is not None:
-        panels.append((comm_bars(traces, hw, by), f"time per rank, calls in sequence\n({hardware(hw).name})", seconds_axis))
+        panels.append((comm_bars(traces, hw, by), f"time per rank, calls in sequence\n({cluster(hw).name})", seconds_axis))
     fig = Figure(figsize=(4 + 1.2 * len(panels[0][0]), 3.6 * len(panels)))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, (bars, ylabel, style) in zip(axes, panels):

@@ -43,7 +43,7 @@ def update(world_size: int = 4, seq: int = 4096, batch: int = 1, hidden: int = 1
     cfg = Config(world_size=world_size, seq=seq, batch=batch, hidden=hidden, heads=heads, device=device)
     points, skipped = sweep(cfg, hardware)
     title = (f"one block on {world_size} ranks: {batch}×{seq} tokens, hidden {hidden}, {heads} heads\n"
-             f"bytes and time per rank on {cost.hardware(hardware).name}")
+             f"bytes and time per rank on {cost.cluster(hardware).name}")
     if points:
         fig = plot_comm({p.method: p.trace for p in points}, hardware, title=title)
     else:
