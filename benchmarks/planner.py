@@ -18,7 +18,7 @@ import os
 import time
 
 import tpsp_sim as ts
-from tpsp_sim.analysis import plan as planner
+from tpsp_sim.analysis import planner
 from tpsp_sim.context_parallel.registry import ATTENTIONS
 
 

@@ -10,10 +10,11 @@ import torch
 
 import tpsp_sim as ts
 from attention_cases import dense_grads, make_qkv, sharded_grads
-from tpsp_sim.analysis import planner as planning
+from tpsp_sim.analysis import planner as planning, sweep
 from tpsp_sim.context_parallel.allgather import allgather_attention
 from tpsp_sim.context_parallel.kind import AttentionKind, LocalShape
 from tpsp_sim.context_parallel.registry import ATTENTIONS, attention_kind, register
+from tpsp_sim.viz.plot import plot_comm
 
 TOL = 1e-12
 
@@ -193,3 +194,24 @@ def test_a_registered_kind_flows_through_the_hybrid_block_and_the_planner(toy_ki
     m = ts.Model("tiny", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab=100)
     assert planning.causal_overcount(m, 64, 4, 1, "toy") == planning.causal_overcount(m, 64, 4, 1, "allgather")
     assert planning.causal_overcount(m, 64, 4, 1, "toy") != planning.causal_overcount(m, 64, 4, 1, "ring")
+
+
+def test_a_registered_kind_flows_through_the_memory_budget_the_sweep_and_the_plots(toy_kind):
+    m = ts.Model("tiny", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab=100)
+    ring = ts.memory.budget(m, (1, 4, 1), 256, 1, recompute="selective", attention="ring")
+    toy = ts.memory.budget(m, (1, 4, 1), 256, 1, recompute="selective", attention="toy")
+    gathered = 2 * 3 * (64 * 2 * 16) * 2  # the other 3 ranks' K and V: 64 tokens x 2 heads x 16, bf16
+    assert toy.activations_per_layer - ring.activations_per_layer == gathered
+    assert toy.activations - ring.activations == m.n_layers * gathered
+    full = [ts.memory.budget(m, (1, 4, 1), 256, 1, recompute="full", attention=a) for a in ("ring", "toy")]
+    assert full[0].activations == full[1].activations  # recomputed, gathered K/V included
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ts.memory.budget(m, (1, 4, 1), 256, 1, attention="rnig")
+    # the sweep (and so the report and the dashboard) runs every single-group kind, the toy too
+    assert sweep.all_methods()[-1] == "toy" and "usp" not in sweep.all_methods()
+    cfg = sweep.Config(world_size=4, seq=64, hidden=64, heads=4)
+    trace = sweep.record("toy", cfg)
+    assert trace.ops(rank=0) == {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 1}
+    fig = plot_comm({"toy": trace, "ring": sweep.record("ring", cfg)}, "dgx-h100")
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()]
+    assert "toy" in labels and "ring" in labels

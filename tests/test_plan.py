@@ -190,7 +190,7 @@ def test_search_space_controls_and_evaluate(tiny_plans):
 
 def test_a_second_plan_of_the_same_case_simulates_nothing(monkeypatch):
     """Layers are simulated once per case and shape; another memory setting re-plans from the cache."""
-    from tpsp_sim.analysis import plan as plan_module
+    from tpsp_sim.analysis import planner as plan_module
     first = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
     monkeypatch.setattr(plan_module, "simulate_layer", lambda *a, **k: pytest.fail("simulated again"))
     again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, zero=0)

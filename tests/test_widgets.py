@@ -26,7 +26,7 @@ def bar_totals(ax) -> np.ndarray:
 def test_update_draws_bytes_and_time_per_method_and_matches_the_traces():
     fig2, html2, points2 = update(world_size=2, **SMALL)
     fig4, html4, points4 = update(world_size=4, **SMALL)
-    assert [p.method for p in points2] == [p.method for p in points4] == ["tp", "tp_sp", "ring", "ulysses"]
+    assert [p.method for p in points2] == [p.method for p in points4] == ["tp", "tp_sp", "ring", "ulysses", "allgather"]
     for fig, points in ((fig2, points2), (fig4, points4)):
         assert len(fig.axes) == 2  # bytes, then time
         assert bar_totals(fig.axes[0]) == pytest.approx([p.trace.total() / p.world_size for p in points])
@@ -53,7 +53,7 @@ def test_every_choice_divides_so_ring_attention_always_runs():
 
 def test_methods_that_cannot_run_are_listed_with_the_reason():
     fig, html, points = update(world_size=16, seq=256, batch=1, hidden=128, heads=4)
-    assert [p.method for p in points] == ["ring"]
+    assert [p.method for p in points] == ["ring", "allgather"]  # they cut the sequence, not the heads
     assert bar_totals(fig.axes[0]).all()
     for method in ("tp", "tp_sp", "ulysses"):
         assert f"<li>skipped {method} on 16 ranks, seq 256" in html
@@ -63,7 +63,7 @@ def test_methods_that_cannot_run_are_listed_with_the_reason():
 def test_no_method_at_all_is_said_in_words():
     fig, html, points = update(world_size=3, seq=16, hidden=16, heads=4, device="meta")
     assert points == [] and "no method can run these sizes" in fig.texts[0].get_text()
-    assert html.count("<li>skipped") == 4
+    assert html.count("<li>skipped") == 5  # every method
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from .analysis.planner import IGNORES, PLANNED_RECOMPUTE, default_workers, plan,
 from .context_parallel.registry import ATTENTIONS
 from .viz.plan_plot import plot_plans
 from .viz.plot import plot_comm, plot_scaling, plot_shards, plot_timeline
-from .analysis.sweep import METHODS, Config, sweep, table
+from .analysis.sweep import Config, all_methods, sweep, table
 
 
 class NothingRuns(Exception):
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("--heads", type=POSITIVE, default=16)
     cmd.add_argument("--hardware", default="h100-nvlink", choices=sorted(CLUSTERS),
                      help="a one-link preset or a cluster (groups spanning nodes use its inter-node link)")
-    cmd.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    cmd.add_argument("--methods", nargs="+", default=list(all_methods()), choices=all_methods())
     cmd.add_argument("--device", default="meta", choices=("meta", "cpu"),
                      help="meta: shapes only, nothing computed (fast at any size); cpu: real tensors")
     cmd.add_argument("--out", type=Path, required=True, help="directory for the PNGs and report.md")

@@ -46,6 +46,8 @@ from typing import Iterable
 
 import torch
 
+from ..context_parallel.kind import LocalShape
+from ..context_parallel.registry import attention_kind
 from .models import Model, model as as_model
 
 MODES = ("none", "tp", "tp_sp")
@@ -66,7 +68,7 @@ def activation_memory(mode: str, seq: int, batch: int, hidden: int, heads: int, 
 
 
 def layer_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 1, tp: int = 1,
-                      recompute: str = "none") -> float:
+                      recompute: str = "none", attention: str = "ring", ulysses: int = 1) -> float:
     """Activation bytes one GPU keeps for one layer under TP+SP (Korthikanti et al. 2022, Table 2),
     with the sequence split over ``cp`` context-parallel ranks (16-bit activations, 1-byte masks).
 
@@ -100,6 +102,11 @@ def layer_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 
     heads against s queries: the same bytes). Flash-style kernels, and ``ring_attention``, keep none
     of it: "selective" is their row. Norm statistics (a few bytes per token) are left out, as the
     paper does.
+
+    Context parallelism adds what its ``attention`` kind keeps beyond its own q, k, v, out and lse
+    (``AttentionKind.extra_saved_bytes``; ``ulysses``: u for a kind with both groups): for Llama 3's
+    "allgather" the gathered K/V of the other cp − 1 ranks, 2(cp − 1)·s'·b·k/t' bytes in 16 bits (t' = t
+    while the K/V heads split over t, else each rank holds one); nothing under full recompute.
     """
     m = as_model(model)
     if recompute not in RECOMPUTE:
@@ -114,7 +121,9 @@ def layer_activations(model: Model | str, seq: int, micro_batch: int, cp: int = 
         per_token, score_bytes = 10 * h + 8 * q + 4 * f, 5
     else:
         per_token, score_bytes = 8 * h + 4 * q + 4 * kv + 8 * f, 2
-    kept = s_local * b * per_token / tp
+    kind = attention_kind(attention)
+    shape = LocalShape(b, a // tp, max(m.n_kv_heads // tp, 1), s_local, m.head_dim, elem=2)
+    kept = s_local * b * per_token / tp + kind.extra_saved_bytes(shape, *kind.sizes(cp, ulysses))
     return kept if recompute == "selective" else kept + score_bytes * a * s_local * seq * b / tp
 
 
@@ -173,7 +182,7 @@ def output_activations(model: Model | str, seq: int, micro_batch: int, cp: int =
 
 def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro_batch: int, *,
            dtype: str = "bf16", grad_dtype: str = "fp32", optimizer: str = "adam", recompute: str = "none",
-           zero: int = 1, reserve: float = RESERVE_BYTES) -> Budget:
+           zero: int = 1, reserve: float = RESERVE_BYTES, attention: str = "ring", ulysses: int = 1) -> Budget:
     """The memory of one GPU training ``model`` on a (dp, cp, tp) mesh, in bytes, as Megatron-LM counts it
     (``megatron/training/theoretical_memory_usage.py``).
 
@@ -185,7 +194,8 @@ def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro
     distributed optimizer shards over DP×CP): 1 the master weights and moments (``--use-distributed-optimizer``:
     6 + 12/(dp·cp) bytes, the default here and in ``ts.plan``), 2 also the gradients, 3 (FSDP) also the
     weights; 0 nothing. Activations: ``layer_activations`` times the layers (no pipeline parallelism:
-    every layer is on every GPU) plus ``output_activations``. ``reserve``: bytes for the CUDA context
+    every layer is on every GPU; ``attention`` and ``ulysses`` the context-parallel kind's) plus
+    ``output_activations``. ``reserve``: bytes for the CUDA context
     and NCCL (``RESERVE_BYTES``, 2 GiB, an allowance). Not counted: temporary buffers and allocator
     fragmentation.
     """
@@ -210,7 +220,7 @@ def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro
     moments = 0 if optimizer == "none" else 8
     replicas = dp * cp
     shard = {stage: (replicas if zero >= stage else 1) for stage in (1, 2, 3)}
-    per_layer = layer_activations(m, seq, micro_batch, cp, tp, recompute)
+    per_layer = layer_activations(m, seq, micro_batch, cp, tp, recompute, attention, ulysses)
     output = output_activations(m, seq, micro_batch, cp, tp)
     return Budget(weights=params * e / shard[3], gradients=params * DTYPE_BYTES[grad_dtype] / shard[2],
                   optimizer=params * moments / shard[1], activations=m.n_layers * per_layer + output,

@@ -240,7 +240,7 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
         for label, kind, u in _attention_kinds(cp, attentions):
             for mode in modes:
                 mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode, zero=zero,
-                             grad_dtype=grad_dtype, reserve=reserve)
+                             grad_dtype=grad_dtype, reserve=reserve, attention=kind, ulysses=u)
                 if mem.total > c.memory_bytes:
                     why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
                            f"(weights+grads+optimizer {mem.states / GIB:.1f}, "
@@ -310,10 +310,11 @@ def _meshes(gpus: int, c: Cluster, fixed: dict[str, int | None], max_tp: int | N
 
 def evaluate(model: Model | str, seq: int, cluster: Cluster | str, dp: int, cp: int, tp: int, *,
              attention: str = "ring", ulysses: int | None = None, recompute: str = "selective", **options) -> Plan:
-    """One split, priced as ``plan`` prices every split: dp · cp · tp GPUs, ``attention`` over cp (USP with
-    ``ulysses`` ranks in its Ulysses axis), ``recompute``; ``options`` are ``plan``'s (micro_batch, mfu,
+    """One split, priced as ``plan`` prices every split: dp · cp · tp GPUs, ``attention`` over cp (a kind
+    with both groups, as USP, with ``ulysses`` ranks in its Ulysses axis), ``recompute``; ``options`` are ``plan``'s (micro_batch, mfu,
     zero, reserve, ...). Its ``.fits`` and ``.why`` say whether it fits and runs."""
-    label = "-" if cp == 1 else (f"usp(u={ulysses})" if attention == "usp" else attention)
+    two_groups = len(attention_kind(attention).groups) == 2
+    label = "-" if cp == 1 else (f"{attention}(u={ulysses})" if two_groups else attention)
     plans = plan(model, seq, dp * cp * tp, cluster, dp=dp, cp=cp, tp=tp, attentions=(attention,),
                  recompute=(recompute,), **options)
     matching = [p for p in plans if p.attention in (label, "-")]

@@ -3,14 +3,16 @@
 Each method is one small per-rank function: it builds this rank's inputs for a ``Config`` and runs
 forward and backward. On ``device="meta"`` (the default) tensors have shapes but no data: the
 simulator records the same calls, bytes and FLOPs without computing anything, so realistic sizes
-take seconds. The block is ``TransformerBlock`` for "tp" and "tp_sp"; for context parallelism
-("ring", "ulysses") the rest of the block is local to each rank, so its communication is its
-attention's (causal; ring attention in the zigzag layout, which balances the work).
+take seconds. The block is ``TransformerBlock`` for "tp" and "tp_sp"; for context parallelism (every
+kind of ``ts.context_parallel.registry`` that runs on one group: "ring", "ulysses", "allgather"; USP
+needs a split of the ranks in two) the rest of the block is local to each rank, so its communication
+is its attention's (causal; in the zigzag layout where the kind cuts the sequence, which balances the
+work).
 
 After backward each method reduces the gradients its group holds in pieces (phase "grad_sync"),
 since a training step cannot skip it: "tp" nothing (its weights are sharded); "tp_sp" the
 sequence-parallel LayerNorm and row-bias gradients (``sync_sequence_parallel_grads``, 4h + 2h
-elements per block); "ring" and "ulysses" *every* weight gradient of the block, because context parallelism
+elements per block); a context-parallel kind *every* weight gradient of the block, because context parallelism
 replicates the weights over its group, like data parallelism: one all-reduce of the block's
 P parameters, 2(p-1)/p · P · dtype bytes on the wire per rank (P = 12h² + 13h for
 ``TransformerBlock``: at h = 1024, p = 4 in bf16, 1.5 × 24 MiB = 36 MiB per block).
@@ -30,13 +32,17 @@ from ..core.comm import Comm
 from .cluster import Cluster, cluster
 from .cost import format_seconds
 from ..launch import run
-from ..context_parallel.ring import ring_attention
+from ..context_parallel.registry import ATTENTIONS, attention_kind
 from .replay import Timeline, timeline
 from ..core.table import Table
 from ..core.trace import CommTrace, format_bytes
-from ..context_parallel.ulysses import ulysses_attention
 
-METHODS = ("tp", "tp_sp", "ring", "ulysses")
+TENSOR_PARALLEL = ("tp", "tp_sp")
+
+
+def all_methods() -> tuple[str, ...]:
+    """"tp", "tp_sp", then every registered context-parallel kind that runs on one group."""
+    return TENSOR_PARALLEL + tuple(name for name, kind in ATTENTIONS.items() if len(kind.groups) == 1)
 
 
 @dataclass(frozen=True)
@@ -67,10 +73,12 @@ def _block(comm: Comm, cfg: Config, dense: TransformerBlock, mode: str) -> None:
         sync_sequence_parallel_grads(block, comm)
 
 
-def _context_parallel(comm: Comm, cfg: Config, parameters: int, attention: Callable, **kwargs) -> None:
+def _context_parallel(comm: Comm, cfg: Config, parameters: int, attention: str) -> None:
     shape = (cfg.batch, cfg.heads, cfg.seq // comm.world_size, cfg.hidden // cfg.heads)
     q, k, v = (cfg.tensor(*shape, rank=comm.rank) for _ in range(3))
-    attention(q, k, v, comm, causal=True, **kwargs).float().sum().backward()
+    kind = attention_kind(attention)
+    groups = {group: comm if group in kind.groups else None for group in ("ulysses", "ring")}
+    kind.attend(q, k, v, **groups, causal=True, layout="zigzag").float().sum().backward()
     with comm.phase("grad_sync"), comm.scope("weight_grads"):  # the block's weights are replicated over the group
         comm.all_reduce(torch.zeros(parameters, dtype=cfg.dtype, device=cfg.device))
 
@@ -81,21 +89,18 @@ def record(method: str, cfg: Config) -> CommTrace:
     A ``ValueError`` with the numbers if the sizes do not divide (raised here or by the method itself).
     """
     p = cfg.world_size
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; methods are {METHODS}")
+    if method not in all_methods():
+        raise ValueError(f"unknown method {method!r}; methods are {all_methods()}")
     if cfg.hidden % cfg.heads:
         raise ValueError(f"hidden={cfg.hidden} is not divisible by heads={cfg.heads}")
     if method != "tp" and cfg.seq % p:
         raise ValueError(f"{method}: seq={cfg.seq} is not divisible by world_size={p}")
     with torch.device(cfg.device):
         dense = TransformerBlock(cfg.hidden, cfg.heads).to(cfg.dtype)
-    if method in ("tp", "tp_sp"):
+    if method in TENSOR_PARALLEL:
         return run(_block, cfg, dense, method, world_size=p, count_flops=True).trace
     parameters = sum(w.numel() for w in dense.parameters())
-    if method == "ring":
-        return run(_context_parallel, cfg, parameters, ring_attention, world_size=p, count_flops=True,
-                   layout="zigzag").trace
-    return run(_context_parallel, cfg, parameters, ulysses_attention, world_size=p, count_flops=True).trace
+    return run(_context_parallel, cfg, parameters, method, world_size=p, count_flops=True).trace
 
 
 @dataclass(frozen=True)
@@ -120,13 +125,14 @@ def measure(method: str, cfg: Config, hw: Cluster | str) -> Point:
                  max(tl.comm(r) for r in tl.ranks), max(tl.exposed(r) for r in tl.ranks), trace, tl)
 
 
-def sweep(cfg: Config, hw: Cluster | str, methods: Iterable[str] = METHODS, world_sizes: Iterable[int] = (),
+def sweep(cfg: Config, hw: Cluster | str, methods: Iterable[str] | None = None, world_sizes: Iterable[int] = (),
           seqs: Iterable[int] = (), progress: Callable[[list], Iterable] = iter) -> tuple[list[Point], list[str]]:
-    """``measure`` every method on ``cfg``, or on ``cfg`` with each of ``world_sizes`` and then each of
-    ``seqs``; ``progress`` wraps the list of runs (e.g. ``tqdm.tqdm``). Returns (points, why each
+    """``measure`` each of ``methods`` (default: ``all_methods()``) on ``cfg``, or on ``cfg`` with each of
+    ``world_sizes`` and then each of ``seqs``; ``progress`` wraps the list of runs (e.g. ``tqdm.tqdm``). Returns (points, why each
     combination whose sizes do not divide was skipped)."""
     cfgs = [replace(cfg, world_size=p) for p in world_sizes] + [replace(cfg, seq=s) for s in seqs]
     points, skipped = [], []
+    methods = all_methods() if methods is None else tuple(methods)
     for method, c in progress([(m, c) for c in (cfgs or [cfg]) for m in methods]):
         try:
             points.append(measure(method, c, hw))

@@ -4,7 +4,7 @@
 its default view as a stored figure for readers without a kernel); ``dashboard()`` wires it to
 controls (it needs ipywidgets: ``pip install -e .[notebooks]``). Every choice the controls offer
 gives a view: world sizes and sequence lengths are powers of two, so the sequence always divides
-(ring attention always runs); a method whose sizes do not divide (heads on too many ranks) is
+(ring and all-gather attention always run); a method whose sizes do not divide (heads on too many ranks) is
 listed with the reason. Sliders act on release (``continuous_update=False``) and the status line
 says "computing…" while the simulator runs the block. ``stepper`` plays a sequence of figures (the
 step-by-step pictures of ``viz.steps``) with a Play button and a slider.
