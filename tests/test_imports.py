@@ -24,7 +24,7 @@ BELOW = {
     "tensor_parallel": {"core", "models"},
     "context_parallel": {"core", "models"},
     "hybrid": {"core", "models", "tensor_parallel", "context_parallel"},
-    "pipeline": {"core", "analysis"},  # analysis: only memory.saved_tensor_meter, the stage's meter
+    "pipeline": {"core"},
     "data_parallel": {"core"},
     "analysis": {"core", "launch", "models", "tensor_parallel", "context_parallel", "hybrid"},
     "viz": {"core", "launch", "models", "context_parallel", "pipeline", "analysis"},

@@ -76,7 +76,8 @@ from .data_parallel.zero import ZeroOptimizer
 # ---- analysis -----------------------------------------------------------------------------------
 from .analysis import cost, memory
 from .analysis.cost import Hardware
-from .analysis.memory import activation_memory, saved_tensor_meter
+from .analysis.memory import activation_memory
+from .core.saved import saved_tensor_meter
 from .analysis.models import Model
 from .analysis.planner import Plan, plan
 from .analysis.replay import Timeline, timeline

@@ -1,6 +1,6 @@
 """Activation memory per rank: what autograd saves for backward, measured and predicted.
 
-``saved_tensor_meter()`` counts the bytes of the distinct storages saved for backward while it is
+``saved_tensor_meter()`` (core/saved.py) counts the bytes of the distinct storages saved for backward while it is
 open (``torch.autograd.graph.saved_tensors_hooks``, which are per thread, so each virtual rank
 measures its own). ``activation_memory`` is Korthikanti et al. 2022's count per transformer layer
 (16-bit activations, 1-byte dropout masks; s sequence, b batch, h hidden, a heads, t TP size):
@@ -40,11 +40,7 @@ context and NCCL. ``budget`` and ``ts.plan`` share these defaults.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from typing import Iterable
-
-import torch
 
 from ..context_parallel.kind import LocalShape
 from ..context_parallel.registry import attention_kind
@@ -226,50 +222,3 @@ def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro
                   optimizer=params * moments / shard[1], activations=m.n_layers * per_layer + output,
                   activations_per_layer=per_layer, parameters=params, master_weights=params * master / shard[1],
                   output_activations=output, reserve=reserve)
-
-
-class saved_tensor_meter:
-    """Context manager: ``.nbytes`` is the bytes of distinct storages saved for backward while open.
-
-    A storage saved twice (q and k as views of one qkv output, say) counts once; storages of the
-    tensors in ``exclude`` (e.g. ``model.parameters()``) do not count. Meters nest (torch applies
-    only the innermost saved-tensor hooks, so the innermost meter counts for every open one). Per
-    thread: on virtual ranks, open it inside the rank's function.
-    """
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
-        self._excluded = {_key(t) for t in exclude}
-        self._storages: dict[tuple, torch.UntypedStorage] = {}
-        self.nbytes = 0
-
-    def _count(self, t: torch.Tensor) -> None:
-        key = _key(t)
-        if key not in self._excluded and key not in self._storages:
-            self._storages[key] = t.untyped_storage()  # kept alive while open, so its address is not reused
-            self.nbytes += t.untyped_storage().nbytes()
-
-    @staticmethod
-    def _pack(t: torch.Tensor) -> torch.Tensor:
-        for meter in _open.meters:
-            meter._count(t)
-        return t
-
-    def __enter__(self) -> "saved_tensor_meter":
-        if not hasattr(_open, "meters"):
-            _open.meters = []
-        _open.meters.append(self)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-        _open.meters.remove(self)
-        self._storages.clear()
-
-
-_open = threading.local()  # the meters open on this thread
-
-
-def _key(t: torch.Tensor) -> tuple:
-    return t.device, t.untyped_storage().data_ptr()

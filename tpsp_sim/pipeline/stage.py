@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..analysis.memory import saved_tensor_meter
+from ..core.saved import saved_tensor_meter
 from ..core.comm import Comm
 from ..core.errors import SimulationError
 from .backward import backward_input
