@@ -33,23 +33,43 @@ class RankFailedError(SimulationError):
         return (type(self), (self.rank, str(self)))
 
 
+def describe_error(error: BaseException) -> str:
+    """``"Type: message"``, and never an exception of its own: a message whose ``__str__`` raises falls
+    back to ``repr``, then to the type name alone (saying that the message could not be formatted)."""
+    name = type(error).__name__
+    try:
+        text = str(error)
+        return f"{name}: {text}" if text else name
+    except Exception as broken:  # noqa: BLE001 - a user's exception class with a broken __str__
+        why = f"its __str__ raised {type(broken).__name__}"
+    try:
+        return f"{name}: {error!r} ({why})"
+    except Exception:  # noqa: BLE001 - and a broken __repr__
+        return f"{name} (its message could not be formatted: {why}, and so did its __repr__)"
+
+
 def rank_failed(rank: int, cause: BaseException) -> RankFailedError:
     """A RankFailedError that is also an instance of ``cause``'s type, so ``except ValueError`` still works.
 
     Only ``Exception`` types are mixed in: a failure must never also be a ``SystemExit`` (an uncaught
     one would end the script with its code, status 0 for ``sys.exit()``) or a ``KeyboardInterrupt``.
+    The failure of a nested run (already a RankFailedError, maybe of a mixed-in type) keeps its type.
+    Formatting the cause never fails (``describe_error``).
     """
     if isinstance(cause, SystemExit):
         message = f"rank {rank} raised SystemExit (sys.exit with exit code {cause.code!r})"
     else:
-        message = f"rank {rank} raised {type(cause).__name__}: {cause}"
+        message = f"rank {rank} raised {describe_error(cause)}"
     if not isinstance(cause, Exception):
         error = RankFailedError(rank, message)
         error.__cause__ = cause
         return error
     try:
-        cls = _failed_types.setdefault(type(cause), type(f"RankFailedError[{type(cause).__name__}]",
-                                                          (RankFailedError, type(cause)), {}))
+        if isinstance(cause, RankFailedError):  # RankFailedError[ValueError] again: no consistent MRO with it mixed in
+            cls = type(cause)
+        else:
+            cls = _failed_types.setdefault(type(cause), type(f"RankFailedError[{type(cause).__name__}]",
+                                                              (RankFailedError, type(cause)), {}))
         error = cls(rank, message)
     except Exception:  # noqa: BLE001 - the original type cannot be mixed in (layout conflict, its own __init__)
         error = RankFailedError(rank, message)
