@@ -54,7 +54,17 @@ IDLE_CPU = 0.001  # CPU seconds under which a running rank counts as waiting bet
 
 
 class Aborted(BaseException):
-    """Raised inside a rank thread (asynchronously) to stop it after its run has already failed."""
+    """Raised inside a rank thread (asynchronously) to stop it after its run has already failed.
+
+    Raised as a class, so CPython makes the instance in the rank's own thread when an ``except``
+    catches it: ``landed`` then holds that thread's ident (the runtime clears it before each send).
+    A rank whose Aborted landed and that still runs fn has swallowed it (a bare ``except:``)."""
+
+    landed: set[int] = set()
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        Aborted.landed.add(threading.get_ident())
 
 
 def copy_error(error: SimulationError) -> SimulationError:
@@ -168,6 +178,7 @@ class SimWorld:
         self.children: list[SimWorld] = []  # runs nested inside this run's ranks
         self.nesting: set[int] = set()  # ranks supervising a nested run (they stop when it stops)
         self.thread_ids: dict[int, int] = {}  # rank -> thread ident, while the rank is inside fn
+        self.aborted: set[int] = set()  # ranks sent an Aborted at least once (runtime.py)
         self.error: SimulationError | None = None
         self.closed = False
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -195,9 +206,12 @@ class SimWorld:
                                                f"{'failed' if self.error else 'ended'}"))
 
     def disown(self, child: "SimWorld", rank: int) -> None:
+        """The run nested in ``rank`` has ended. Once this run has failed, ``rank`` stays out of the runtime's
+        Aborted stops: it is raising the nested run's error (an Aborted there could cut that run's cleanup)."""
         with self.lock:
             self.children.remove(child)
-            self.nesting.discard(rank)
+            if self.error is None:
+                self.nesting.discard(rank)
 
     def close(self) -> None:
         """The run has returned: every later call on its comms raises at once."""
