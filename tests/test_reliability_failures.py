@@ -2,6 +2,7 @@
 that rank, and leaves no thread behind (the autouse fixture in conftest.py checks the last part)."""
 
 import pytest
+import torch
 
 import tpsp_sim as ts
 
@@ -76,3 +77,42 @@ def test_on_gloo_an_exception_whose_str_raises_is_blamed_on_its_rank():
                                                  r"\(its __str__ raised AttributeError\)$") as info:
         ts.run(rank1_raises_broken_message, "barrier", world_size=2, backend="gloo", timeout=60)
     assert info.value.rank == 1
+
+
+def posts_messages_nobody_matches(comm):
+    if comm.rank == 0:
+        with comm.scope("early"):
+            comm.isend(torch.ones(2), 1)  # rank 1 never receives it; nobody waits on it
+    if comm.rank == 2:
+        comm.irecv(torch.ones(3, dtype=torch.float64), 1)  # rank 1 never sends it
+    return comm.rank
+
+
+UNMATCHED = ("the run ended with 2 point-to-point message(s) never matched (an isend or irecv that nobody waited "
+             "on; the trace records their bytes all the same):\n"
+             "  rank 0's isend to rank 1 was never received (shape (2,), torch.float32) in scope 'early'\n"
+             "  rank 2's irecv from rank 1 was never sent (shape (3,), torch.float64)")
+
+
+def test_isends_and_irecvs_never_matched_are_an_error_when_the_run_ends():
+    with pytest.raises(ts.SimulationError) as info:
+        ts.run(posts_messages_nobody_matches, world_size=3)
+    assert str(info.value) == UNMATCHED
+
+
+def test_an_isend_matched_but_never_waited_on_is_no_error():
+    def fn(comm):
+        if comm.rank == 0:
+            comm.isend(torch.ones(2), 1)
+            return None
+        return comm.recv(torch.zeros(2), 0)
+
+    assert ts.run(fn, world_size=2).outputs[1].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.real
+@pytest.mark.timeout(120)
+def test_on_gloo_isends_and_irecvs_never_matched_are_the_same_error():
+    with pytest.raises(ts.SimulationError) as info:
+        ts.run(posts_messages_nobody_matches, world_size=3, backend="gloo", timeout=60)
+    assert str(info.value) == UNMATCHED

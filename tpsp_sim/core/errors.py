@@ -5,6 +5,8 @@ Every error of a run is raised on every rank and by ``ts.run`` itself, within se
 
 from __future__ import annotations
 
+MAX_LINES = 12  # per-rank lines an error message shows before summarising the rest
+
 
 class SimulationError(RuntimeError):
     """Base class of every error a parallel run reports."""
@@ -78,3 +80,19 @@ def rank_failed(rank: int, cause: BaseException) -> RankFailedError:
 
 
 _failed_types: dict[type, type] = {}
+
+
+def unmatched_messages(messages: list[tuple[int, int, bool, tuple[int, ...], str, str]]) -> SimulationError:
+    """The error for point-to-point messages still unmatched when every rank has returned: an isend or
+    irecv nobody waited on (waiting would have deadlocked). NCCL's watchdog would flag them; the trace
+    records their bytes all the same. ``messages``: (sender, receiver, posted by the sender, shape,
+    dtype, scope), global ranks; the same text on every backend."""
+    lines = []
+    for src, dst, sending, shape, dtype, scope in messages:
+        what = (f"rank {src}'s isend to rank {dst} was never received" if sending else
+                f"rank {dst}'s irecv from rank {src} was never sent")
+        lines.append(f"  {what} (shape {shape}, {dtype})" + (f" in scope {scope!r}" if scope else ""))
+    shown = lines[:MAX_LINES] + ([f"  ... and {len(lines) - MAX_LINES} more"] if len(lines) > MAX_LINES else [])
+    return SimulationError(f"the run ended with {len(lines)} point-to-point message(s) never matched (an isend or "
+                           f"irecv that nobody waited on; the trace records their bytes all the same):\n"
+                           + "\n".join(shown))

@@ -155,6 +155,16 @@ class CallBook:
                 lines.append(f"  rank {rank}: computing (or inside native code) {self.where(rank)}")
         return blamed, "\n".join(lines)
 
+    def unmatched(self) -> list[tuple[int, int, bool, tuple[int, ...], str, str]]:
+        """The sends and receives one side posted and the other never did, for ``unmatched_messages``."""
+        found = []
+        for key, calls in self._posted.items():
+            if key[0] == "p2p" and self._missing(key):
+                [(rank, call)] = calls.items()
+                (shape, dtype), scope = call["shape"], call["scope"]
+                found.append((key[2], key[3], rank == key[2], tuple(shape), dtype, scope))
+        return found
+
     def where(self, rank: int) -> str:
         """Where ``rank`` was, from its last logged call."""
         call = self.last.get(rank)

@@ -24,6 +24,9 @@ the run at the first of:
    ``timeout + STARTUP_S`` seconds of the run's start;
 5. a call into ``torch.distributed`` failed and nothing above explains it within a second: that
    rank's error.
+
+Once every rank has returned, an isend or irecv one side posted and the other never did is an error
+too (``unmatched_messages``, the simulator's text): gloo would let it pass.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from typing import Callable, Iterator
 import cloudpickle
 import torch.distributed as dist
 
-from ..core.errors import RankFailedError, SimulationError, rank_failed
+from ..core.errors import RankFailedError, SimulationError, rank_failed, unmatched_messages
 from ..core.result import RunResult
 from ..core.trace import CommTrace
 from .call_log import CallBook
@@ -144,6 +147,10 @@ def _watch(procs: list[subprocess.Popen], work: Path, timeout: float) -> BaseExc
             return _died(died[0], codes[died[0]], work, book)
         now = time.time()
         if all(results):  # every rank returned; give the processes a moment to leave the group
+            book.read()  # every call was logged before its rank's result was written
+            mismatch, unmatched = book.mismatch(), book.unmatched()
+            if mismatch is not None or unmatched:
+                return mismatch or unmatched_messages(unmatched)
             done_at = done_at or now
             if all(code is not None for code in codes) or now - done_at > GRACE_S:
                 return None

@@ -19,6 +19,7 @@ them until they leave fn. A second Ctrl-C while a run stops is ignored: the stop
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import signal
 import threading
@@ -178,8 +179,9 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
         recorder.flop_counter = FlopCounter(recorder.label) if count_flops else None
         try:
             world.enter(rank)
+            own_args, own_kwargs = own_copies((args, kwargs))
             with recorder.flop_counter or nullcontext():
-                outputs[rank] = fn(comm, *args, **kwargs)
+                outputs[rank] = fn(comm, *own_args, **own_kwargs)
                 recorder.finish()
         except SimulationError as error:
             with world.lock:  # our own copy of the run's error, or an error this rank detected
@@ -214,6 +216,10 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
         world.close()
         if parent is not None:
             parent.disown(world, parent_rank)
+    if world.error is None:
+        unmatched = world.unmatched()
+        if unmatched is not None:
+            raise unmatched
     if world.error is not None:
         error = copy_error(world.error)
         note = _not_stopped(world, exited)
@@ -272,6 +278,24 @@ def _interrupts_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def own_copies(obj: Any, memo: dict | None = None) -> Any:
+    """``obj`` with every tensor inside lists, tuples and dicts replaced by this rank's own copy, as each
+    process of a real backend unpickles its own: one rank's ``x.mul_(10)`` or ``x.grad`` never reaches
+    another rank or the caller. ``copy.deepcopy`` per tensor, with one memo per rank: a copy keeps
+    ``requires_grad`` and its type (``nn.Parameter``), and views of one tensor stay views of one copy
+    (``ts.run`` has refused tensors with autograd history, which neither deepcopy nor pickle take).
+    Other objects (modules, functions, events) are passed as they are."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        return copy.deepcopy(obj, memo)
+    if isinstance(obj, (list, tuple)):
+        items = [own_copies(o, memo) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuples too
+    if isinstance(obj, dict):
+        return type(obj)((k, own_copies(v, memo)) for k, v in obj.items())
+    return obj
 
 
 _intra_op = {"runs": 0, "threads": 0}  # top-level runs in progress in this process; torch's threads before them

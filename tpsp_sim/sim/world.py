@@ -44,11 +44,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..core.errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError, rank_failed
+from ..core.errors import (MAX_LINES, CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError,
+                           rank_failed, unmatched_messages)
 from ..core.ops import describe_call
 from ..core.trace import Recorder
 
-MAX_LINES = 12  # per-rank lines an error message shows before summarising the rest
 RUNNERS = 2  # ranks that run at once while turns keep moving (see "Turns" above)
 IDLE_CPU = 0.001  # CPU seconds under which a running rank counts as waiting between two polls
 
@@ -406,6 +406,15 @@ class SimWorld:
                 f"{scope_text(slot.posted[comm.rank][3])}")
 
     # ---- point to point -------------------------------------------------------------------------
+
+    def unmatched(self) -> SimulationError | None:
+        """After every rank returned: the isends and irecvs never matched (never waited on either, or the
+        run would have deadlocked), as an error (``unmatched_messages``); None if there are none."""
+        messages = [(src, dst, sending, tuple(x.shape), str(x.dtype), m.scope)
+                    for sending, channels in ((True, self.sends), (False, self.recvs))
+                    for (_, src, dst), queue in channels.items() for m in queue
+                    for x in [m.tensor if sending else m.like]]
+        return unmatched_messages(messages) if messages else None
 
     def post(self, comm: Any, peer: int, message: _Message, sending: bool) -> None:
         """Post a send (to ``peer``) or a receive (from ``peer``) and match it if the other side is there."""
