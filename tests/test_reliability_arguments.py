@@ -45,3 +45,17 @@ def test_a_tensor_with_autograd_history_is_a_value_error_on_every_backend(backen
     with pytest.raises(ValueError, match=r"an argument is a tensor with autograd history \(shape \(2,\), "
                                          r"grad_fn=MulBackward0\).*pass x.detach\(\)"):
         ts.run(len, [{"x": x}], world_size=2, backend=backend)
+
+
+def gathers_on_a_group_given_out_of_order(comm):
+    group = comm.new_group([2, 0])
+    if group is None:
+        return None
+    return group.rank, group.group, group.all_gather(torch.tensor([float(comm.rank)])).tolist()
+
+
+@pytest.mark.parametrize("backend", ["sim", pytest.param("gloo", marks=[pytest.mark.real, pytest.mark.timeout(120)])])
+def test_new_group_sorts_its_ranks_as_torch_does(backend):
+    """Issue 24 item 8: the simulator kept the order given; torch.distributed sorts."""
+    outputs = ts.run(gathers_on_a_group_given_out_of_order, world_size=3, backend=backend).outputs
+    assert outputs == [(0, (0, 2), [0.0, 2.0]), None, (1, (0, 2), [0.0, 2.0])]

@@ -206,8 +206,10 @@ class Comm(ABC):
 
     def new_group(self, ranks: Sequence[int]) -> "Comm | None":
         """A communicator over ``ranks`` (ranks of this group). Every rank of this group must call it,
-        in the same order, with the same ranks; ranks outside ``ranks`` get None."""
-        ranks = tuple(_integer(r, self._where("new_group"), "every rank") for r in ranks)
+        in the same order, with the same ranks; ranks outside ``ranks`` get None. As in
+        ``torch.distributed.new_group``, the order given does not matter: the new group's ranks are
+        sorted (``new_group([2, 0])``: rank 0 is group rank 0, and gathers in that order)."""
+        ranks = tuple(sorted(_integer(r, self._where("new_group"), "every rank") for r in ranks))
         if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.world_size for r in ranks):
             raise ValueError(f"rank {self.rank}: new_group needs distinct ranks in [0, {self.world_size}), "
                              f"got {list(ranks)}")
