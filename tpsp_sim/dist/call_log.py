@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from ..core.errors import CollectiveMismatchError
+from ..core.errors import CollectiveMismatchError, DeadlockError
 from ..core.ops import describe_call
 
 
@@ -154,6 +154,22 @@ class CallBook:
             else:
                 lines.append(f"  rank {rank}: computing (or inside native code) {self.where(rank)}")
         return blamed, "\n".join(lines)
+
+    def waits_for_returned(self, returned: list[int]) -> DeadlockError | None:
+        """A rank whose last call waits for a rank that has already returned from fn can never go on (a
+        returned rank makes no more calls): the DeadlockError naming them, at once rather than at the
+        timeout; None if there is none."""
+        stuck = {}
+        for rank, call in self.last.items():
+            if rank not in returned and set(self._missing(call["key"])) & set(returned):
+                stuck[rank] = (f"  rank {rank}: waits in {_describe(call)}, {_name(call['key'])}, for rank(s) "
+                               f"{', '.join(map(str, self._missing(call['key'])))}")
+        if not stuck:
+            return None
+        gone = sorted({m for r in stuck for m in self._missing(self.last[r]["key"])} & set(returned))
+        lines = [f"  rank {r}: has returned from fn" for r in gone] + [stuck[r] for r in sorted(stuck)]
+        return DeadlockError("a rank waits for a rank that has already returned from fn, so its call can never "
+                             "complete:\n" + "\n".join(lines))
 
     def unmatched(self) -> list[tuple[int, int, bool, tuple[int, ...], str, str]]:
         """The sends and receives one side posted and the other never did, for ``unmatched_messages``."""
