@@ -4,12 +4,13 @@ say in words what is wrong."""
 
 from __future__ import annotations
 
+import linecache
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 
-from ..core.errors import DeadlockError, SimulationError
+from ..core.errors import DeadlockError, RankFailedError, SimulationError, describe_error
 from ..core.result import RunResult
 from ..core.trace import CommTrace
 from ..launch import run
@@ -75,6 +76,34 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> RunResult:
         raise Problem(f"deadlock — {error}") from None
     except SimulationError as error:
         raise Problem(str(error)) from None
+
+
+def unwritten_stub(error: BaseException, fn: Callable) -> bool:
+    """Whether ``error`` (a NotImplementedError, maybe wrapped in a RankFailedError) is the learner's stub
+    itself: raised by a ``raise`` statement in ``fn``'s own body (the innermost frame is ``fn``'s and its
+    line raises). A NotImplementedError from torch (an op a backend lacks, a Module without forward) is
+    raised in a deeper frame, or from a C call on a line of ``fn`` that does not raise: a real error."""
+    if isinstance(error, RankFailedError) and error.__cause__ is not None:
+        error = error.__cause__
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or tb.tb_frame.f_code is not getattr(fn, "__code__", None):
+        return False
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    return not line or line.lstrip().startswith("raise")  # no source to read (exec'd code): fn's frame decides
+
+
+def not_the_stub(error: BaseException) -> str:
+    """A NotImplementedError raised inside the learner's code but not by its stub, in words."""
+    if isinstance(error, RankFailedError) and error.__cause__ is not None:
+        error = error.__cause__
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = "" if tb is None else f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
+    return (f"raised {describe_error(error)}{where} — not the unwritten stub: an operation inside the function "
+            f"is not implemented")
 
 
 def compare(what: str, got: Any, want: torch.Tensor, atol: float = ATOL) -> list[str]:
