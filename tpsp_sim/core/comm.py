@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import group_text
 from .ops import REDUCE_OPS
 from .trace import CommEvent, Recorder
 
@@ -80,12 +81,15 @@ class Comm(ABC):
     backend: str
     axis: str | None = None  # set by ts.init_device_mesh on the groups it builds; recorded on every CommEvent
 
-    def __init__(self, rank: int, group: tuple[int, ...], recorder: Recorder) -> None:
+    def __init__(self, rank: int, group: tuple[int, ...], recorder: Recorder, group_label: str | None = None) -> None:
         self.rank = rank
         self.group = group
         self.world_size = len(group)
         self.recorder = recorder
-        self._label = f"rank {rank} of group {group}"  # formatted once: every call's checks use it
+        # Formatted once (every call's checks use it), and short (``group_text``). A backend with many ranks
+        # passes the group's text, formatted once per group: 8,000 ranks each formatting the whole tuple
+        # made starting a run quadratic.
+        self._label = f"rank {rank} of group {group_label or group_text(group)}"
 
     @property
     def global_rank(self) -> int:

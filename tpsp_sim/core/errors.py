@@ -5,7 +5,25 @@ Every error of a run is raised on every rank and by ``ts.run`` itself, within se
 
 from __future__ import annotations
 
+from typing import Iterable
+
 MAX_LINES = 12  # per-rank lines an error message shows before summarising the rest
+
+
+def format_ranks(ranks: Iterable[int]) -> str:
+    """``[0, 1, 2, 3, 5, 7, 8]`` → ``"0-3, 5, 7-8"``."""
+    runs: list[list[int]] = []
+    for r in sorted(ranks):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def group_text(group: tuple[int, ...]) -> str:
+    """A group as messages show it: the tuple up to 8 ranks, ranges beyond (``(0-999)``)."""
+    return str(group) if len(group) <= 8 else f"({format_ranks(group)})"
 
 
 class SimulationError(RuntimeError):

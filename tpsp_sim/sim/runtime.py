@@ -35,7 +35,7 @@ from ..core.errors import SimulationError, rank_failed
 from ..core.flops import FlopCounter
 from ..core.result import RunResult
 from ..core.trace import CommTrace, Recorder
-from .world import Aborted, SimWorld, _Message, copy_error, detached, format_ranks
+from .world import RUNNERS, Aborted, SimWorld, _Message, copy_error, detached, format_ranks
 
 POLL = 0.05  # seconds between the supervisor's checks of the timeout and of stalled turns
 GRACE = 0.5  # seconds a failed run's ranks get to stop before the error is reported without them
@@ -70,7 +70,7 @@ class SimComm(Comm):
     backend = "sim"
 
     def __init__(self, world: SimWorld, rank: int, group: tuple[int, ...], group_id: int, recorder: Recorder) -> None:
-        super().__init__(rank, group, recorder)
+        super().__init__(rank, group, recorder, world.group_label(group_id))
         self.world = world
         self.group_id = group_id
 
@@ -168,8 +168,10 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
     def leave(rank: int) -> None:
         world.rank_done(rank)  # from now on no Aborted is sent to this thread
         # One sent earlier may still be pending: CPython 3.11 can deliver it late when several threads
-        # got one (the first to take its own clears the interpreter's flag). Drop it.
-        _async_raise(threading.get_ident(), None)
+        # got one (the first to take its own clears the interpreter's flag). Drop it. Only if one was sent:
+        # the call walks every thread of the interpreter (8,000 ranks: 64 million steps in all).
+        if rank in world.aborted:  # added before any send, under the lock rank_done just took
+            _async_raise(threading.get_ident(), None)
         done.put(rank)  # one C call; a second put after an Aborted is harmless (a set counts exits)
 
     def rank_main(rank: int) -> None:
@@ -233,15 +235,21 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
 def _not_stopped(world: SimWorld, exited: set[int]) -> str:
     """What the ranks that did not stop within GRACE are doing, as far as the runtime can tell."""
     with world.lock:
-        swallowed, nesting, native = [], [], []
+        swallowed, nesting, woken, native = [], [], [], []
         for rank in sorted(set(range(world.world_size)) - exited):
             if world.thread_ids.get(rank) in Aborted.landed:
                 swallowed.append(rank)
             elif rank in world.nesting:
                 nesting.append(rank)
+            elif rank in world.blocked:
+                woken.append(rank)
             else:
                 native.append(rank)
     said = []
+    if woken:
+        said.append(f"{_ranks(woken)} did not stop within {GRACE} s: waiting in the runtime for "
+                    f"{'their turns' if len(woken) > 1 else 'its turn'} to raise the error (ranks take turns, "
+                    f"{RUNNERS} at a time).")
     if native:
         said.append(f"{_ranks(native)} did not stop within {GRACE} s: still inside native code (one long C call: "
                     f"a matmul, time.sleep, Event.wait...); {_they(native)} stop at the next Python instruction.")
@@ -262,7 +270,12 @@ def _they(ranks: list[int]) -> str:
 
 
 def _ranks(ranks: list[int]) -> str:
-    return f"rank{'s' if len(ranks) > 1 else ''} {format_ranks(ranks)}"
+    """``rank 3``, ``ranks 1-4, 7``; past 8 runs of consecutive ranks, the first 8 and how many in all."""
+    text = format_ranks(ranks)
+    runs = text.split(", ")
+    if len(runs) > 8:
+        text = ", ".join(runs[:8]) + f", ... ({len(ranks)} ranks)"
+    return f"rank{'s' if len(ranks) > 1 else ''} {text}"
 
 
 @contextmanager
