@@ -10,16 +10,9 @@ import time
 import pytest
 import torch
 from conftest import _children
+from test_dist_reliability import alive
 
 import tpsp_sim as ts
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def rank0_returns_early(comm, how):

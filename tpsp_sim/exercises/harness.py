@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import linecache
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Callable, Iterable
 
 import torch
@@ -67,7 +68,7 @@ class Report:
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> RunResult:
     """``ts.run(fn, *args)`` on virtual ranks; a deadlock or a rank's exception becomes a ``Problem``
-    (a ``NotImplementedError`` — the unwritten stub — passes through)."""
+    (a ``NotImplementedError`` passes through: ``check`` tells the unwritten stub from one raised by torch)."""
     try:
         return run(fn, *args, world_size=world_size, timeout=TIMEOUT)
     except NotImplementedError:
@@ -83,11 +84,7 @@ def unwritten_stub(error: BaseException, fn: Callable) -> bool:
     itself: raised by a ``raise`` statement in ``fn``'s own body (the innermost frame is ``fn``'s and its
     line raises). A NotImplementedError from torch (an op a backend lacks, a Module without forward) is
     raised in a deeper frame, or from a C call on a line of ``fn`` that does not raise: a real error."""
-    if isinstance(error, RankFailedError) and error.__cause__ is not None:
-        error = error.__cause__
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
+    tb = _innermost(error)
     if tb is None or tb.tb_frame.f_code is not getattr(fn, "__code__", None):
         return False
     line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
@@ -96,14 +93,22 @@ def unwritten_stub(error: BaseException, fn: Callable) -> bool:
 
 def not_the_stub(error: BaseException) -> str:
     """A NotImplementedError raised inside the learner's code but not by its stub, in words."""
+    tb = _innermost(error)
+    if isinstance(error, RankFailedError) and error.__cause__ is not None:
+        error = error.__cause__
+    where = "" if tb is None else f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
+    return (f"raised {describe_error(error)}{where} — not the unwritten stub: an operation inside the function "
+            f"is not implemented")
+
+
+def _innermost(error: BaseException) -> TracebackType | None:
+    """The traceback entry where ``error`` (or, for a rank's failure, its cause) was raised."""
     if isinstance(error, RankFailedError) and error.__cause__ is not None:
         error = error.__cause__
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    where = "" if tb is None else f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
-    return (f"raised {describe_error(error)}{where} — not the unwritten stub: an operation inside the function "
-            f"is not implemented")
+    return tb
 
 
 def compare(what: str, got: Any, want: torch.Tensor, atol: float = ATOL) -> list[str]:
