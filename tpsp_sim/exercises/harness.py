@@ -5,6 +5,7 @@ say in words what is wrong."""
 from __future__ import annotations
 
 import linecache
+import os
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Iterable
@@ -79,16 +80,22 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> RunResult:
         raise Problem(str(error)) from None
 
 
-def unwritten_stub(error: BaseException, fn: Callable) -> bool:
-    """Whether ``error`` (a NotImplementedError, maybe wrapped in a RankFailedError) is the learner's stub
-    itself: raised by a ``raise`` statement in ``fn``'s own body (the innermost frame is ``fn``'s and its
-    line raises). A NotImplementedError from torch (an op a backend lacks, a Module without forward) is
-    raised in a deeper frame, or from a C call on a line of ``fn`` that does not raise: a real error."""
+def unwritten_stub(error: BaseException) -> bool:
+    """Whether ``error`` (a NotImplementedError, maybe wrapped in a RankFailedError) is the learner's stub:
+    raised by a ``raise`` statement in the learner's code (in the function checked, or a method it calls,
+    such as an autograd Function's forward). A NotImplementedError from torch (an op a backend lacks, a
+    Module without forward) is raised in torch's own code, or by a C call on a line that does not raise."""
     tb = _innermost(error)
-    if tb is None or tb.tb_frame.f_code is not getattr(fn, "__code__", None):
+    if tb is None:
+        return True
+    filename = tb.tb_frame.f_code.co_filename
+    if filename.startswith(_TORCH_DIR):
         return False
-    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
-    return not line or line.lstrip().startswith("raise")  # no source to read (exec'd code): fn's frame decides
+    line = linecache.getline(filename, tb.tb_lineno)
+    return not line or line.lstrip().startswith("raise")  # no source to read (exec'd code): the learner's
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def not_the_stub(error: BaseException) -> str:
