@@ -246,27 +246,23 @@ def _not_stopped(world: SimWorld, exited: set[int]) -> str:
             else:
                 native.append(rank)
     said = []
-    if woken:
-        said.append(f"{_ranks(woken)} did not stop within {GRACE} s: waiting in the runtime for "
-                    f"{'their turns' if len(woken) > 1 else 'its turn'} to raise the error (ranks take turns, "
-                    f"{RUNNERS} at a time).")
-    if native:
-        said.append(f"{_ranks(native)} did not stop within {GRACE} s: still inside native code (one long C call: "
-                    f"a matmul, time.sleep, Event.wait...); {_they(native)} stop at the next Python instruction.")
-    if swallowed:
-        said.append(f"{_ranks(swallowed)} did not stop within {GRACE} s: {_they(swallowed)} caught the stop (tpsp_sim's "
-                    f"Aborted, a BaseException, which a bare `except:` or `except BaseException:` in fn swallows) and "
-                    f"went on; it is raised again every {RESEND} s until {_they(swallowed)} leave{'' if len(swallowed) > 1 else 's'} fn.")
-    if nesting:
-        said.append(f"{_ranks(nesting)} did not stop within {GRACE} s: still stopping the run nested inside "
-                    f"{'them' if len(nesting) > 1 else 'it'}.")
+    for ranks, why in [
+            (woken, "waiting in the runtime for {its} turn to raise the error (ranks take turns, "
+                    f"{RUNNERS} at a time)"),
+            (native, "still inside native code (one long C call: a matmul, time.sleep, Event.wait...); {it} "
+                     "{stops} at the next Python instruction"),
+            (swallowed, "{it} caught the stop (tpsp_sim's Aborted, a BaseException, which a bare `except:` or "
+                        f"`except BaseException:` in fn swallows) and went on; it is raised again every {RESEND} s "
+                        "until {it} {leaves} fn"),
+            (nesting, "still stopping the run nested inside {it}")]:
+        if ranks:
+            many = len(ranks) > 1
+            words = {"its": "their" if many else "its", "it": "they" if many else "it",
+                     "stops": "stop" if many else "stops", "leaves": "leave" if many else "leaves"}
+            said.append(f"{_ranks(ranks)} did not stop within {GRACE} s: {why.format(**words)}.")
     if not said:
         return ""
     return " ".join(said) + " Every Comm call they make raises at once."
-
-
-def _they(ranks: list[int]) -> str:
-    return "they" if len(ranks) > 1 else "it"
 
 
 def _ranks(ranks: list[int]) -> str:
