@@ -1,6 +1,7 @@
 """Issue 24 item 15: thousands of virtual ranks cost time linear in their number (benchmarks/many_ranks.py
 prints ranks vs seconds), and messages about them stay short."""
 
+import threading
 import time
 
 import pytest
@@ -47,3 +48,31 @@ def test_eight_thousand_ranks_run_an_all_reduce_and_report_a_deadlock_in_seconds
         "  ranks 1-7999: waits in all_reduce(shape=(1,), dtype=torch.float32, op='sum'), collective #0 of group "
         "(0-7999), for group ranks [0] that have not called it"]
     assert all(len(note) < 400 for note in getattr(info.value, "__notes__", []))
+
+
+def test_after_a_failure_waiting_ranks_raise_in_turns_even_while_stuck_ranks_hold_theirs():
+    """Waiting ranks now raise in turns (not all woken at once): with ranks 0 and 1 holding their turns inside a
+    C call, ranks 3-6 waiting in a barrier still raise before the error is reported; the note names 0 and 1 only."""
+    release = threading.Event()
+
+    def fn(comm):
+        if comm.rank < 2:
+            release.wait()  # one C call, holding a turn
+            return None
+        if comm.rank == 2:
+            time.sleep(0.2)
+            raise RuntimeError("rank 2 fails")
+        comm.barrier()  # ranks 3-6 wait here
+
+    try:
+        with pytest.raises(RuntimeError, match="rank 2 fails") as info:
+            ts.run(fn, world_size=7)
+        [note] = info.value.__notes__
+        assert note.startswith("ranks 0-1 did not stop within 0.5 s: still inside native code")
+        assert sorted(t.name for t in threading.enumerate() if t.name.startswith("tpsp_sim-rank")) == [
+            "tpsp_sim-rank0", "tpsp_sim-rank1"]
+    finally:
+        release.set()
+    deadline = time.monotonic() + 3
+    while any(t.name.startswith("tpsp_sim") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)

@@ -249,8 +249,8 @@ class SimWorld:
                                           f"ranks:\n{self.describe_ranks()}"))
             cpu = {r: _cpu_seconds(self.thread_ids[r]) for r in self.running if r in self.thread_ids}
             idle = any(cpu[r] - self._cpu_seen[r] < IDLE_CPU for r in cpu if r in self._cpu_seen)
-            if self.handoffs != self._handoffs_seen:
-                self.runners = RUNNERS
+            if self.handoffs != self._handoffs_seen and self.error is None:  # after a failure, turns stay as
+                self.runners = RUNNERS  # _release_waiting set them: beyond the ranks stuck in native code
             elif self.ready and idle:
                 self.runners += 1
                 self._hand_over()
