@@ -87,3 +87,19 @@ def test_the_leftover_check_sees_an_orphan_of_a_worker():
     while orphan in _children() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert orphan not in _children()
+
+
+def isends_to_a_returned_rank_and_computes_on(comm, seconds):
+    if comm.rank == 1:
+        comm.isend(torch.ones(2), 0)  # rank 0 has returned; nobody waits on this
+        time.sleep(seconds)  # on gloo longer than the parent's GRACE_S: still not a wait
+    return comm.rank
+
+
+@pytest.mark.parametrize("backend, seconds", [
+    ("sim", 0.0), pytest.param("gloo", 1.5, marks=[pytest.mark.real, pytest.mark.timeout(120)])])
+def test_an_isend_nobody_waits_on_is_the_unmatched_error_on_both_backends_not_a_deadlock(backend, seconds):
+    with pytest.raises(ts.SimulationError) as info:
+        ts.run(isends_to_a_returned_rank_and_computes_on, seconds, world_size=2, backend=backend, timeout=60)
+    assert type(info.value) is ts.SimulationError
+    assert str(info.value).endswith("\n  rank 1's isend to rank 0 was never received (shape (2,), torch.float32)")
