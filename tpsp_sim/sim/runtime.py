@@ -201,35 +201,36 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
         parent.adopt(world, parent_rank)
     threads = [threading.Thread(target=main, args=(r,), name=f"tpsp_sim-rank{r}", daemon=True)
                for r in range(world_size)]
-    try:
-        with _one_intra_op_thread(nested=parent is not None):
-            for t in threads:
-                t.start()
-            _supervise(world, done, exited)
-    except BaseException as interruption:  # KeyboardInterrupt, say
-        with _interrupts_deferred():  # a second Ctrl-C must not cut the stop short (ranks would spin on)
-            with world.lock:
-                world.fail(SimulationError(f"interrupted ({type(interruption).__name__})"))
-            exited.update(r for r, t in enumerate(threads) if t.ident is None)  # never started
-            _stop(world, done, exited)
+    with _one_interrupt():  # a second Ctrl-C is ignored until the ranks are stopped
+        try:
+            with _one_intra_op_thread(nested=parent is not None):
+                for t in threads:
+                    t.start()
+                _supervise(world, done, exited)
+        except BaseException as interruption:  # KeyboardInterrupt, say
+            with _interrupts_deferred():  # a second Ctrl-C must not cut the stop short (ranks would spin on)
+                with world.lock:
+                    world.fail(SimulationError(f"interrupted ({type(interruption).__name__})"))
+                exited.update(r for r, t in enumerate(threads) if t.ident is None)  # never started
+                _stop(world, done, exited)
+                _keep_stopping(world, done, exited)
+            raise
+        finally:
+            world.close()
+            if parent is not None:
+                parent.disown(world, parent_rank)
+        if world.error is None:
+            unmatched = world.unmatched()
+            if unmatched is not None:
+                raise unmatched
+        if world.error is not None:
+            error = copy_error(world.error)
+            note = _not_stopped(world, exited)
+            if note:
+                error.add_note(note)
             _keep_stopping(world, done, exited)
-        raise
-    finally:
-        world.close()
-        if parent is not None:
-            parent.disown(world, parent_rank)
-    if world.error is None:
-        unmatched = world.unmatched()
-        if unmatched is not None:
-            raise unmatched
-    if world.error is not None:
-        error = copy_error(world.error)
-        note = _not_stopped(world, exited)
-        if note:
-            error.add_note(note)
-        _keep_stopping(world, done, exited)
-        raise error from world.error.__cause__
-    return RunResult(outputs, CommTrace.from_recorders(recorders))
+            raise error from world.error.__cause__
+        return RunResult(outputs, CommTrace.from_recorders(recorders))
 
 
 def _not_stopped(world: SimWorld, exited: set[int]) -> str:
@@ -272,6 +273,31 @@ def _ranks(ranks: list[int]) -> str:
     if len(runs) > 8:
         text = ", ".join(runs[:8]) + f", ... ({len(ranks)} ranks)"
     return f"rank{'s' if len(ranks) > 1 else ''} {text}"
+
+
+@contextmanager
+def _one_interrupt() -> Iterator[None]:
+    """While a run is in progress in the main thread with Python's default Ctrl-C handler: the first Ctrl-C
+    raises KeyboardInterrupt as usual, later ones are ignored until the run has stopped its ranks (a second
+    one within ~50 ms used to cut the stop short, and ranks spun on). Elsewhere nothing changes here (the
+    stop itself still ignores Ctrl-C: ``_interrupts_deferred``)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    interrupted = False
+
+    def first_only(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first_only)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
