@@ -22,6 +22,10 @@ def test_a_big_groups_label_in_messages_is_ranges_not_the_whole_tuple():
         ts.run(fn, world_size=300)
 
 
+def rank_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("tpsp_sim-rank"))
+
+
 def deadlock(comm):
     if comm.rank == 0:
         return None
@@ -68,9 +72,11 @@ def test_after_a_failure_waiting_ranks_raise_in_turns_even_while_stuck_ranks_hol
         with pytest.raises(RuntimeError, match="rank 2 fails") as info:
             ts.run(fn, world_size=7)
         [note] = info.value.__notes__
-        assert note.startswith("ranks 0-1 did not stop within 0.5 s: still inside native code")
-        assert sorted(t.name for t in threading.enumerate() if t.name.startswith("tpsp_sim-rank")) == [
-            "tpsp_sim-rank0", "tpsp_sim-rank1"]
+        assert "ranks 0-1 did not stop within 0.5 s: still inside native code" in note
+        deadline = time.monotonic() + 3  # on a busy machine some may still wait for their turn to raise
+        while len(rank_threads()) > 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rank_threads() == ["tpsp_sim-rank0", "tpsp_sim-rank1"]  # 0 and 1 still hold their turns
     finally:
         release.set()
     deadline = time.monotonic() + 3
