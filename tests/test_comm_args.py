@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,52 @@ def test_dropout_rng_on_ranks_refuses_a_missing_seed_however_it_is_given():
     with pytest.raises(ValueError, match="needs a seed"):
         ts.run(lambda comm: ts.DropoutRNG(comm=comm), world_size=2)
     assert ts.DropoutRNG().default is None  # no comm: torch's global generator, as before
+
+
+# ---- issue 24, item 10: validated up front, the same message on every backend ----------------------
+
+@pytest.mark.parametrize("call, message", [
+    (lambda comm: comm.all_reduce(torch.ones(2, dtype=torch.bool), op="avg"),
+     r"rank 0 of group \(0, 1\): all_reduce: op='avg' of a bool tensor \(shape \(2,\)\) has no bool result"),
+    (lambda comm: comm.reduce_scatter(torch.ones(2, dtype=torch.bool), op="avg"),
+     r"reduce_scatter: op='avg' of a bool tensor"),
+    (lambda comm: comm.all_gather(torch.ones(2), dim=0.0),
+     r"rank 0 of group \(0, 1\): all_gather got dim=0.0 \(float\): it must be an integer dim"),
+    (lambda comm: comm.all_to_all(torch.ones(2, 2), 0, "1"), r"all_to_all got gather_dim='1' \(str\)"),
+    (lambda comm: comm.all_reduce([1.0, 2.0]),
+     r"rank 0 of group \(0, 1\): all_reduce: x must be a torch.Tensor, got list \(\[1.0, 2.0\]\)"),
+    (lambda comm: comm.all_gather(None), r"all_gather: x must be a torch.Tensor, got NoneType$"),
+    (lambda comm: comm.broadcast(np.ones(2)), r"broadcast: x must be a torch.Tensor, got ndarray \(array"),
+    (lambda comm: comm.recv(None, 1), r"recv: like must be a torch.Tensor, got NoneType"),
+    (lambda comm: comm.sendrecv((1,), 1, 1), r"sendrecv: x must be a torch.Tensor, got tuple"),
+])
+def test_bad_collective_arguments_are_a_value_error_naming_the_rank_and_op(call, message):
+    def fn(comm):
+        if comm.rank == 0:
+            call(comm)
+        comm.barrier()  # rank 1 arrives at a valid call: rank 0 is blamed, not the last to arrive
+
+    with pytest.raises(ValueError, match=message) as info:
+        ts.run(fn, world_size=2)
+    assert info.value.rank == 0
+
+
+def test_world_size_true_is_not_one_rank():
+    with pytest.raises(ValueError, match="world_size must be a positive int, got True"):
+        ts.run(lambda comm: None, world_size=True)
+
+
+@pytest.mark.real
+@pytest.mark.timeout(120)
+def test_on_gloo_bad_arguments_get_the_same_message_blaming_the_same_rank():
+    def fn(comm):
+        if comm.rank == 0:
+            comm.all_gather(torch.ones(2), dim=0.0)
+        comm.barrier()
+
+    with pytest.raises(ValueError, match=r"^rank 0 raised ValueError: rank 0 of group \(0, 1\): all_gather got "
+                                         r"dim=0.0 \(float\): it must be an integer dim$") as info:
+        ts.run(fn, world_size=2, backend="gloo", timeout=60)
+    assert info.value.rank == 0
+    with pytest.raises(ValueError, match=r"got inf \(a finite one, the same on every backend\)"):
+        ts.run(fn, world_size=2, backend="gloo", timeout=float("inf"))

@@ -6,6 +6,8 @@ K and V of [1, 2, 3, 4] (E = 24 elements, 384 B per shift of both) for ring atte
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -306,3 +308,24 @@ def test_every_exercise_is_posed_and_checked_in_its_notebook():
         sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
         stubs = [s for s in sources if f'check("{ex.name}", ' in s and "raise NotImplementedError" in s]
         assert stubs, f"{ex.notebook} has no stub cell checked with check({ex.name!r}, ...)"
+
+
+@pytest.mark.parametrize("name", ["ring_all_gather", "online_softmax_merge"])
+def test_a_not_implemented_error_from_torch_inside_the_learners_code_is_a_problem_not_the_stub(name):
+    """Issue 24 item 6: it was reported as "not written yet", with the reference shown passing."""
+    def uses_an_op_sparse_tensors_lack(*args):
+        return torch.ones(2, 2).to_sparse().view(4)
+
+    def calls_a_module_without_forward(*args):
+        return torch.nn.Module()(torch.ones(2))
+
+    for fn, where in [(uses_an_op_sparse_tensors_lack, r"Could not run 'aten::view' with arguments from the "
+                                                       r"'SparseCPU' backend.* at .*test_exercises.py:\d+ in "
+                                                       r"uses_an_op_sparse_tensors_lack"),
+                      (calls_a_module_without_forward, r"missing the required \"forward\" function.* at "
+                                                       r".*module.py:\d+ in _forward_unimplemented")]:
+        report = check(name, fn)
+        assert not report.ok and report.reference is None
+        [problem] = report.problems
+        assert re.match(rf"on (2 ranks|1 key tiles): raised NotImplementedError: .*{where} — not the unwritten "
+                        rf"stub", problem, re.S), problem

@@ -251,7 +251,7 @@ def test_errors_name_the_scope_each_rank_is_in():
         ts.run(deadlock, world_size=2)
 
 
-@pytest.mark.parametrize("timeout", ["5", 0, -1.0, True, float("nan")])
+@pytest.mark.parametrize("timeout", ["5", 0, -1.0, True, float("nan"), float("inf")])
 def test_a_bad_timeout_is_a_value_error_naming_it(timeout):
     with pytest.raises(ValueError, match="timeout must be a positive number of seconds or None, got"):
         ts.run(lambda comm: None, world_size=2, timeout=timeout)

@@ -105,3 +105,30 @@ def test_tables_render_as_text_markdown_and_html():
     assert "<th" in html and "pair" in html and str(trace) == text
     with pytest.raises(ValueError, match="unknown table format 'latex'"):
         trace.table("latex")
+
+
+@pytest.mark.parametrize("filters, message", [
+    ({"op": "all_gathr"}, r"no event can have op='all_gathr': the ops \('all_reduce', 'all_gather', "),
+    ({"phase": "fwd"}, r"no event can have phase='fwd': the phases \('forward', 'backward', 'grad_sync'\)"),
+    ({"rank": 7}, r"no event can have rank=7: the ranks 0..3 \(this run has 4\)"),
+    ({"rank": True}, r"no event can have rank=True"),
+    ({"opp": "all_reduce"}, r"unknown CommEvent field\(s\) \['opp'\]"),
+])
+def test_a_filter_no_event_can_match_is_a_value_error_listing_the_valid_values(filters, message):
+    """Issue 24 item 11: a typo used to return 0 silently."""
+    trace = ts.run(lambda comm: comm.all_reduce(torch.ones(2)), world_size=4).trace
+    for aggregate in (trace.total, trace.per_rank, trace.count, trace.ops, trace.max_per_rank):
+        with pytest.raises(ValueError, match=message):
+            aggregate(**filters)
+    with pytest.raises(ValueError, match=message):
+        trace.filter(op="all_reduce").filter(**filters)  # a filtered trace still knows the run's ranks
+    assert trace.total(op="all_gather") == 0 and trace.total(rank=3, op=lambda op: op == "all_reduce") == 12
+
+
+def test_an_unknown_field_to_add_up_or_group_by_is_a_value_error():
+    trace = ts.run(lambda comm: comm.all_reduce(torch.ones(2)), world_size=2).trace
+    with pytest.raises(ValueError, match="unknown CommEvent field 'sent'"):
+        trace.total("sent")
+    with pytest.raises(ValueError, match="unknown CommEvent field 'opp'"):
+        trace.group_by(("op", "opp"))
+    assert trace.group_by(("op", "phase")) == {("all_reduce", "forward"): 16}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -30,10 +31,13 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(world_size, int) or world_size < 1:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < math.inf):
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}"
+                         + (" (a finite one, the same on every backend)" if timeout == math.inf else ""))
+    _refuse_autograd_history((args, kwargs))
     if backend == "sim":
         with torch_api.installed() if torch_distributed else torch_api.hint_without_default_group():
             return run_virtual(fn, args, kwargs, world_size, timeout=600.0 if timeout is None else timeout,
@@ -46,3 +50,19 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
                          f"GPUs visible={torch.cuda.device_count()}")
     return run_processes(torch_api.on_default_group(fn) if torch_distributed else fn, args, kwargs, world_size,
                          backend, 120.0 if timeout is None else timeout)
+
+
+def _refuse_autograd_history(obj: Any) -> None:
+    """Every rank gets its own copy of the tensors among the arguments (in lists, tuples and dicts): a
+    tensor with autograd history cannot be copied (nor pickled for a real backend), so it is a ValueError."""
+    if isinstance(obj, torch.Tensor) and obj.grad_fn is not None:
+        raise ValueError(f"ts.run: an argument is a tensor with autograd history (shape {tuple(obj.shape)}, "
+                         f"grad_fn={type(obj.grad_fn).__name__}); every rank gets its own copy of its tensor "
+                         f"arguments, which a non-leaf cannot be: pass x.detach() (with .requires_grad_() if "
+                         f"the ranks need its gradient)")
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            _refuse_autograd_history(item)
+    if isinstance(obj, dict):
+        for item in obj.values():
+            _refuse_autograd_history(item)

@@ -18,12 +18,18 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import group_text
 from .ops import REDUCE_OPS
 from .trace import CommEvent, Recorder
 
 
 def normalized_dim(x: torch.Tensor, dim: int, where: str, name: str = "dim") -> int:
     """``dim`` of ``x`` as a non-negative index, or a ValueError that starts with ``where`` (e.g. the rank and op)."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        try:
+            dim = operator.index(dim)  # a numpy or 0-d tensor integer; a float such as 0.0 is refused
+        except TypeError:
+            raise ValueError(f"{where} got {name}={dim!r} ({type(dim).__name__}): it must be an integer dim") from None
     if x.dim() == 0:
         raise ValueError(f"{where} got {name}={dim} for a 0-d tensor (shape ()): it needs at least one dim")
     if not -x.dim() <= dim < x.dim():
@@ -39,6 +45,14 @@ def _integer(value: Any, where: str, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{where}: {name} must be an integer rank, got {value!r} ({type(value).__name__})") from None
+
+
+def _short_repr(x: Any) -> str:
+    try:
+        text = repr(x)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        return "unprintable"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Work:
@@ -67,12 +81,15 @@ class Comm(ABC):
     backend: str
     axis: str | None = None  # set by ts.init_device_mesh on the groups it builds; recorded on every CommEvent
 
-    def __init__(self, rank: int, group: tuple[int, ...], recorder: Recorder) -> None:
+    def __init__(self, rank: int, group: tuple[int, ...], recorder: Recorder, group_label: str | None = None) -> None:
         self.rank = rank
         self.group = group
         self.world_size = len(group)
         self.recorder = recorder
-        self._label = f"rank {rank} of group {group}"  # formatted once: every call's checks use it
+        # Formatted once (every call's checks use it), and short (``group_text``). A backend with many ranks
+        # passes the group's text, formatted once per group: 8,000 ranks each formatting the whole tuple
+        # made starting a run quadratic.
+        self._label = f"rank {rank} of group {group_label or group_text(group)}"
 
     @property
     def global_rank(self) -> int:
@@ -108,6 +125,7 @@ class Comm(ABC):
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim``, in rank order."""
+        self._tensor("all_gather", x)
         dim = normalized_dim(x, dim, self._where("all_gather"))
         self._record("all_gather", x)
         return self._all_gather(x, dim)
@@ -115,13 +133,15 @@ class Comm(ABC):
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Elementwise reduction of every rank's ``x`` (in rank order); ``op`` is one of ``REDUCE_OPS``
         ("avg": the sum divided by world_size). Every rank must pass the same ``op``."""
-        self._check_op("all_reduce", op)
+        self._tensor("all_reduce", x)
+        self._check_op("all_reduce", op, x)
         self._record("all_reduce", x)
         return self._all_reduce(x, op)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
         """Reduce every rank's ``x``, then keep this rank's chunk of ``dim``."""
-        self._check_op("reduce_scatter", op)
+        self._tensor("reduce_scatter", x)
+        self._check_op("reduce_scatter", op, x)
         dim = normalized_dim(x, dim, self._where("reduce_scatter"))
         self._divisible("reduce_scatter", x, dim, "dim")
         self._record("reduce_scatter", x)
@@ -129,12 +149,14 @@ class Comm(ABC):
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Every rank gets a copy of rank ``src``'s ``x`` (the other ranks' ``x`` gives shape and dtype)."""
+        self._tensor("broadcast", x)
         src = self._peer("broadcast", src, "src", allow_self=True)
         self._record("broadcast", x, root=src)
         return self._broadcast(x, src)
 
     def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
         """Chunk ``scatter_dim`` into world_size pieces, send piece j to rank j, concatenate what arrives along ``gather_dim``."""
+        self._tensor("all_to_all", x)
         scatter_dim = normalized_dim(x, scatter_dim, self._where("all_to_all"), "scatter_dim")
         gather_dim = normalized_dim(x, gather_dim, self._where("all_to_all"), "gather_dim")
         self._divisible("all_to_all", x, scatter_dim, "scatter_dim")
@@ -149,30 +171,35 @@ class Comm(ABC):
 
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Blocking send: returns once rank ``dst`` has posted the matching receive (a rendezvous)."""
+        self._tensor("send", x)
         dst = self._peer("send", dst, "dst")
         self._record("send", x, peer=dst)
         self._isend(x, dst).wait()
 
     def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
         """Blocking receive of a tensor shaped like ``like`` from rank ``src``."""
+        self._tensor("recv", like, "like")
         src = self._peer("recv", src, "src")
         self._record("recv", like, peer=src)
         return self._irecv(like, src).wait()
 
     def isend(self, x: torch.Tensor, dst: int) -> Work:
         """Post a send; ``.wait()`` returns once it is matched. Do not change ``x`` before then."""
+        self._tensor("isend", x)
         dst = self._peer("isend", dst, "dst")
         event = self._record("send", x, peer=dst, blocking=False)
         return Work(self._isend(x, dst).wait, self.recorder, event)
 
     def irecv(self, like: torch.Tensor, src: int) -> Work:
         """Post a receive; ``.wait()`` returns the received tensor."""
+        self._tensor("irecv", like, "like")
         src = self._peer("irecv", src, "src")
         event = self._record("recv", like, peer=src, blocking=False)
         return Work(self._irecv(like, src).wait, self.recorder, event)
 
     def sendrecv(self, x: torch.Tensor, dst: int, src: int) -> torch.Tensor:
         """One ring shift: send ``x`` to ``dst`` and receive a tensor like it from ``src``, posted together."""
+        self._tensor("sendrecv", x)
         dst = self._peer("sendrecv", dst, "dst")
         src = self._peer("sendrecv", src, "src")
         self._record("send", x, peer=dst)
@@ -183,8 +210,10 @@ class Comm(ABC):
 
     def new_group(self, ranks: Sequence[int]) -> "Comm | None":
         """A communicator over ``ranks`` (ranks of this group). Every rank of this group must call it,
-        in the same order, with the same ranks; ranks outside ``ranks`` get None."""
-        ranks = tuple(_integer(r, self._where("new_group"), "every rank") for r in ranks)
+        in the same order, with the same ranks; ranks outside ``ranks`` get None. As in
+        ``torch.distributed.new_group``, the order given does not matter: the new group's ranks are
+        sorted (``new_group([2, 0])``: rank 0 is group rank 0, and gathers in that order)."""
+        ranks = tuple(sorted(_integer(r, self._where("new_group"), "every rank") for r in ranks))
         if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.world_size for r in ranks):
             raise ValueError(f"rank {self.rank}: new_group needs distinct ranks in [0, {self.world_size}), "
                              f"got {list(ranks)}")
@@ -200,9 +229,17 @@ class Comm(ABC):
             raise ValueError(f"{self._where(op)}: size {x.shape[dim]} of {name}={dim} (shape {tuple(x.shape)}) "
                              f"is not divisible by world_size {self.world_size}")
 
-    def _check_op(self, op: str, reduce_op: str) -> None:
-        if reduce_op not in REDUCE_OPS:
+    def _check_op(self, op: str, reduce_op: str, x: torch.Tensor) -> None:
+        if not isinstance(reduce_op, str) or reduce_op not in REDUCE_OPS:
             raise ValueError(f"{self._where(op)}: unknown reduce op {reduce_op!r}, expected one of {tuple(REDUCE_OPS)}")
+        if reduce_op == "avg" and x.dtype == torch.bool:
+            raise ValueError(f"{self._where(op)}: op='avg' of a bool tensor (shape {tuple(x.shape)}) has no bool "
+                             f"result; reduce with 'sum', 'max' or 'min', or convert to a number dtype first")
+
+    def _tensor(self, op: str, x: Any, name: str = "x") -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{self._where(op)}: {name} must be a torch.Tensor, got {type(x).__name__}"
+                             + ("" if x is None else f" ({_short_repr(x)})"))
 
     def _peer(self, op: str, peer: Any, name: str, allow_self: bool = False) -> int:
         peer = _integer(peer, self._where(op), name)

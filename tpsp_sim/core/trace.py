@@ -21,11 +21,12 @@ from typing import Any, Callable, Iterator, Union
 
 import torch
 
-from .ops import wire_bytes
+from .ops import OPS, wire_bytes
 from .table import Table
 
 # "grad_sync": gradient reductions called after backward (``Comm.phase("grad_sync")``).
 PHASES = ("forward", "backward", "grad_sync")
+RECORDED_OPS = tuple(op for op in OPS if op != "new_group")  # the ops a CommEvent can have (ops.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,13 +201,29 @@ class CommTrace:
 
     def filter(self, **filters: Any) -> "CommTrace":
         """The matching events, the waits on them, and the compute spans that match every filter on a
-        field a span has (rank, scope, phase, seq): a filter on the op or the bytes keeps all compute."""
-        _check_fields(filters)
+        field a span has (rank, scope, phase, seq): a filter on the op or the bytes keeps all compute.
+        A value no event could have (an unknown op or phase, a rank outside the run) is a ValueError."""
+        self._check_filters(filters)
         events = [e for e in self.events if _matches(e, filters)]
         kept = {(e.rank, e.seq) for e in events}
         waits = [w for w in self.waits if (w.rank, w.event_seq) in kept]
         span_filters = {k: v for k, v in filters.items() if k in _SPAN_FIELDS}
         return CommTrace(events, waits, [c for c in self.compute if _matches(c, span_filters)], self.world_size)
+
+    def _check_filters(self, filters: dict[str, Any]) -> None:
+        """Unknown fields, and values of ``op``, ``phase`` or ``rank`` that no event of this run can have, are
+        ValueErrors listing the valid ones (a typo would otherwise silently match nothing)."""
+        unknown = set(filters) - _EVENT_FIELDS
+        if unknown:
+            raise ValueError(f"unknown CommEvent field(s) {sorted(unknown)}; fields are {sorted(_EVENT_FIELDS)}")
+        valid = {"op": RECORDED_OPS, "phase": PHASES, "rank": tuple(self.ranks)}
+        for name, choices in valid.items():
+            wanted = filters.get(name)
+            if name in filters and not callable(wanted) and choices and (
+                    isinstance(wanted, bool) or wanted not in choices):
+                shown = f"ranks {choices[0]}..{choices[-1]}" if name == "rank" else f"{name}s {choices}"
+                raise ValueError(f"no event can have {name}={wanted!r}: the {shown}"
+                                 + (f" (this run has {len(choices)})" if name == "rank" else ""))
 
     def programs(self) -> dict[int, list[CommEvent | WaitMark | ComputeSpan]]:
         """{rank: its events, waits and compute spans in program order (``seq``)}, ranks ascending."""
@@ -252,8 +269,8 @@ class CommTrace:
         ``key``: an event field name, a tuple of them (the key is then the tuple of values), or a function.
         """
         if isinstance(key, tuple):
-            names = key
-            key = lambda e: tuple(getattr(e, n) for n in names)  # noqa: E731
+            getters = [_getter(n) for n in key]
+            key = lambda e: tuple(get(e) for get in getters)  # noqa: E731
         elif isinstance(key, str):
             key = _getter(key)
         get = _getter(field)
@@ -318,13 +335,11 @@ _SPAN_FIELDS = {f.name for f in fields(ComputeSpan)} & _EVENT_FIELDS
 
 
 def _getter(field: Field) -> Callable[[Any], Any]:
-    return field if callable(field) else (lambda e: getattr(e, field))
-
-
-def _check_fields(filters: dict[str, Any]) -> None:
-    unknown = set(filters) - _EVENT_FIELDS
-    if unknown:
-        raise ValueError(f"unknown CommEvent field(s) {sorted(unknown)}; fields are {sorted(_EVENT_FIELDS)}")
+    if callable(field):
+        return field
+    if field not in _EVENT_FIELDS:
+        raise ValueError(f"unknown CommEvent field {field!r}; fields are {sorted(_EVENT_FIELDS)}")
+    return lambda e: getattr(e, field)
 
 
 def format_bytes(n: float) -> str:

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from ..core.errors import CollectiveMismatchError
+from ..core.errors import CollectiveMismatchError, DeadlockError
 from ..core.ops import describe_call
 
 
@@ -45,15 +45,25 @@ class CallLog:
 
     @contextmanager
     def calling(self, op: str, x: torch.Tensor | None, params: tuple, group: tuple[int, ...], scope: str,
-                pair: tuple[int, int] | None = None) -> Iterator[None]:
-        """Log the call, then run the block that makes it; a failure inside marks this process's failure
-        as caused by communication. ``pair`` = (sender, receiver) global ranks for a send or a recv."""
+                pair: tuple[int, int] | None = None) -> Iterator[list]:
+        """Log the call, then run the block that makes it (given the call's key); a failure inside marks this
+        process's failure as caused by communication. ``pair`` = (sender, receiver) global ranks for a
+        send or a recv."""
         counted = ("p2p", group, *pair) if pair else ("collective", group)
         n = self._counts.get(counted, 0)
         self._counts[counted] = n + 1
         shape = None if x is None else [tuple(x.shape), str(x.dtype)]
-        self._write({"key": [*counted, n], "what": [op, *([] if pair else [repr(params)])], "shape": shape,
+        key = [*counted, n]
+        self._write({"key": key, "what": [op, *([] if pair else [repr(params)])], "shape": shape,
                      "call": describe_call(op, x, params), "scope": scope})
+        with self.failures():
+            yield key
+
+    @contextmanager
+    def waiting(self, keys: list[list]) -> Iterator[None]:
+        """Log that this process now waits for the sends or receives ``keys`` to complete (a blocking one, or
+        the ``wait`` of an isend/irecv), then run the block that waits; failures count as communication's."""
+        self._write({"waits": keys})
         with self.failures():
             yield
 
@@ -85,6 +95,7 @@ class CallBook:
         self.last: dict[int, dict] = {}  # rank -> its latest call
         self._posted: dict[tuple, dict[int, dict]] = {}  # key -> rank -> call, until every party posted it
         self._fresh: list[tuple] = []  # keys posted to since the last mismatch check
+        self.waiting: dict[int, list[tuple]] = {}  # rank -> the send/recv keys it waits on, until its next call
 
     def read(self) -> None:
         """Take in the complete lines written since the last read."""
@@ -107,7 +118,11 @@ class CallBook:
         if "joined" in line:
             self.joined_at[rank] = line["joined"]
             return
-        line["key"] = tuple(tuple(part) if isinstance(part, list) else part for part in line["key"])
+        if "waits" in line:
+            self.waiting[rank] = [_key(key) for key in line["waits"]]
+            return
+        line["key"] = _key(line["key"])
+        self.waiting.pop(rank, None)
         self.last[rank] = line
         self._posted.setdefault(line["key"], {})[rank] = line
         self._fresh.append(line["key"])
@@ -155,6 +170,39 @@ class CallBook:
                 lines.append(f"  rank {rank}: computing (or inside native code) {self.where(rank)}")
         return blamed, "\n".join(lines)
 
+    def waits_for_returned(self, returned: list[int]) -> DeadlockError | None:
+        """A rank waiting for a rank that has already returned from fn can never go on (a returned rank makes
+        no more calls): the DeadlockError naming them, at once rather than at the timeout; None if there is
+        none. A rank waits in its last call if that is a collective, and on the sends and receives it logged
+        a wait for (an isend nobody waits on yet is not waited on)."""
+        gone, stuck = set(), {}
+        for rank, call in self.last.items():
+            if rank in returned:
+                continue
+            keys = [call["key"]] if call["key"][0] == "collective" else self.waiting.get(rank, [])
+            for key in keys:
+                missing = self._missing(key)
+                if set(missing) & set(returned):
+                    gone.update(set(missing) & set(returned))
+                    stuck[rank] = (f"  rank {rank}: waits in {_describe(self._posted[key][rank])}, {_name(key)}, "
+                                   f"for rank(s) {', '.join(map(str, missing))}")
+                    break
+        if not stuck:
+            return None
+        lines = [f"  rank {r}: has returned from fn" for r in sorted(gone)] + [stuck[r] for r in sorted(stuck)]
+        return DeadlockError("a rank waits for a rank that has already returned from fn, so its call can never "
+                             "complete:\n" + "\n".join(lines))
+
+    def unmatched(self) -> list[tuple[int, int, bool, tuple[int, ...], str, str]]:
+        """The sends and receives one side posted and the other never did, for ``unmatched_messages``."""
+        found = []
+        for key, calls in self._posted.items():
+            if key[0] == "p2p" and self._missing(key):
+                [(rank, call)] = calls.items()
+                (shape, dtype), scope = call["shape"], call["scope"]
+                found.append((key[2], key[3], rank == key[2], tuple(shape), dtype, scope))
+        return found
+
     def where(self, rank: int) -> str:
         """Where ``rank`` was, from its last logged call."""
         call = self.last.get(rank)
@@ -165,6 +213,11 @@ class CallBook:
         parties = key[2:4] if key[0] == "p2p" else key[1]
         posted = self._posted.get(key)
         return [] if posted is None else [r for r in parties if r not in posted]
+
+
+def _key(parts: list) -> tuple:
+    """A key as logged (JSON lists) as the tuple it is matched by."""
+    return tuple(tuple(part) if isinstance(part, list) else part for part in parts)
 
 
 def _name(key: tuple) -> str:

@@ -6,7 +6,8 @@ traces come back through files in a temporary directory. Under ``torchrun`` the 
 runs with ``torchrun ... -m tpsp_sim.dist.worker MODULE:FN`` (see worker.py).
 
 Lifetime. No worker outlives its run: when the run ends, however it ends in this process (result,
-error, Ctrl-C), the workers still running are killed; when this process itself dies (SIGTERM,
+error, Ctrl-C), the workers still running are killed, and with them every process they started
+(each worker leads its own process group; POSIX); when this process itself dies (SIGTERM,
 SIGKILL), each worker ends within moments on its own (worker.py, ``_die_with_parent``). The
 directory is removed at the end of the run; a process killed before it could do that leaves it
 behind, unlocked, and the next real run (in any process) removes it (``_remove_abandoned_work_dirs``).
@@ -24,6 +25,12 @@ the run at the first of:
    ``timeout + STARTUP_S`` seconds of the run's start;
 5. a call into ``torch.distributed`` failed and nothing above explains it within a second: that
    rank's error.
+
+And as soon as it shows: a rank whose last call waits for a rank that has already returned from fn
+is a ``DeadlockError`` (gloo would wait for the whole timeout; the simulator says the same).
+
+Once every rank has returned, an isend or irecv one side posted and the other never did is an error
+too (``unmatched_messages``, the simulator's text): gloo would let it pass.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from typing import Callable, Iterator
 import cloudpickle
 import torch.distributed as dist
 
-from ..core.errors import RankFailedError, SimulationError, rank_failed
+from ..core.errors import RankFailedError, SimulationError, rank_failed, unmatched_messages
 from ..core.result import RunResult
 from ..core.trace import CommTrace
 from .call_log import CallBook
@@ -57,6 +64,7 @@ except ImportError:  # Windows: directories are removed at the end of each run o
 POLL_S = 0.02  # how often the parent looks at its workers
 GRACE_S = 1.0  # how long a failure inside torch.distributed waits for a better explanation
 STARTUP_S = 60.0  # allowance for starting Python and importing torch, on top of the timeout
+OWNER_ENV = "TPSP_SIM_RUN_OWNER"  # set to the pid of ts.run's process in every worker, inherited by its children
 _PREFIX = "tpsp_sim-"
 _LOCK = "owner.lock"
 
@@ -95,7 +103,7 @@ def _start(work: Path, world_size: int, backend: str, port: int,
            timeout: float) -> tuple[list[subprocess.Popen], int]:
     """Start one worker per rank; return them and the write end of the pipe they watch (close it to end them)."""
     read_end, write_end = os.pipe()  # only the workers inherit the read end; only this process holds the write end
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), OWNER_ENV: str(os.getpid())}
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(world_size):
@@ -104,7 +112,8 @@ def _start(work: Path, world_size: int, backend: str, port: int,
                    "--timeout", str(timeout), "--start-timeout", str(timeout + STARTUP_S),
                    "--parent-pid", str(os.getpid()), "--parent-pipe", str(read_end)]
             with open(work / f"stdout{rank}", "wb") as out, open(work / f"stderr{rank}", "wb") as err:
-                procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, pass_fds=(read_end,)))
+                procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, pass_fds=(read_end,),
+                                              start_new_session=hasattr(os, "killpg")))
     except BaseException:
         _kill(procs)
         os.close(write_end)
@@ -138,12 +147,21 @@ def _watch(procs: list[subprocess.Popen], work: Path, timeout: float) -> BaseExc
             rank = min(own, key=lambda r: (seen_at[r], r))
             return rank_failed(rank, errors[rank][0])
         results = [(work / f"result{rank}.pkl").exists() for rank in range(world_size)]
+        if any(results) and not all(results):
+            book.read()  # the calls logged before those results were written
+            waiting = book.waits_for_returned([rank for rank in range(world_size) if results[rank]])
+            if waiting is not None:
+                return waiting
         died = [rank for rank in range(world_size) if codes[rank] is not None and not results[rank]
                 and rank not in errors]
         if died:
             return _died(died[0], codes[died[0]], work, book)
         now = time.time()
         if all(results):  # every rank returned; give the processes a moment to leave the group
+            book.read()  # every call was logged before its rank's result was written
+            mismatch, unmatched = book.mismatch(), book.unmatched()
+            if mismatch is not None or unmatched:
+                return mismatch or unmatched_messages(unmatched)
             done_at = done_at or now
             if all(code is not None for code in codes) or now - done_at > GRACE_S:
                 return None
@@ -192,7 +210,14 @@ def _timed_out(running: list[int], timeout: float, book: CallBook) -> Simulation
 
 
 def _kill(procs: list[subprocess.Popen]) -> None:
+    """Kill every worker and every process it started: each worker leads its own process group (session),
+    which its children join unless they leave it themselves."""
     for p in procs:
+        if hasattr(os, "killpg"):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the group outlives its leader while a member lives
+            except (ProcessLookupError, PermissionError):  # no member left
+                pass
         if p.poll() is None:
             p.kill()
     for p in procs:

@@ -52,9 +52,10 @@ class TorchComm(Comm):
             return nullcontext()
         return self._calls.calling(op, x, params, self.group, self.current_scope, pair)
 
-    def _failures(self):
-        """Mark a failure inside the block (waiting on an isend or irecv) as caused by communication."""
-        return nullcontext() if self._calls is None else self._calls.failures()
+    def _waiting(self, *keys: list | None):
+        """Log that the block waits for the sends or receives ``keys`` (their call log keys) and mark a
+        failure inside it as caused by communication."""
+        return nullcontext() if self._calls is None else self._calls.waiting(list(keys))
 
     def _all_gather(self, x, dim):
         with self._calling("all_gather", x, (dim,)):
@@ -97,24 +98,26 @@ class TorchComm(Comm):
 
     def _isend(self, x, dst):
         pair = (self.global_rank, self.group[dst])
-        with self._calling("send", x, (dst,), pair):
+        with self._calling("send", x, (dst,), pair) as key:
             work = dist.isend(x.detach().contiguous(), dst=self.group[dst], group=self.pg)
-        return _Pending(work, None, self._failures)
+        return _Pending(work, None, lambda: self._waiting(key))
 
     def _irecv(self, like, src):
         out = torch.empty_like(like, memory_format=torch.contiguous_format)
-        with self._calling("recv", like, (src,), (self.group[src], self.global_rank)):
+        with self._calling("recv", like, (src,), (self.group[src], self.global_rank)) as key:
             work = dist.irecv(out, src=self.group[src], group=self.pg)
-        return _Pending(work, out, self._failures)
+        return _Pending(work, out, lambda: self._waiting(key))
 
     def _sendrecv(self, x, dst, src):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         ops = [dist.P2POp(dist.isend, x.detach().contiguous(), self.group[dst], self.pg),
                dist.P2POp(dist.irecv, out, self.group[src], self.pg)]
-        with self._calling("send", x, (dst,), (self.global_rank, self.group[dst])), \
-                self._calling("recv", x, (src,), (self.group[src], self.global_rank)):
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+        with self._calling("send", x, (dst,), (self.global_rank, self.group[dst])) as send, \
+                self._calling("recv", x, (src,), (self.group[src], self.global_rank)) as recv:
+            works = dist.batch_isend_irecv(ops)
+            with self._waiting(send, recv):
+                for work in works:
+                    work.wait()
         return out
 
     def _new_group(self, ranks):
@@ -131,10 +134,10 @@ class TorchComm(Comm):
 class _Pending:
     """An isend's or irecv's work handle; ``wait`` hands back the buffer it filled (None for a send)."""
 
-    def __init__(self, work, out: torch.Tensor | None, failures) -> None:
-        self.work, self.out, self._failures = work, out, failures
+    def __init__(self, work, out: torch.Tensor | None, waiting) -> None:
+        self.work, self.out, self._waiting = work, out, waiting
 
     def wait(self) -> torch.Tensor | None:
-        with self._failures():
+        with self._waiting():
             self.work.wait()
         return self.out

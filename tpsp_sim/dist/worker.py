@@ -24,6 +24,7 @@ import cloudpickle
 import torch
 import torch.distributed as dist
 
+from ..core.errors import describe_error
 from ..core.result import RunResult
 from ..core.trace import CommTrace, Recorder
 from .call_log import CallLog
@@ -133,7 +134,7 @@ def _picklable(error: BaseException) -> BaseException:
         cloudpickle.loads(cloudpickle.dumps(error))
         return error
     except Exception:  # noqa: BLE001
-        return RuntimeError(f"{type(error).__name__}: {error}")
+        return RuntimeError(describe_error(error))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,12 +4,15 @@ say in words what is wrong."""
 
 from __future__ import annotations
 
+import linecache
+import os
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Callable, Iterable
 
 import torch
 
-from ..core.errors import DeadlockError, SimulationError
+from ..core.errors import DeadlockError, RankFailedError, SimulationError, describe_error
 from ..core.result import RunResult
 from ..core.trace import CommTrace
 from ..launch import run
@@ -66,7 +69,7 @@ class Report:
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> RunResult:
     """``ts.run(fn, *args)`` on virtual ranks; a deadlock or a rank's exception becomes a ``Problem``
-    (a ``NotImplementedError`` — the unwritten stub — passes through)."""
+    (a ``NotImplementedError`` passes through: ``check`` tells the unwritten stub from one raised by torch)."""
     try:
         return run(fn, *args, world_size=world_size, timeout=TIMEOUT)
     except NotImplementedError:
@@ -75,6 +78,44 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> RunResult:
         raise Problem(f"deadlock — {error}") from None
     except SimulationError as error:
         raise Problem(str(error)) from None
+
+
+def unwritten_stub(error: BaseException) -> bool:
+    """Whether ``error`` (a NotImplementedError, maybe wrapped in a RankFailedError) is the learner's stub:
+    raised by a ``raise`` statement in the learner's code (in the function checked, or a method it calls,
+    such as an autograd Function's forward). A NotImplementedError from torch (an op a backend lacks, a
+    Module without forward) is raised in torch's own code, or by a C call on a line that does not raise."""
+    tb = _innermost(error)
+    if tb is None:
+        return True
+    filename = tb.tb_frame.f_code.co_filename
+    if filename.startswith(_TORCH_DIR):
+        return False
+    line = linecache.getline(filename, tb.tb_lineno)
+    return not line or line.lstrip().startswith("raise")  # no source to read (exec'd code): the learner's
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def not_the_stub(error: BaseException) -> str:
+    """A NotImplementedError raised inside the learner's code but not by its stub, in words."""
+    tb = _innermost(error)
+    if isinstance(error, RankFailedError) and error.__cause__ is not None:
+        error = error.__cause__
+    where = "" if tb is None else f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
+    return (f"raised {describe_error(error)}{where} — not the unwritten stub: an operation inside the function "
+            f"is not implemented")
+
+
+def _innermost(error: BaseException) -> TracebackType | None:
+    """The traceback entry where ``error`` (or, for a rank's failure, its cause) was raised."""
+    if isinstance(error, RankFailedError) and error.__cause__ is not None:
+        error = error.__cause__
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb
 
 
 def compare(what: str, got: Any, want: torch.Tensor, atol: float = ATOL) -> list[str]:

@@ -9,15 +9,19 @@ When the run fails (a rank raised, a deadlock, a mismatch, the timeout, a Keyboa
 the run this one is nested in failed), ranks waiting in the runtime wake and raise at once; ranks
 computing in ``fn`` raise at their next ``Comm`` call, and those that have not reached one within
 POLL get an asynchronous ``Aborted`` that stops them at their next Python instruction (never a rank
-waiting in the runtime or supervising a nested run, and at most once: ``main`` is written so that it
-may land anywhere in the rank's own code). A rank inside one long C call (a big matmul,
-``time.sleep``, ``Event.wait``) cannot be interrupted: the error is reported anyway after a short
-grace, with a note naming those ranks, and every ``Comm`` call they make afterwards raises at once.
+waiting in the runtime or supervising a nested run; ``main`` is written so that it may land anywhere
+in the rank's own code). A rank that swallows it (a bare ``except:``) gets another every RESEND s.
+A rank inside one long C call (a big matmul, ``time.sleep``, ``Event.wait``) cannot be interrupted:
+the error is reported anyway after a short grace, with a note saying which ranks did not stop and
+why, and every ``Comm`` call they make afterwards raises at once; a daemon thread keeps interrupting
+them until they leave fn. A second Ctrl-C while a run stops is ignored: the stop always completes.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import signal
 import threading
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -31,10 +35,11 @@ from ..core.errors import SimulationError, rank_failed
 from ..core.flops import FlopCounter
 from ..core.result import RunResult
 from ..core.trace import CommTrace, Recorder
-from .world import Aborted, SimWorld, _Message, copy_error, detached, format_ranks
+from .world import RUNNERS, Aborted, SimWorld, _Message, copy_error, detached, format_ranks
 
 POLL = 0.05  # seconds between the supervisor's checks of the timeout and of stalled turns
 GRACE = 0.5  # seconds a failed run's ranks get to stop before the error is reported without them
+RESEND = 0.1  # seconds between two stops of a rank that swallowed the last one (a bare ``except:``)
 
 _current = threading.local()  # in a rank thread: .world and .rank, the run it belongs to and its rank
 
@@ -65,7 +70,7 @@ class SimComm(Comm):
     backend = "sim"
 
     def __init__(self, world: SimWorld, rank: int, group: tuple[int, ...], group_id: int, recorder: Recorder) -> None:
-        super().__init__(rank, group, recorder)
+        super().__init__(rank, group, recorder, world.group_label(group_id))
         self.world = world
         self.group_id = group_id
 
@@ -152,11 +157,14 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
 
     def main(rank: int) -> None:
         try:
-            rank_main(rank)
-        except Aborted:  # stopped from outside after the run failed
+            try:
+                rank_main(rank)
+            except Aborted:  # stopped from outside after the run failed
+                pass
+        except Aborted:  # a repeated stop (fn swallowed the one before) landing in the handler above
             pass
         finally:
-            try:  # at most one Aborted is ever raised into a rank: it may land here, once
+            try:  # a repeated stop may land here too, at most once: leave() ends the stops
                 leave(rank)
             except Aborted:
                 leave(rank)
@@ -164,8 +172,10 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
     def leave(rank: int) -> None:
         world.rank_done(rank)  # from now on no Aborted is sent to this thread
         # One sent earlier may still be pending: CPython 3.11 can deliver it late when several threads
-        # got one (the first to take its own clears the interpreter's flag). Drop it.
-        _async_raise(threading.get_ident(), None)
+        # got one (the first to take its own clears the interpreter's flag). Drop it. Only if one was sent:
+        # the call walks every thread of the interpreter (8,000 ranks: 64 million steps in all).
+        if rank in world.aborted:  # added before any send, under the lock rank_done just took
+            _async_raise(threading.get_ident(), None)
         done.put(rank)  # one C call; a second put after an Aborted is harmless (a set counts exits)
 
     def rank_main(rank: int) -> None:
@@ -175,8 +185,9 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
         recorder.flop_counter = FlopCounter(recorder.label) if count_flops else None
         try:
             world.enter(rank)
+            own_args, own_kwargs = own_copies((args, kwargs))
             with rank_context(comm) if rank_context else nullcontext(), recorder.flop_counter or nullcontext():
-                outputs[rank] = fn(comm, *args, **kwargs)
+                outputs[rank] = fn(comm, *own_args, **own_kwargs)
                 recorder.finish()
         except SimulationError as error:
             with world.lock:  # our own copy of the run's error, or an error this rank detected
@@ -194,55 +205,166 @@ def run_virtual(fn: Callable, args: tuple, kwargs: dict, world_size: int, *,
         parent.adopt(world, parent_rank)
     threads = [threading.Thread(target=main, args=(r,), name=f"tpsp_sim-rank{r}", daemon=True)
                for r in range(world_size)]
+    with _one_interrupt():  # a second Ctrl-C is ignored until the ranks are stopped
+        try:
+            with _one_intra_op_thread(nested=parent is not None):
+                for t in threads:
+                    t.start()
+                _supervise(world, done, exited)
+        except BaseException as interruption:  # KeyboardInterrupt, say
+            with _interrupts_deferred():  # a second Ctrl-C must not cut the stop short (ranks would spin on)
+                with world.lock:
+                    world.fail(SimulationError(f"interrupted ({type(interruption).__name__})"))
+                exited.update(r for r, t in enumerate(threads) if t.ident is None)  # never started
+                _stop(world, done, exited)
+                _keep_stopping(world, done, exited)
+            raise
+        finally:
+            world.close()
+            if parent is not None:
+                parent.disown(world, parent_rank)
+        if world.error is None:
+            unmatched = world.unmatched()
+            if unmatched is not None:
+                raise unmatched
+        if world.error is not None:
+            error = copy_error(world.error)
+            note = _not_stopped(world, exited)
+            if note:
+                error.add_note(note)
+            _keep_stopping(world, done, exited)
+            raise error from world.error.__cause__
+        return RunResult(outputs, CommTrace.from_recorders(recorders))
+
+
+def _not_stopped(world: SimWorld, exited: set[int]) -> str:
+    """What the ranks that did not stop within GRACE are doing, as far as the runtime can tell."""
+    with world.lock:
+        swallowed, nesting, woken, native = [], [], [], []
+        for rank in sorted(set(range(world.world_size)) - exited):
+            if world.thread_ids.get(rank) in Aborted.landed:
+                swallowed.append(rank)
+            elif rank in world.nesting:
+                nesting.append(rank)
+            elif rank in world.blocked:
+                woken.append(rank)
+            else:
+                native.append(rank)
+    said = []
+    for ranks, why in [
+            (woken, "waiting in the runtime for {its} turn to raise the error (ranks take turns, "
+                    f"{RUNNERS} at a time)"),
+            (native, "still inside native code (one long C call: a matmul, time.sleep, Event.wait...); {it} "
+                     "{stops} at the next Python instruction"),
+            (swallowed, "{it} caught the stop (tpsp_sim's Aborted, a BaseException, which a bare `except:` or "
+                        f"`except BaseException:` in fn swallows) and went on; it is raised again every {RESEND} s "
+                        "until {it} {leaves} fn"),
+            (nesting, "still stopping the run nested inside {it}")]:
+        if ranks:
+            many = len(ranks) > 1
+            words = {"its": "their" if many else "its", "it": "they" if many else "it",
+                     "stops": "stop" if many else "stops", "leaves": "leave" if many else "leaves"}
+            said.append(f"{_ranks(ranks)} did not stop within {GRACE} s: {why.format(**words)}.")
+    if not said:
+        return ""
+    return " ".join(said) + " Every Comm call they make raises at once."
+
+
+def _ranks(ranks: list[int]) -> str:
+    """``rank 3``, ``ranks 1-4, 7``; past 8 runs of consecutive ranks, the first 8 and how many in all."""
+    text = format_ranks(ranks)
+    runs = text.split(", ")
+    if len(runs) > 8:
+        text = ", ".join(runs[:8]) + f", ... ({len(ranks)} ranks)"
+    return f"rank{'s' if len(ranks) > 1 else ''} {text}"
+
+
+@contextmanager
+def _one_interrupt() -> Iterator[None]:
+    """While a run is in progress in the main thread with Python's default Ctrl-C handler: the first Ctrl-C
+    raises KeyboardInterrupt as usual, later ones are ignored until the run has stopped its ranks (a second
+    one within ~50 ms used to cut the stop short, and ranks spun on). Elsewhere nothing changes here (the
+    stop itself still ignores Ctrl-C: ``_interrupts_deferred``)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    interrupted = False
+
+    def first_only(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first_only)
     try:
-        with _one_intra_op_thread():
-            for t in threads:
-                t.start()
-            _supervise(world, done, exited)
-    except BaseException as interruption:  # KeyboardInterrupt, say
-        with world.lock:
-            world.fail(SimulationError(f"interrupted ({type(interruption).__name__})"))
-        exited.update(r for r, t in enumerate(threads) if t.ident is None)  # never started
-        _stop(world, done, exited)
-        raise
+        yield
     finally:
-        world.close()
-        if parent is not None:
-            parent.disown(world, parent_rank)
-    if world.error is not None:
-        error = copy_error(world.error)
-        stuck = sorted(set(range(world_size)) - exited)
-        if stuck:
-            error.add_note(f"rank{'s' if len(stuck) > 1 else ''} {format_ranks(stuck)} did not stop within "
-                           f"{GRACE} s: still inside native code (one long C call: a matmul, time.sleep, "
-                           f"Event.wait...). They stop at their next Python instruction, and every Comm call "
-                           f"they make raises.")
-        raise error from world.error.__cause__
-    return RunResult(outputs, CommTrace.from_recorders(recorders))
+        signal.signal(signal.SIGINT, previous)
 
 
-_intra_op = {"runs": 0, "threads": 0}  # simulated runs in progress in this process; torch's threads before them
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) is ignored inside: the interruption being handled already stops the run, and a second
+    one within ~50 ms used to cut the stop short before every rank got its Aborted. Main thread only (the
+    only thread Python delivers signals to); elsewhere, or with no Python-level handler, nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def own_copies(obj: Any, memo: dict | None = None) -> Any:
+    """``obj`` with every tensor inside lists, tuples and dicts replaced by this rank's own copy, as each
+    process of a real backend unpickles its own: one rank's ``x.mul_(10)`` or ``x.grad`` never reaches
+    another rank or the caller. ``copy.deepcopy`` per tensor, with one memo per rank: a copy keeps
+    ``requires_grad`` and its type (``nn.Parameter``), and views of one tensor stay views of one copy
+    (``ts.run`` has refused tensors with autograd history, which neither deepcopy nor pickle take).
+    Other objects (modules, functions, events) are passed as they are."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        return copy.deepcopy(obj, memo)
+    if isinstance(obj, (list, tuple)):
+        items = [own_copies(o, memo) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuples too
+    if isinstance(obj, dict):
+        return type(obj)((k, own_copies(v, memo)) for k, v in obj.items())
+    return obj
+
+
+_intra_op = {"runs": 0, "threads": 0}  # top-level runs in progress in this process; torch's threads before them
 _intra_op_lock = threading.Lock()
 
 
 @contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
+def _one_intra_op_thread(nested: bool) -> Iterator[None]:
     """One torch intra-op thread while any run is in progress: the ranks are the parallelism (world.py's
     RUNNERS of them at once). With torch's default, each runner's ops also start a team of OpenMP
     threads that fight the runners for the cores (64-rank ring attention: 3.4 s instead of 2.5 s on
-    2 cores). The first run to start saves the setting, the last to end restores it."""
+    2 cores). ``torch.set_num_threads`` sets a global that new threads start from, and the calling
+    thread's own setting: so each top-level run puts its own thread's setting back when it ends (the
+    first to start saved the global, the last to end restores it), and a nested run, whose rank thread
+    already started from 1 and may end after the run it is nested in, changes nothing."""
+    if nested:
+        yield
+        return
+    mine = torch.get_num_threads()
     with _intra_op_lock:
         if _intra_op["runs"] == 0:
-            _intra_op["threads"] = torch.get_num_threads()
-            torch.set_num_threads(1)
+            _intra_op["threads"] = mine
         _intra_op["runs"] += 1
+        torch.set_num_threads(1)
     try:
         yield
     finally:
         with _intra_op_lock:
             _intra_op["runs"] -= 1
-            if _intra_op["runs"] == 0:
-                torch.set_num_threads(_intra_op["threads"])
+            torch.set_num_threads(_intra_op["threads"] if _intra_op["runs"] == 0 else mine)
 
 
 def _supervise(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
@@ -264,18 +386,45 @@ def _supervise(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
 
 def _stop(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
     """After the run failed: give the ranks still computing in fn POLL s to reach a Comm call (which
-    raises), interrupt those that have not, then wait up to GRACE for all. Interrupting only the ranks
-    that need it keeps an asynchronous Aborted rare: one that lands in a garbage-collector callback
-    (hypothesis registers some) is printed and swallowed, and that rank stops only at its next Comm call."""
+    raises), interrupt those that have not, then wait up to GRACE for all, interrupting again every
+    RESEND s the ranks that swallowed their Aborted. Interrupting only the ranks that need it keeps an
+    asynchronous Aborted rare: one that lands in a garbage-collector callback (hypothesis registers
+    some) is printed and swallowed, and that rank is interrupted again."""
     _collect_exits(done, exited, world.world_size, POLL)
+    deadline = time.monotonic() + GRACE
+    while len(exited) < world.world_size and time.monotonic() < deadline:
+        _interrupt_computing_ranks(world)
+        _collect_exits(done, exited, world.world_size, min(RESEND, deadline - time.monotonic()))
+
+
+def _keep_stopping(world: SimWorld, done: SimpleQueue, exited: set[int]) -> None:
+    """Ranks still in fn after ``_stop`` (inside native code, or swallowing their Aborted): a daemon thread
+    interrupts them again every RESEND s until the last has left fn, then ends."""
+    if len(exited) == world.world_size:
+        return
+
+    def keep_stopping() -> None:
+        while len(exited) < world.world_size:
+            _interrupt_computing_ranks(world)
+            _collect_exits(done, exited, world.world_size, RESEND)
+
+    threading.Thread(target=keep_stopping, name="tpsp_sim-stopper", daemon=True).start()
+
+
+def _interrupt_computing_ranks(world: SimWorld) -> None:
+    """Raise Aborted in every rank computing in fn that has none pending: once, then again each time the
+    last one landed and the rank is still in fn (it swallowed it). Waiting ranks were woken and raise
+    themselves; a rank supervising a nested run (failed with this one) stops its ranks and raises: an
+    Aborted could land inside Thread.start there. A rank leaves ``thread_ids`` (under the lock) as it
+    leaves fn: from then on it gets none."""
     with world.lock:
-        for rank, ident in list(world.thread_ids.items()):
-            # Waiting ranks were woken and raise themselves; a rank supervising a nested run (failed with
-            # this one) stops its ranks and raises: an Aborted could land inside Thread.start there.
-            if rank not in world.blocked and rank not in world.nesting:
+        for rank, ident in world.thread_ids.items():
+            if rank in world.blocked or rank in world.nesting:
+                continue
+            if rank not in world.aborted or ident in Aborted.landed:
+                Aborted.landed.discard(ident)
+                world.aborted.add(rank)
                 _async_raise(ident, Aborted)
-                del world.thread_ids[rank]  # never twice
-    _collect_exits(done, exited, world.world_size, GRACE)
 
 
 def _collect_exits(done: SimpleQueue, exited: set[int], world_size: int, seconds: float) -> None:

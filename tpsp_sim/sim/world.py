@@ -28,9 +28,10 @@ so runs are bitwise reproducible) and wakes the others. A ``send`` is matched wi
 ``recv`` on the same (group, src, dst) channel, in order, like NCCL; a blocking send returns only
 once matched, so ring-ordering deadlocks show up here.
 
-Failure: ``fail`` records the run's first error and releases every waiting rank (and fails the
-runs nested inside this one's ranks); every later call into the world raises a copy of that error,
-and once the run has ended (``close``) every call raises at once, whoever makes it.
+Failure: ``fail`` records the run's first error and gives every waiting rank a turn, in which it
+raises (and fails the runs nested inside this one's ranks); every later call into the world raises
+a copy of that error, and once the run has ended (``close``) every call raises at once, whoever
+makes it.
 """
 
 from __future__ import annotations
@@ -44,17 +45,28 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..core.errors import CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError, rank_failed
+from ..core.errors import (MAX_LINES, CollectiveMismatchError, DeadlockError, RankFailedError, SimulationError,
+                           format_ranks, group_text, rank_failed, unmatched_messages)
 from ..core.ops import describe_call
 from ..core.trace import Recorder
 
-MAX_LINES = 12  # per-rank lines an error message shows before summarising the rest
 RUNNERS = 2  # ranks that run at once while turns keep moving (see "Turns" above)
+RECHECKS_PER_S = 100  # spare wake-ups of sleeping ranks per second, all ranks together (``SimWorld.recheck``)
 IDLE_CPU = 0.001  # CPU seconds under which a running rank counts as waiting between two polls
 
 
 class Aborted(BaseException):
-    """Raised inside a rank thread (asynchronously) to stop it after its run has already failed."""
+    """Raised inside a rank thread (asynchronously) to stop it after its run has already failed.
+
+    Raised as a class, so CPython makes the instance in the rank's own thread when an ``except``
+    catches it: ``landed`` then holds that thread's ident (the runtime clears it before each send).
+    A rank whose Aborted landed and that still runs fn has swallowed it (a bare ``except:``)."""
+
+    landed: set[int] = set()
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        Aborted.landed.add(threading.get_ident())
 
 
 def copy_error(error: SimulationError) -> SimulationError:
@@ -67,22 +79,6 @@ def copy_error(error: SimulationError) -> SimulationError:
 def detached(x: torch.Tensor) -> torch.Tensor:
     """``x`` without autograd history (``detach`` only when needed: it is not free, called per rank per call)."""
     return x.detach() if x.requires_grad else x
-
-
-def format_ranks(ranks: Iterable[int]) -> str:
-    """``[0, 1, 2, 3, 5, 7, 8]`` → ``"0-3, 5, 7-8"``."""
-    runs: list[list[int]] = []
-    for r in sorted(ranks):
-        if runs and r == runs[-1][1] + 1:
-            runs[-1][1] = r
-        else:
-            runs.append([r, r])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
-def group_text(group: tuple[int, ...]) -> str:
-    """A group as messages show it: the tuple up to 8 ranks, ranges beyond (``(0-999)``)."""
-    return str(group) if len(group) <= 8 else f"({format_ranks(group)})"
 
 
 def summarise(lines: dict[int, str]) -> str:
@@ -106,12 +102,13 @@ def scope_text(scope: str) -> str:
 class _Slot:
     """One call of a collective on one group: what each rank posted, then what each gets back."""
 
-    __slots__ = ("posted", "waiters", "outputs")
+    __slots__ = ("posted", "waiters", "outputs", "missing")
 
     def __init__(self) -> None:
         self.posted: dict[int, tuple[str, torch.Tensor | None, tuple, str]] = {}  # group rank -> (op, x, params, scope)
         self.waiters: list[int] = []  # global ranks asleep on this slot
         self.outputs: list[Any] | None = None
+        self.missing: tuple[int, str] = (-1, "")  # (ranks posted, the ranks that have not) when last described
 
 
 class _Message:
@@ -152,6 +149,7 @@ class SimWorld:
         self.lock = threading.Lock()
         self.gates = [_locked_gate() for _ in range(self.world_size)]
         self.groups: list[tuple[int, ...]] = [tuple(range(self.world_size))]
+        self._group_labels: dict[int, str] = {}  # group id -> group_text(group), formatted once
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.calls: dict[tuple[int, int], int] = {}  # (group id, global rank) -> calls made so far
         self.sends: dict[tuple[int, int, int], deque[_Message]] = {}  # (group id, src, dst) -> unmatched
@@ -168,10 +166,22 @@ class SimWorld:
         self.children: list[SimWorld] = []  # runs nested inside this run's ranks
         self.nesting: set[int] = set()  # ranks supervising a nested run (they stop when it stops)
         self.thread_ids: dict[int, int] = {}  # rank -> thread ident, while the rank is inside fn
+        self.aborted: set[int] = set()  # ranks sent an Aborted at least once (runtime.py)
         self.error: SimulationError | None = None
         self.closed = False
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout
+        # Seconds between a sleeping rank's spare checks (``_sleep``): at most RECHECKS_PER_S wake-ups a
+        # second in all. One second each made every sleeping rank wake each second: 8,000 ranks spent the
+        # run fighting for the GIL (one all_reduce: 52 s on 8,000 ranks, 3.6 s on 4,000).
+        self.recheck = max(1.0, self.world_size / RECHECKS_PER_S)
+
+    def group_label(self, group_id: int) -> str:
+        """``group_text`` of a group, formatted once per group (not once per rank: O(world_size) each)."""
+        label = self._group_labels.get(group_id)
+        if label is None:
+            label = self._group_labels[group_id] = group_text(self.groups[group_id])
+        return label
 
     # ---- failure and the end of the run -------------------------------------------------------------
 
@@ -195,9 +205,12 @@ class SimWorld:
                                                f"{'failed' if self.error else 'ended'}"))
 
     def disown(self, child: "SimWorld", rank: int) -> None:
+        """The run nested in ``rank`` has ended. Once this run has failed, ``rank`` stays out of the runtime's
+        Aborted stops: it is raising the nested run's error (an Aborted there could cut that run's cleanup)."""
         with self.lock:
             self.children.remove(child)
-            self.nesting.discard(rank)
+            if self.error is None:
+                self.nesting.discard(rank)
 
     def close(self) -> None:
         """The run has returned: every later call on its comms raises at once."""
@@ -206,11 +219,16 @@ class SimWorld:
             self._release_waiting()
 
     def _release_waiting(self) -> None:
-        """Open every waiting rank's gate: each finds the run failed or closed and raises. Lock held."""
-        for rank in [*self.asleep, *self.ready]:  # they stay in ``blocked`` (in the runtime) until they raise
-            self._open(rank)
+        """Every waiting rank gets a turn, finds the run failed or closed and raises. Lock held.
+
+        In turns, RUNNERS more than the ranks running now (which may be stuck in native code): opening
+        every gate at once had thousands of threads fight for the GIL and the lock, and starved the
+        supervisor (a deadlock of 8,000 ranks took 5 to 44 s to report after it was found). Until its turn
+        a rank stays in ``blocked`` (in the runtime, never sent an Aborted)."""
+        self.ready.extend(sorted(self.asleep))
         self.asleep.clear()
-        self.ready.clear()
+        self.runners = len(self.running) + RUNNERS
+        self._hand_over()
 
     def check_usable(self, rank: int) -> None:
         """Raise if the run has failed or ended (read without the lock: both flags only ever turn on)."""
@@ -231,8 +249,8 @@ class SimWorld:
                                           f"ranks:\n{self.describe_ranks()}"))
             cpu = {r: _cpu_seconds(self.thread_ids[r]) for r in self.running if r in self.thread_ids}
             idle = any(cpu[r] - self._cpu_seen[r] < IDLE_CPU for r in cpu if r in self._cpu_seen)
-            if self.handoffs != self._handoffs_seen:
-                self.runners = RUNNERS
+            if self.handoffs != self._handoffs_seen and self.error is None:  # after a failure, turns stay as
+                self.runners = RUNNERS  # _release_waiting set them: beyond the ranks stuck in native code
             elif self.ready and idle:
                 self.runners += 1
                 self._hand_over()
@@ -260,9 +278,9 @@ class SimWorld:
 
     def describe_ranks(self) -> str:
         """What every rank is doing, identical ranks summarised. Lock held."""
-        lines = {}
+        lines, ready = {}, set(self.ready)
         for rank in range(self.world_size):
-            if rank in self.ready:
+            if rank in ready:
                 lines[rank] = "is ready, waiting for its turn to run"
             elif rank in self.blocked:
                 lines[rank] = f"waits in {self.blocked[rank][1]()}"
@@ -295,8 +313,10 @@ class SimWorld:
         """Sleep on this rank's gate until it is given a turn (its wait is over). Lock NOT held."""
         gate = self.gates[rank]
         while True:
-            gate.acquire(timeout=1.0)  # given a turn, released by a failure, or a second passed
-            if rank not in self.blocked:  # _hand_over gave it a turn
+            gate.acquire(timeout=self.recheck)  # given a turn, or the spare check is due
+            if rank not in self.blocked:  # _hand_over gave it a turn: to go on, or to raise the run's failure
+                if self.error is not None or self.closed:
+                    self.check_usable(rank)
                 return
             with self.lock:
                 self._raise_if_failed(rank)
@@ -314,6 +334,8 @@ class SimWorld:
         """Give free turns to ready ranks, first come first served. Lock held."""
         while self.ready and len(self.running) < self.runners:
             rank = self.ready.popleft()
+            if rank not in self.blocked:  # it raised meanwhile (the run failed: a spare check found it)
+                continue
             del self.blocked[rank]
             self.running.add(rank)
             self.handoffs += 1
@@ -386,12 +408,23 @@ class SimWorld:
         self._raise_if_failed(comm.global_rank)
 
     def _describe_slot(self, comm: Any, slot: _Slot, call: int, op: str, x, params) -> str:
-        missing = [r for r in range(comm.world_size) if r not in slot.posted]
-        return (f"{describe_call(op, x, params)}, collective #{call} of group {group_text(comm.group)}, "
-                f"for group ranks [{format_ranks(missing)}] that have not called it"
-                f"{scope_text(slot.posted[comm.rank][3])}")
+        """Lock held. The ranks missing are found once per slot and state (``posted`` only grows), not once
+        per waiting rank: describing a deadlock of 8,000 ranks was quadratic."""
+        if slot.missing[0] != len(slot.posted):
+            slot.missing = (len(slot.posted), format_ranks(r for r in range(comm.world_size) if r not in slot.posted))
+        return (f"{describe_call(op, x, params)}, collective #{call} of group {self.group_label(comm.group_id)}, "
+                f"for group ranks [{slot.missing[1]}] that have not called it{scope_text(slot.posted[comm.rank][3])}")
 
     # ---- point to point -------------------------------------------------------------------------
+
+    def unmatched(self) -> SimulationError | None:
+        """After every rank returned: the isends and irecvs never matched (never waited on either, or the
+        run would have deadlocked), as an error (``unmatched_messages``); None if there are none."""
+        messages = [(src, dst, sending, tuple(x.shape), str(x.dtype), m.scope)
+                    for sending, channels in ((True, self.sends), (False, self.recvs))
+                    for (_, src, dst), queue in channels.items() for m in queue
+                    for x in [m.tensor if sending else m.like]]
+        return unmatched_messages(messages) if messages else None
 
     def post(self, comm: Any, peer: int, message: _Message, sending: bool) -> None:
         """Post a send (to ``peer``) or a receive (from ``peer``) and match it if the other side is there."""

@@ -1,0 +1,105 @@
+"""Issue 24 item 5 on gloo: a rank waiting for a rank that has returned is a DeadlockError at once (as on the
+simulator), and no process a worker started outlives the run; the autouse fixture sees such processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import _children
+from test_dist_reliability import alive
+
+import tpsp_sim as ts
+
+
+def rank0_returns_early(comm, how):
+    if comm.rank == 1:
+        if how == "all_reduce":
+            comm.all_reduce(torch.ones(2))
+        else:
+            comm.recv(torch.ones(2), 0)
+    return comm.rank
+
+
+WAITS = {"all_reduce": "all_reduce(shape=(2,), dtype=torch.float32, op='sum'), collective #0 of group (0, 1), "
+                       "for rank(s) 0",
+         "recv": "recv(shape=(2,), dtype=torch.float32, src=0), message #0 from rank 0 to rank 1, for rank(s) 0"}
+
+
+@pytest.mark.real
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["all_reduce", "recv"])
+def test_on_gloo_a_rank_waiting_for_a_returned_rank_is_a_deadlock_at_once(how):
+    with pytest.raises(ts.DeadlockError) as sim:
+        ts.run(rank0_returns_early, how, world_size=2)
+    assert "rank 0: has returned from fn" in str(sim.value)
+    start = time.monotonic()
+    with pytest.raises(ts.DeadlockError) as info:
+        ts.run(rank0_returns_early, how, world_size=2, backend="gloo", timeout=100)
+    assert time.monotonic() - start < 30  # starting two processes; the timeout is 100 s
+    assert str(info.value) == ("a rank waits for a rank that has already returned from fn, so its call can never "
+                               f"complete:\n  rank 0: has returned from fn\n  rank 1: waits in {WAITS[how]}")
+
+
+def starts_a_sleeper(comm, pids):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(pids, "a") as f:
+        f.write(f"{sleeper.pid}\n")
+    return comm.rank
+
+
+@pytest.mark.real
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_processes_a_gloo_worker_starts_end_with_the_run(tmp_path):
+    pids_file = tmp_path / "pids"
+    pids: list[int] = []
+    try:
+        assert ts.run(starts_a_sleeper, str(pids_file), world_size=2, backend="gloo", timeout=60).outputs == [0, 1]
+        pids = [int(p) for p in pids_file.read_text().split()]
+        assert len(pids) == 2
+        deadline = time.monotonic() + 1.0
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_leftover_check_sees_an_orphan_of_a_worker():
+    """A process carrying this process's pid in TPSP_SIM_RUN_OWNER counts as ours once its parent has ended."""
+    env = {**os.environ, "TPSP_SIM_RUN_OWNER": str(os.getpid())}
+    shell = subprocess.run(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"], env=env, capture_output=True,
+                           text=True, check=True)
+    orphan = int(shell.stdout)
+    try:
+        assert orphan in _children()
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while orphan in _children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert orphan not in _children()
+
+
+def isends_to_a_returned_rank_and_computes_on(comm, seconds):
+    if comm.rank == 1:
+        comm.isend(torch.ones(2), 0)  # rank 0 has returned; nobody waits on this
+        time.sleep(seconds)  # on gloo longer than the parent's GRACE_S: still not a wait
+    return comm.rank
+
+
+@pytest.mark.parametrize("backend, seconds", [
+    ("sim", 0.0), pytest.param("gloo", 1.5, marks=[pytest.mark.real, pytest.mark.timeout(120)])])
+def test_an_isend_nobody_waits_on_is_the_unmatched_error_on_both_backends_not_a_deadlock(backend, seconds):
+    with pytest.raises(ts.SimulationError) as info:
+        ts.run(isends_to_a_returned_rank_and_computes_on, seconds, world_size=2, backend=backend, timeout=60)
+    assert type(info.value) is ts.SimulationError
+    assert str(info.value).endswith("\n  rank 1's isend to rank 0 was never received (shape (2,), torch.float32)")
