@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import tpsp_sim as ts
@@ -47,3 +49,37 @@ def run_block_stack(build, x: torch.Tensor, gy: torch.Tensor, t: int, mode: str,
     join = (lambda xs: torch.cat(xs, 1)) if mode == "tp_sp" else (lambda xs: xs[0])
     return (join([o[0] for o in res.outputs]), join([o[1] for o in res.outputs]),
             [o[2] for o in res.outputs], res.trace)
+
+
+def child_processes() -> set[int]:
+    """Live (not zombie) child processes of this process, from /proc (Linux; elsewhere none are checked),
+    and the processes that a gloo worker of ``ts.run`` started, even once orphaned: they carry this
+    process's pid in ``TPSP_SIM_RUN_OWNER`` (set for every worker, tpsp_sim/dist/processes.py, and
+    inherited). Only processes started after this one have their environment read (cheap)."""
+    me, found = os.getpid(), set()
+    if not os.path.isdir("/proc"):
+        return found
+    marker = f"\0TPSP_SIM_RUN_OWNER={me}\0".encode()
+
+    def stat(pid: str) -> list[str]:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+
+    my_start = int(stat("self")[19])  # field 22, starttime, in clock ticks since boot
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = stat(entry)
+            state, ppid, start = fields[0], int(fields[1]), int(fields[19])
+            if state == "Z":
+                continue
+            if ppid == me:
+                found.add(int(entry))
+            elif start >= my_start and int(entry) != me:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker in b"\0" + f.read():
+                        found.add(int(entry))
+        except (OSError, IndexError, ValueError):  # ended meanwhile, or not ours to read
+            continue
+    return found

@@ -57,7 +57,8 @@ def test_spins_forever():
 
 def run_pytest(tmp_path: Path, source: str, profile: str) -> tuple[subprocess.CompletedProcess, float]:
     (tmp_path / "test_planted.py").write_text(source)
-    shutil.copy(TESTS / "conftest.py", tmp_path / "conftest.py")
+    for name in ("conftest.py", "helpers.py"):  # the suite's conftest and the helpers it imports
+        shutil.copy(TESTS / name, tmp_path / name)
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "HYPOTHESIS_PROFILE")}
     env["HYPOTHESIS_PROFILE"] = profile
     start = time.monotonic()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import _children
+from helpers import child_processes
 from test_dist_reliability import alive
 
 import tpsp_sim as ts
@@ -80,13 +80,13 @@ def test_the_leftover_check_sees_an_orphan_of_a_worker():
                            text=True, check=True)
     orphan = int(shell.stdout)
     try:
-        assert orphan in _children()
+        assert orphan in child_processes()
     finally:
         os.kill(orphan, signal.SIGKILL)
     deadline = time.monotonic() + 2.0
-    while orphan in _children() and time.monotonic() < deadline:
+    while orphan in child_processes() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert orphan not in _children()
+    assert orphan not in child_processes()
 
 
 def isends_to_a_returned_rank_and_computes_on(comm, seconds):

@@ -20,7 +20,7 @@ def test_report_writes_plots_and_a_markdown_table(tmp_path, capsys):
           "--hardware", "a100-nvlink", "--device", "cpu", "--out", str(out)])
     names = {p.name for p in out.iterdir()}
     expected = {"comm.png", "shards.png", "scaling_world_size.png", "scaling_seq.png", "report.md"}
-    expected |= {f"{kind}_{m}.png" for kind in ("comm", "timeline") for m in ("tp", "tp_sp", "ring", "ulysses")}
+    expected |= {f"{kind}_{m}.png" for kind in ("comm", "timeline") for m in ("tp", "tp_sp", "ring", "ulysses", "allgather")}
     assert names == expected
     assert all((out / n).read_bytes()[:8] == PNG for n in names if n.endswith(".png"))
     assert str(out / "report.md") in capsys.readouterr().out
