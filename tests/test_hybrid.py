@@ -71,7 +71,7 @@ def gpt(seed=0):
     return ts.TransformerBlock(d_model=48, n_heads=24, d_ff=96).double()  # 24 heads: heads/t divisible by cp
 
 
-@pytest.mark.parametrize("attention", ["ring", "ulysses", "usp"])
+@pytest.mark.parametrize("attention", ["ring", "ulysses", "usp", "allgather"])
 @pytest.mark.parametrize("cp, t", MESHES)
 def test_gpt_hybrid_block_equals_dense(cp, t, attention):
     check_against_dense(gpt(), cp, t, attention, "zigzag")
@@ -104,7 +104,7 @@ def llama(n_kv_heads, seed=0):
     return block
 
 
-@pytest.mark.parametrize("attention", ["ring", "ulysses", "usp"])
+@pytest.mark.parametrize("attention", ["ring", "ulysses", "usp", "allgather"])
 @pytest.mark.parametrize("cp, t", MESHES)
 @pytest.mark.parametrize("n_kv_heads", [24, 2])
 def test_llama_hybrid_block_equals_dense(cp, t, attention, n_kv_heads):
@@ -126,7 +126,7 @@ def bytes_rank(comm, dense, x, attention):
     ts.sync_gradients(par, mesh)
 
 
-@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+@pytest.mark.parametrize("attention", ["ring", "ulysses", "allgather"])
 def test_bytes_per_axis_equal_the_closed_forms(attention):
     """GPT block, float32 (e = e_acc = 4), h = 8, n_heads = 4, d_ff = 16; per dp rank b = 1, s = 16;
     mesh dp = cp = t = 2. E = b·(s/cp)·h = 64 elements; E_kv = E/t = 32 (every head has its K/V).
@@ -135,6 +135,7 @@ def test_bytes_per_axis_equal_the_closed_forms(attention):
          sync_gradients: P_sp = ln1 (w, b) + ln2 (w, b) + proj.bias + fc2.bias = 6h = 48: 2·1/2·48·4 = 192 B
     cp   ring:    forward (cp-1)·2E_kv·4 = 256 B; backward 256 + cp·2E_kv·4 = 768 B
          ulysses: forward (u-1)/u·(2E/t + 2E_kv)·4 = 1/2·128·4 = 256 B; backward 256 B
+         allgather: forward (cp-1)·2E_kv·4 = 256 B; backward (cp-1)·2E_kv·4 = 256 B (float32: e_acc = e)
     dp_cp  P = qkv (3h/t·h + 3h/t) + proj (h·h/t + h) + fc1 (16/t·h + 16/t) + fc2 (h·16/t + h) + 4h
            = 108 + 40 + 72 + 72 + 32 = 324; n = 4: 2·3/4·324·4 = 1944 B
     """
@@ -142,7 +143,7 @@ def test_bytes_per_axis_equal_the_closed_forms(attention):
     dense = ts.TransformerBlock(d_model=8, n_heads=4, d_ff=16)
     x = torch.randn(2, 1, 16, 8)
     trace = ts.run(bytes_rank, dense, x, attention, world_size=8).trace
-    cp_fwd, cp_bwd = (256, 768) if attention == "ring" else (256, 256)
+    cp_fwd, cp_bwd = {"ring": (256, 768), "ulysses": (256, 256), "allgather": (256, 256)}[attention]
     for rank in range(8):
         sent = lambda **kw: trace.total(rank=rank, **kw)
         in_block = lambda s: s.split("/")[0] in ("attn", "mlp")  # not the gradient reductions after backward
