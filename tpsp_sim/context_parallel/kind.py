@@ -22,7 +22,6 @@ import torch
 from ..core.comm import Comm
 
 GROUPS = ("ulysses", "ring")
-PHASES = ("forward", "backward")
 
 
 @dataclass(frozen=True)
