@@ -96,7 +96,7 @@ def test_causal_excess_leaves_each_rank_its_balanced_share_of_the_causal_flops(n
     evenly: zigzag), backward 2.5× that."""
     kind = ATTENTIONS[name]
     b, heads, tokens, d = 1, 4, 4, 8
-    for u, r in grids(kind)[1:]:
+    for u, r in grids(kind):  # one rank included: a zigzag shard is two chunks there too
         cp, s = u * r, tokens * u * r
         if kind.problem(LocalShape(b, heads, heads, tokens, d), u, r, "zigzag"):
             continue
@@ -149,6 +149,7 @@ def test_problems_name_the_sizes_and_match_what_the_run_raises():
     odd = LocalShape(1, 6, 3, 3, 8)
     assert "even number of tokens per rank, got 3" in ATTENTIONS["allgather"].problem(odd, 1, 2, "zigzag")
     assert ATTENTIONS["allgather"].problem(odd, 1, 2, "contiguous") is None
+    assert "got 3" in ATTENTIONS["ring"].problem(odd, 1, 1, "zigzag")  # as ring_attention raises on one rank
     q, k, v, dout = make_qkv(1, 6, 3, 16, 2)
     with pytest.raises(ts.RankFailedError, match="heads divisible by world_size 4"):
         run_kind(ATTENTIONS["ulysses"], 4, 1, q, k, v, dout, causal=True, layout="zigzag")

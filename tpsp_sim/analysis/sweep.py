@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..hybrid.block import ParallelTransformerBlock
+from ..hybrid.context import context_groups
 from ..models.gpt import TransformerBlock
 from ..tensor_parallel.grad_sync import sync_sequence_parallel_grads
 from ..core.comm import Comm
@@ -76,9 +77,9 @@ def _block(comm: Comm, cfg: Config, dense: TransformerBlock, mode: str) -> None:
 def _context_parallel(comm: Comm, cfg: Config, parameters: int, attention: str) -> None:
     shape = (cfg.batch, cfg.heads, cfg.seq // comm.world_size, cfg.hidden // cfg.heads)
     q, k, v = (cfg.tensor(*shape, rank=comm.rank) for _ in range(3))
-    kind = attention_kind(attention)
-    groups = {group: comm if group in kind.groups else None for group in ("ulysses", "ring")}
-    kind.attend(q, k, v, **groups, causal=True, layout="zigzag").float().sum().backward()
+    ulysses, ring = context_groups(comm, attention)
+    attention_kind(attention).attend(q, k, v, ulysses=ulysses, ring=ring, causal=True,
+                                     layout="zigzag").float().sum().backward()
     with comm.phase("grad_sync"), comm.scope("weight_grads"):  # the block's weights are replicated over the group
         comm.all_reduce(torch.zeros(parameters, dtype=cfg.dtype, device=cfg.device))
 
@@ -128,8 +129,8 @@ def measure(method: str, cfg: Config, hw: Cluster | str) -> Point:
 def sweep(cfg: Config, hw: Cluster | str, methods: Iterable[str] | None = None, world_sizes: Iterable[int] = (),
           seqs: Iterable[int] = (), progress: Callable[[list], Iterable] = iter) -> tuple[list[Point], list[str]]:
     """``measure`` each of ``methods`` (default: ``all_methods()``) on ``cfg``, or on ``cfg`` with each of
-    ``world_sizes`` and then each of ``seqs``; ``progress`` wraps the list of runs (e.g. ``tqdm.tqdm``). Returns (points, why each
-    combination whose sizes do not divide was skipped)."""
+    ``world_sizes`` and then each of ``seqs``; ``progress`` wraps the list of runs (e.g. ``tqdm.tqdm``).
+    Returns (points, why each combination whose sizes do not divide was skipped)."""
     cfgs = [replace(cfg, world_size=p) for p in world_sizes] + [replace(cfg, seq=s) for s in seqs]
     points, skipped = [], []
     methods = all_methods() if methods is None else tuple(methods)

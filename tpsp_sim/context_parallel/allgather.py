@@ -113,8 +113,9 @@ def _wire_bytes(shape: LocalShape, u: int, r: int) -> dict[tuple[str, str], int]
 
 
 def _causal_excess(shape: LocalShape, u: int, r: int, layout: str) -> tuple[float, float]:
-    """Zigzag: two diagonal tiles of tokens/2 (each computed whole, half masked); contiguous: one of tokens."""
-    if layout == "zigzag" and r > 1:
+    """Zigzag: two diagonal tiles of tokens/2 (each computed whole, half masked), on one rank too; contiguous:
+    one of tokens."""
+    if layout == "zigzag":
         return diagonal_excess(shape, shape.tokens // 2, shape.q_heads, diagonals=2)
     return diagonal_excess(shape, shape.tokens, shape.q_heads)
 
@@ -132,5 +133,5 @@ KIND = AttentionKind(
     wire_bytes=_wire_bytes,
     causal_excess=_causal_excess,
     extra_saved_bytes=lambda shape, u, r: 2 * (r - 1) * shape.kv_elems * shape.elem,  # the gathered K/V, kept
-    problem=lambda shape, u, r, layout: ring_problem(shape, r, layout),
+    problem=lambda shape, u, r, layout: ring_problem(shape, layout),
 )

@@ -98,10 +98,10 @@ def no_extra_memory(shape: LocalShape, u: int, r: int) -> int:
     return 0
 
 
-def ring_problem(shape: LocalShape, r: int, layout: str, tokens: int | None = None) -> str | None:
-    """A zigzag ring shard is two chunks: it needs an even number of tokens."""
+def ring_problem(shape: LocalShape, layout: str, tokens: int | None = None) -> str | None:
+    """A zigzag shard is two chunks, on any number of ranks (one included): it needs an even number of tokens."""
     tokens = shape.tokens if tokens is None else tokens
-    if layout == "zigzag" and r > 1 and tokens % 2:
+    if layout == "zigzag" and tokens % 2:
         return f"the zigzag layout needs an even number of tokens per rank, got {tokens}"
     return None
 

@@ -167,5 +167,5 @@ KIND = AttentionKind(
     wire_bytes=lambda shape, u, r: dict(zip((("ring", "forward"), ("ring", "backward")), ring_wire_bytes(shape, r))),
     causal_excess=lambda shape, u, r, layout: diagonal_excess(shape, shape.tokens, shape.q_heads),
     extra_saved_bytes=no_extra_memory,
-    problem=lambda shape, u, r, layout: ring_problem(shape, r, layout),
+    problem=lambda shape, u, r, layout: ring_problem(shape, layout),
 )

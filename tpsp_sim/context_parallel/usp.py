@@ -88,5 +88,5 @@ KIND = AttentionKind(
     wire_bytes=_wire_bytes,
     causal_excess=lambda shape, u, r, layout: diagonal_excess(shape, u * shape.tokens, shape.q_heads // u),
     extra_saved_bytes=no_extra_memory,
-    problem=lambda shape, u, r, layout: heads_problem(shape, u) or ring_problem(shape, r, layout, u * shape.tokens),
+    problem=lambda shape, u, r, layout: heads_problem(shape, u) or ring_problem(shape, layout, u * shape.tokens),
 )
