@@ -10,7 +10,7 @@ import torch
 
 import tpsp_sim as ts
 from attention_cases import dense_grads, make_qkv, sharded_grads
-from tpsp_sim.analysis import planner as planning, sweep
+from tpsp_sim.analysis import layer as layering, planner as planning, sweep
 from tpsp_sim.context_parallel.allgather import allgather_attention
 from tpsp_sim.context_parallel.kind import AttentionKind, LocalShape
 from tpsp_sim.context_parallel.registry import ATTENTIONS, attention_kind, register
@@ -193,8 +193,8 @@ def test_a_registered_kind_flows_through_the_hybrid_block_and_the_planner(toy_ki
     # the planner tries it and prices its causal work by its own declaration
     assert ("toy", "toy", 1) in planning._attention_kinds(4, ["ring", "toy"])
     m = ts.Model("tiny", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab=100)
-    assert planning.causal_overcount(m, 64, 4, 1, "toy") == planning.causal_overcount(m, 64, 4, 1, "allgather")
-    assert planning.causal_overcount(m, 64, 4, 1, "toy") != planning.causal_overcount(m, 64, 4, 1, "ring")
+    assert layering.causal_overcount(m, 64, 4, 1, "toy") == layering.causal_overcount(m, 64, 4, 1, "allgather")
+    assert layering.causal_overcount(m, 64, 4, 1, "toy") != layering.causal_overcount(m, 64, 4, 1, "ring")
 
 
 def test_a_registered_kind_flows_through_the_memory_budget_the_sweep_and_the_plots(toy_kind):

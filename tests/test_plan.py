@@ -10,7 +10,8 @@ import torch
 import tpsp_sim as ts
 from tpsp_sim.__main__ import main
 from tpsp_sim.analysis.models import Model
-from tpsp_sim.analysis.planner import causal_overcount, plan, table
+from tpsp_sim.analysis.layer import causal_overcount
+from tpsp_sim.analysis.planner import plan, table
 
 TINY = Model("tiny", 2, 64, 4, 2, 128, 100)
 FAST = ts.cost.Link("fast", bandwidth=1e9, latency=1e-6)
@@ -190,9 +191,9 @@ def test_search_space_controls_and_evaluate(tiny_plans):
 
 def test_a_second_plan_of_the_same_case_simulates_nothing(monkeypatch):
     """Layers are simulated once per case and shape; another memory setting re-plans from the cache."""
-    from tpsp_sim.analysis import planner as plan_module
+    from tpsp_sim.analysis import layer as layer_module, planner as plan_module
     first = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
-    monkeypatch.setattr(plan_module, "simulate_layer", lambda *a, **k: pytest.fail("simulated again"))
+    monkeypatch.setattr(layer_module, "simulate_layer", lambda *a, **k: pytest.fail("simulated again"))
     again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, zero=0)
     assert {(p.dp, p.cp, p.tp, p.attention, p.recompute) for p in again} == \
            {(p.dp, p.cp, p.tp, p.attention, p.recompute) for p in first}
@@ -205,7 +206,7 @@ def test_attention_at_its_own_efficiency(tiny_plans):
     """dp = 4, cp = tp = 1: the causal attention core is 2·256²·16·4 = 8,388,608 FLOPs forward and 2.5× that
     backward per layer and sequence; at 1.0 of peak instead of mfu 0.5 each of the 2 layer passes saves
     29,360,128 · (2e-12 − 1e-12) s. Default (None): the same plans as one MFU for all compute."""
-    from tpsp_sim.analysis.planner import FLASH_ATTENTION_3_H100, causal_attention_flops
+    from tpsp_sim.analysis.layer import FLASH_ATTENTION_3_H100, causal_attention_flops
     assert causal_attention_flops(TINY, 256, 1, 1) == (8_388_608, 2.5 * 8_388_608)
     assert causal_attention_flops(TINY, 256, 2, 2) == (8_388_608 / 4, 2.5 * 8_388_608 / 4)
     faster = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, attention_efficiency=1.0)
