@@ -1,14 +1,14 @@
-"""How long ``ts.plan`` takes, in one run: the whole search cold (every layer simulated), the same case
-re-planned with other memory settings (layers from the cache), and the search narrowed to TP inside a
-node (``tp_within_node``, ``max_tp``), each as a ratio to the cold search measured beside it.
+"""How long ``ts.plan`` takes, in one run: the whole search cold with every rank of each layer simulated
+(as before ``ts.sim.solo``), the same search cold with one rank simulated and every rank's trace written
+from it (today's ``simulate_layer``), the same case re-planned with other memory settings (layers from
+the cache), and the search narrowed to TP inside a node. Ratios are to the first row, measured beside it.
 
     python benchmarks/planner.py [--model llama3-8b] [--seq 131072] [--gpus 64] [--cluster dgx-h100]
-                                 [--attentions ring ulysses usp] [--workers 2]
+                                 [--attentions ring ulysses usp allgather] [--workers 1] [--skip-every-rank]
 
 Issue 19's targets are Llama 3 8B / 128K / 64 GPUs with every attention kind under 5 s on 2 cores and
-Llama 3 70B / 128K / 1,024 GPUs under 20 s; the cold search is not there yet (it simulates each
-(cp, tp, attention) layer on cp·tp virtual ranks, and the simulator's time grows faster than its
-ranks); the cached re-plan is.
+Llama 3 70B / 128K / 1,024 GPUs under 20 s (``--model llama3-70b --gpus 1024 --skip-every-rank``: the
+every-rank search would take hours there).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import partial
 
 import tpsp_sim as ts
-from tpsp_sim.analysis import planner
+from tpsp_sim.analysis import layer, planner
 from tpsp_sim.context_parallel.registry import ATTENTIONS
 
 
@@ -35,19 +36,31 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=64)
     parser.add_argument("--cluster", default="dgx-h100")
     parser.add_argument("--attentions", nargs="+", default=list(ATTENTIONS))
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--skip-every-rank", action="store_true", help="do not time the every-rank search")
     a = parser.parse_args()
     case = dict(model=a.model, seq=a.seq, gpus=a.gpus, cluster=a.cluster, attentions=a.attentions, workers=a.workers)
     print(f"load average {os.getloadavg()[0]:.1f}; {a.model}, {a.seq} tokens, {a.gpus} GPUs of {a.cluster}, "
           f"attentions {' '.join(a.attentions)}, {a.workers} workers")
+    rows = []
+    if not a.skip_every_rank:
+        one_rank = layer.simulate_layer
+        layer.simulate_layer = partial(one_rank, every_rank=True)
+        planner.clear_cache()
+        every, before = timed(lambda: ts.plan(**case))
+        layer.simulate_layer = one_rank
+        rows.append(("cold, every rank simulated", every))
     planner.clear_cache()
     cold, plans = timed(lambda: ts.plan(**case))
-    warm, _ = timed(lambda: ts.plan(**case, zero=0))
+    rows.append(("cold, one rank simulated", cold))
+    if not a.skip_every_rank:
+        assert plans == before, "one rank and every rank must give the same plans"
+    rows.append(("re-plan, other memory", timed(lambda: ts.plan(**case, zero=0))[0]))
     planner.clear_cache()
-    narrow, _ = timed(lambda: ts.plan(**case, tp_within_node=True, max_tp=8))
-    print(f"cold search            {cold:8.1f} s   1.00   ({sum(p.runs for p in plans)} plans run)")
-    print(f"re-plan, other memory  {warm:8.1f} s   {warm / cold:.3f}")
-    print(f"tp inside a node, <= 8 {narrow:8.1f} s   {narrow / cold:.3f}")
+    rows.append(("tp inside a node, <= 8", timed(lambda: ts.plan(**case, tp_within_node=True, max_tp=8))[0]))
+    print(f"{sum(p.runs for p in plans)} plans run, {len(plans)} in all")
+    for name, seconds in rows:
+        print(f"{name:28s} {seconds:8.1f} s   {seconds / rows[0][1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from ..hybrid.block import ParallelTransformerBlock
 from ..launch import run
 from ..models.gpt import TransformerBlock
 from ..models.llama import LlamaBlock
+from ..sim.solo import run_symmetric
 from .cluster import Cluster
 from .models import Model
 from .replay import timeline
@@ -30,11 +31,18 @@ from .replay import timeline
 AXES = ("tp", "cp", "dp_cp")  # the columns of exposed communication
 
 
-def simulate_layer(m: Model, cp: int, tp: int, attention: str, seq: int, micro_batch: int, ulysses: int = 1) -> CommTrace:
+def simulate_layer(m: Model, cp: int, tp: int, attention: str, seq: int, micro_batch: int, ulysses: int = 1,
+                   *, every_rank: bool = False) -> CommTrace:
     """The trace (with FLOPs) of one layer's forward and backward on a (cp, tp) mesh, on meta tensors.
 
     A kind with both groups ("usp") runs on a (cp/ulysses, ulysses, tp) mesh whose two context axes are
     named "cp_ring" and "cp_ulysses". Raises ValueError (or a ``SimulationError``) if the shapes do not split.
+
+    The layer is the same program on every rank up to a translation of the mesh (TP+SP, and context
+    parallelism in the balanced zigzag layout), so rank 0 is simulated alone and every rank's trace
+    written from its own (``ts.sim.solo.run_symmetric``; tp/n_kv_heads ranks when tp > n_kv_heads): cp·tp
+    times less work, the same trace event for event as simulating every rank (``every_rank=True``;
+    tests/test_solo.py compares them on a grid).
     """
     if m.q_dim != m.d_model:
         raise ValueError(f"the simulated blocks have n_heads · head_dim = d_model; {m.name} has "
@@ -44,7 +52,12 @@ def simulate_layer(m: Model, cp: int, tp: int, attention: str, seq: int, micro_b
             dense = LlamaBlock(m.d_model, m.n_heads, m.n_kv_heads, m.d_ff).to(torch.bfloat16)
         else:
             dense = TransformerBlock(m.d_model, m.n_heads, m.d_ff).to(torch.bfloat16)
-    return run(_layer, dense, cp, tp, attention, seq, micro_batch, ulysses, world_size=cp * tp, count_flops=True).trace
+    layer = (dense, cp, tp, attention, seq, micro_batch, ulysses)
+    if every_rank:
+        return run(_layer, *layer, world_size=cp * tp, count_flops=True).trace
+    two_groups = len(attention_kind(attention).groups) == 2
+    shape = (cp // ulysses, ulysses, tp) if two_groups else (cp, tp)
+    return run_symmetric(_layer, *layer, shape=shape, count_flops=True)
 
 
 def _layer(comm, dense, cp: int, tp: int, attention: str, seq: int, micro_batch: int, ulysses: int) -> None:

@@ -9,7 +9,8 @@ Ulysses size u, 1 < u < cp) and every recompute mode:
    Table 2 activations, the output layer's logits, a 2 GiB reserve); a plan that does not fit in ``Cluster.memory_bytes``
    is listed with why, and not simulated;
 2. one layer, forward and backward, simulated on meta tensors on a (cp, tp) mesh of virtual ranks
-   (``simulate_layer``: the hybrid TP+SP × CP block, Llama-shaped for "swiglu" models), laid out
+   (``simulate_layer`` in layer.py: the hybrid TP+SP × CP block, Llama-shaped for "swiglu" models; one
+   rank simulated, every rank's trace written from its own, as the layer is symmetric), laid out
    on the cluster by ``ts.timeline`` with compute at ``mfu`` × peak (each call priced on its group's
    link). The busiest rank's compute, exposed communication per axis and idle time, times the
    layers and the micro-batches of a step (``global_batch_tokens`` / (dp · micro_batch · seq)),

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable
 
 from .cluster import Cluster, cluster
@@ -73,16 +74,24 @@ class Timeline:
     spans: tuple[Span, ...]
     hardware: Cluster
 
+    @cached_property
+    def _by_rank(self) -> dict[int, list[Span]]:
+        by_rank: dict[int, list[Span]] = defaultdict(list)
+        for s in self.spans:
+            by_rank[s.rank].append(s)
+        return dict(by_rank)
+
     @property
     def ranks(self) -> list[int]:
-        return sorted({s.rank for s in self.spans})
+        return sorted(self._by_rank)
 
     def of(self, rank: int, kind: str | None = None) -> list[Span]:
-        return [s for s in self.spans if s.rank == rank and kind in (None, s.kind)]
+        return [s for s in self._by_rank.get(rank, ()) if kind in (None, s.kind)]
 
     def end(self, rank: int | None = None) -> float:
         """When ``rank`` (default: the last rank) finishes."""
-        return max((s.end for s in self.spans if rank in (None, s.rank)), default=0.0)
+        spans = self.spans if rank is None else self._by_rank.get(rank, ())
+        return max((s.end for s in spans), default=0.0)
 
     def compute(self, rank: int) -> float:
         return _length(_union(self.of(rank, "compute")))
@@ -151,6 +160,8 @@ class _Replay:
         self.posted: dict[tuple, dict[str, float]] = defaultdict(dict)  # transfer -> side -> time
         self.size: dict[tuple, CommEvent] = {}  # transfer -> its send event
         self.done: dict[tuple, tuple[float, float]] = {}  # transfer -> (start, end)
+        self.both_posted: dict[tuple, None] = {}  # transfers posted on both sides, not yet timed (ordered set)
+        self.seconds: dict[tuple, float] = {}  # (op, bytes, group or ends) -> its time on the cluster
         self._name_calls(trace.events)
 
     def _name_calls(self, events: Iterable[CommEvent]) -> None:
@@ -213,7 +224,10 @@ class _Replay:
                     batch.append(nxt)  # a sendrecv: both halves posted together
                 keys = [self.call[r, e.seq][0] for e in batch]
                 for key, e in zip(keys, batch):
-                    self.posted[key].setdefault(e.op, t)
+                    sides = self.posted[key]
+                    sides.setdefault(e.op, t)
+                    if len(sides) == 2 and key not in self.done:
+                        self.both_posted[key] = None
                 if item.blocking:
                     if any(key not in self.done for key in keys):
                         return moved
@@ -252,25 +266,32 @@ class _Replay:
     def _collective_span(self, r: int, key: tuple, e: CommEvent, blocking: bool) -> float:
         """Add rank ``r``'s span of collective ``e`` (call ``key``, every rank arrived); return its end."""
         start = max(self.arrived[key].values())
-        end = start + event_time(e, self.hw.link_for(e))
+        end = start + self._seconds(e)
         self.spans.append(Span(r, "comm", start, end, e.op, e.scope, e.phase, blocking, e.axis))
         return end
 
     def _start_transfers(self) -> bool:
         """Time every transfer both of whose sides are posted and whose links are free; True if any."""
         started = False
-        ready = [k for k, sides in self.posted.items() if len(sides) == 2 and k not in self.done]
         changed = True
         while changed:
             changed = False
-            for key in ready:
+            for key in list(self.both_posted):
                 before = [self.after[key, side] for side in ("send", "recv")]
-                if key in self.done or any(b is not None and b not in self.done for b in before):
+                if any(b is not None and b not in self.done for b in before):
                     continue
                 start = max(*self.posted[key].values(), *(self.done[b][1] for b in before if b is not None))
-                self.done[key] = (start, start + event_time(self.size[key], self.hw.link_for(self.size[key])))
+                self.done[key] = (start, start + self._seconds(self.size[key]))
+                del self.both_posted[key]
                 changed = started = True
         return started
+
+    def _seconds(self, e: CommEvent) -> float:
+        """``event_time`` of ``e`` on its link, computed once per (op, bytes, group or ends)."""
+        key = (e.op, e.nbytes, (e.rank, e.peer) if e.op in ("send", "recv") else e.group)
+        if key not in self.seconds:
+            self.seconds[key] = event_time(e, self.hw.link_for(e))
+        return self.seconds[key]
 
 
 def _union(spans: Iterable[Span]) -> list[tuple[float, float]]:

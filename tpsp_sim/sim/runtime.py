@@ -32,6 +32,7 @@ import torch
 
 from ..core.comm import Comm
 from ..core.errors import SimulationError, rank_failed
+from ..core.ops import OPS
 from ..core.flops import FlopCounter
 from ..core.result import RunResult
 from ..core.trace import CommTrace, Recorder
@@ -43,26 +44,6 @@ RESEND = 0.1  # seconds between two stops of a rank that swallowed the last one 
 STOP_POLL = 0.002  # seconds between two looks for ranks that left, while stopping them
 
 _current = threading.local()  # in a rank thread: .world and .rank, the run it belongs to and its rank
-
-
-# ---- what each collective computes, from every rank's input (in group-rank order) ---------------
-
-_REDUCE = {"sum": torch.Tensor.add_, "avg": torch.Tensor.add_, "prod": torch.Tensor.mul_,
-           "max": lambda a, b: torch.maximum(a, b, out=a), "min": lambda a, b: torch.minimum(a, b, out=a)}
-
-
-def _reduced(xs: list[torch.Tensor], op: str) -> torch.Tensor:
-    """Reduce in rank order (bitwise reproducible); "avg" is the rank-order sum divided by p."""
-    acc = xs[0].clone()
-    for x in xs[1:]:
-        _REDUCE[op](acc, x)
-    if op == "avg":
-        acc = acc / len(xs) if not acc.is_floating_point() else acc.div_(len(xs))
-    return acc
-
-
-def _copies(x: torch.Tensor, n: int) -> list[torch.Tensor]:
-    return [x] + [x.clone() for _ in range(n - 1)]
 
 
 class SimComm(Comm):
@@ -80,26 +61,27 @@ class SimComm(Comm):
         return super()._record(*args, **kwargs)
 
     def _all_gather(self, x, dim):
-        return self.world.collective(self, "all_gather", x, (dim,), lambda xs: _copies(torch.cat(xs, dim), len(xs)))
+        return self._collective("all_gather", x, dim)
 
     def _all_reduce(self, x, op):
-        return self.world.collective(self, "all_reduce", x, (op,), lambda xs: _copies(_reduced(xs, op), len(xs)))
+        return self._collective("all_reduce", x, op)
 
     def _reduce_scatter(self, x, dim, op):
-        return self.world.collective(self, "reduce_scatter", x, (dim, op),
-                                     lambda xs: [c.clone() for c in _reduced(xs, op).chunk(len(xs), dim)])
+        return self._collective("reduce_scatter", x, dim, op)
 
     def _broadcast(self, x, src):
-        return self.world.collective(self, "broadcast", x, (src,), lambda xs: [xs[src].clone() for _ in xs])
+        return self._collective("broadcast", x, src)
 
     def _all_to_all(self, x, scatter_dim, gather_dim):
-        def exchange(xs):
-            pieces = [x.chunk(len(xs), scatter_dim) for x in xs]
-            return [torch.cat([p[i] for p in pieces], gather_dim) for i in range(len(xs))]
-        return self.world.collective(self, "all_to_all", x, (scatter_dim, gather_dim), exchange)
+        return self._collective("all_to_all", x, scatter_dim, gather_dim)
 
     def _barrier(self):
-        self.world.collective(self, "barrier", None, (), lambda xs: [None] * len(xs))
+        self._collective("barrier", None)
+
+    def _collective(self, op: str, x: torch.Tensor | None, *params: Any) -> Any:
+        """Post ``x``; once every rank of the group has, each gets its part of ``OPS[op].outputs`` (ops.py)."""
+        outputs = OPS[op].outputs
+        return self.world.collective(self, op, x, params, lambda xs: outputs(xs, *params))
 
     def _isend(self, x, dst):
         message = _Message(self.recorder.scope, tensor=detached(x).clone())
