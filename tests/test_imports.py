@@ -26,7 +26,7 @@ BELOW = {
     "hybrid": {"core", "models", "tensor_parallel", "context_parallel"},
     "pipeline": {"core"},
     "data_parallel": {"core"},
-    "analysis": {"core", "launch", "models", "tensor_parallel", "context_parallel", "hybrid"},
+    "analysis": {"core", "sim", "launch", "models", "tensor_parallel", "context_parallel", "hybrid"},
     "viz": {"core", "launch", "models", "context_parallel", "pipeline", "analysis"},
     "exercises": {"core", "launch", "models", "context_parallel", "pipeline", "data_parallel"},
     "__main__": {"analysis", "context_parallel", "viz"},
