@@ -1,6 +1,6 @@
 """How long ``ts.plan`` takes, in one run: the whole search cold with every rank of each layer simulated
-(as before ``ts.sim.solo``), the same search cold with one rank simulated and every rank's trace written
-from it (today's ``simulate_layer``), the same case re-planned with other memory settings (layers from
+and replayed (as before ``ts.sim.solo``), the same search cold as ``ts.plan`` runs it (the few ranks the
+layer's symmetry needs simulated, the few the cluster's nodes tell apart replayed), the same case re-planned with other memory settings (layers from
 the cache), and the search narrowed to TP inside a node. Ratios are to the first row, measured beside it.
 
     python benchmarks/planner.py [--model llama3-8b] [--seq 131072] [--gpus 64] [--cluster dgx-h100]
@@ -44,15 +44,15 @@ def main() -> None:
           f"attentions {' '.join(a.attentions)}, {a.workers} workers")
     rows = []
     if not a.skip_every_rank:
-        one_rank = layer.simulate_layer
-        layer.simulate_layer = partial(one_rank, every_rank=True)
+        symmetric = layer.symmetric_layer
+        layer.symmetric_layer = partial(layer.simulate_layer, every_rank=True)  # every rank, replayed whole
         planner.clear_cache()
         every, before = timed(lambda: ts.plan(**case))
-        layer.simulate_layer = one_rank
-        rows.append(("cold, every rank simulated", every))
+        layer.symmetric_layer = symmetric
+        rows.append(("cold, every rank", every))
     planner.clear_cache()
     cold, plans = timed(lambda: ts.plan(**case))
-    rows.append(("cold, one rank simulated", cold))
+    rows.append(("cold, symmetric", cold))
     if not a.skip_every_rank:
         assert plans == before, "one rank and every rank must give the same plans"
     rows.append(("re-plan, other memory", timed(lambda: ts.plan(**case, zero=0))[0]))

@@ -8,18 +8,19 @@ import pytest
 import torch
 
 import tpsp_sim as ts
-from tpsp_sim.analysis.layer import simulate_layer
+from tpsp_sim.analysis.layer import simulate_layer, symmetric_layer
 from tpsp_sim.analysis.models import Model
 from tpsp_sim.analysis.replay import timeline
-from tpsp_sim.sim.solo import run_solo, run_symmetric, translated
+from tpsp_sim.sim.solo import Symmetric, run_solo, run_symmetric
 
 LLAMA = Model("tiny-llama", 2, 96, 12, 4, 160, 100)  # GQA: 3 query heads per K/V head
 FEW_KV = Model("few-kv", 2, 64, 8, 2, 128, 100)  # tp = 4 or 8 replicates each K/V head on tp/2 ranks
 GPT = Model("tiny-gpt", 2, 64, 4, 4, 256, 100, mlp="gelu")
 # Four GPUs a node, so that the larger meshes' groups and ring neighbours cross nodes on some ranks only.
-QUADS = ts.cost.Cluster("quads", peak_flops=1e12, gpus_per_node=4,
-                        intra_node=ts.cost.Link("fast", bandwidth=1e9, latency=1e-6),
-                        inter_node=ts.cost.Link("slow", bandwidth=1e8, latency=1e-5), memory_bytes=1e9)
+FAST, SLOW = ts.cost.Link("fast", bandwidth=1e9, latency=1e-6), ts.cost.Link("slow", bandwidth=1e8, latency=1e-5)
+QUADS = ts.cost.Cluster("quads", peak_flops=1e12, gpus_per_node=4, intra_node=FAST, inter_node=SLOW, memory_bytes=1e9)
+TRIPLES = ts.cost.Cluster("triples", peak_flops=1e12, gpus_per_node=3, intra_node=FAST, inter_node=SLOW,
+                          memory_bytes=1e9)  # nodes that cut most meshes unevenly
 P2P = ("send", "recv")
 
 # (model, cp, tp, attention, ulysses): odd context sizes, GQA, both MLPs, every kind, meshes across nodes.
@@ -62,8 +63,14 @@ def test_one_rank_gives_every_ranks_trace_and_timeline(m, cp, tp, attention, u):
     for rank in range(cp * tp):
         assert _calls(one, rank) == _calls(every, rank)
     assert Counter(one.group_by("op").items()) == Counter(every.group_by("op").items())
-    for c in (QUADS, "dgx-h100"):
-        assert timeline(one, c, mfu=0.5).rows() == timeline(every, c, mfu=0.5).rows()
+    symmetric = symmetric_layer(m, cp, tp, attention, seq, 2, u)
+    for c in (QUADS, TRIPLES, "dgx-h100"):
+        rows = timeline(every, c, mfu=0.5).rows()
+        assert timeline(one, c, mfu=0.5).rows() == rows
+        replayed = timeline(symmetric, c, mfu=0.5).rows()  # the ranks the cluster's nodes tell apart
+        assert replayed == [row for row in rows if row[0] in {r[0] for r in replayed}]
+        if c == "dgx-h100":  # one node holds the mesh: only the program's own box is replayed
+            assert len(replayed) == len(symmetric.box_ranks) == (1 if tp <= m.n_kv_heads else tp // m.n_kv_heads)
 
 
 def test_collectives_alone_return_the_shapes_every_rank_would():
@@ -90,16 +97,12 @@ def test_tensors_with_values_and_broadcasts_are_refused():
         run_solo(lambda comm: comm.all_reduce(torch.ones(3)), world_size=2)
     with pytest.raises(ValueError, match=r"rank=2 is not in \[0, world_size=2\)"):
         run_solo(lambda comm: None, world_size=2, rank=2)
-    broadcast = run_solo(lambda comm: comm.broadcast(torch.empty(4, device="meta"), 1), world_size=2)
     with pytest.raises(ValueError, match="broadcast's bytes depend on each rank's distance from its root"):
-        translated([broadcast], (2,), (1,))
-    every = ts.run(lambda comm: comm.all_reduce(torch.ones(2)), world_size=2).trace
-    with pytest.raises(ValueError, match=r"needs traces of one rank each, got one of ranks \[0, 1\]"):
-        translated([every], (2,), (1,))
-    with pytest.raises(ValueError, match=r"a trace is of 2 ranks, the mesh \(3,\) has 3"):
-        translated([run_solo(lambda comm: comm.barrier(), world_size=2)], (3,), (1,))
-    with pytest.raises(ValueError, match="rank 1 needs the trace of rank 1, which is not given"):
-        translated([run_solo(lambda comm: comm.barrier(), world_size=2)], (2,), (2,))
+        run_symmetric(lambda comm: comm.broadcast(torch.empty(4, device="meta"), 1), shape=(2,))
+    one = Symmetric(run_solo(lambda comm: comm.barrier(), world_size=4), (2, 2), (1, 1))
+    with pytest.raises(ValueError, match=r"period \(1, 3\) must be multiples of \(1, 1\) dividing the mesh \(2, 2\)"):
+        one.coarsened((1, 3))
+    assert one.coarsened((2, 1)).box_ranks == [0, 2] and one.trace().count(op="barrier") == 4
 
 
 def test_groups_that_are_not_whole_axes_set_the_period_and_unmatched_sends_are_refused():
@@ -107,13 +110,14 @@ def test_groups_that_are_not_whole_axes_set_the_period_and_unmatched_sends_are_r
         x = torch.empty(3, device="meta")
         groups = [comm.new_group([r, r + 1]) for r in range(0, comm.world_size, 2)]
         next(g for g in groups if g is not None).all_reduce(x)
-    trace = run_symmetric(pairs, shape=(6,))
-    assert [e.group for e in trace.events] == [(0, 1), (0, 1), (2, 3), (2, 3), (4, 5), (4, 5)]
+    symmetric = run_symmetric(pairs, shape=(6,))
+    assert symmetric.period == (2,) and symmetric.box_ranks == [0, 1]
+    assert [e.group for e in symmetric.trace().events] == [(0, 1), (0, 1), (2, 3), (2, 3), (4, 5), (4, 5)]
 
     def first_rank_talks_to_the_last(comm):  # only rank 0 sends: no translation maps it to the others
         if comm.rank == 0:
             comm.send(torch.empty(2, device="meta"), comm.world_size - 1)
-    with pytest.raises(ValueError, match=r"not symmetric under its translations: 1 send\(s\) from rank 0 to rank 3 "
-                                         r"but 0 recv\(s\)"):
+    with pytest.raises(ValueError, match=r"not symmetric under its translations: rank 3 does not make send 0 from "
+                                         r"rank 0 to rank 3"):
         run_symmetric(first_rank_talks_to_the_last, shape=(4,))
 

@@ -23,7 +23,7 @@ from ..hybrid.block import ParallelTransformerBlock
 from ..launch import run
 from ..models.gpt import TransformerBlock
 from ..models.llama import LlamaBlock
-from ..sim.solo import run_symmetric
+from ..sim.solo import Symmetric, run_symmetric
 from .cluster import Cluster
 from .models import Model
 from .replay import timeline
@@ -37,27 +37,36 @@ def simulate_layer(m: Model, cp: int, tp: int, attention: str, seq: int, micro_b
 
     A kind with both groups ("usp") runs on a (cp/ulysses, ulysses, tp) mesh whose two context axes are
     named "cp_ring" and "cp_ulysses". Raises ValueError (or a ``SimulationError``) if the shapes do not split.
-
-    The layer is the same program on every rank up to a translation of the mesh (TP+SP, and context
-    parallelism in the balanced zigzag layout), so rank 0 is simulated alone and every rank's trace
-    written from its own (``ts.sim.solo.run_symmetric``; tp/n_kv_heads ranks when tp > n_kv_heads): cp·tp
-    times less work, the same trace event for event as simulating every rank (``every_rank=True``;
-    tests/test_solo.py compares them on a grid).
+    Every rank's trace is written from the few ranks ``symmetric_layer`` simulates; ``every_rank=True``
+    simulates every rank instead (the same trace: tests/test_solo.py compares them on a grid).
     """
+    if every_rank:
+        return run(_layer, _dense(m), cp, tp, attention, seq, micro_batch, ulysses, world_size=cp * tp,
+                   count_flops=True).trace
+    return symmetric_layer(m, cp, tp, attention, seq, micro_batch, ulysses).trace()
+
+
+def symmetric_layer(m: Model, cp: int, tp: int, attention: str, seq: int, micro_batch: int,
+                    ulysses: int = 1) -> Symmetric:
+    """``simulate_layer``'s layer as a ``Symmetric``: the layer is the same program on every rank up to a
+    translation of the mesh (TP+SP, and context parallelism in the balanced zigzag layout), so rank 0 is
+    simulated alone (tp/n_kv_heads ranks when tp > n_kv_heads replicates K/V heads: ``ts.sim.solo``), and
+    ``ts.timeline`` lays it out replaying only the ranks the cluster's nodes tell apart."""
+    two_groups = len(attention_kind(attention).groups) == 2
+    shape = (cp // ulysses, ulysses, tp) if two_groups else (cp, tp)
+    return run_symmetric(_layer, _dense(m), cp, tp, attention, seq, micro_batch, ulysses, shape=shape,
+                         count_flops=True)
+
+
+def _dense(m: Model) -> torch.nn.Module:
+    """The dense block of ``m`` on meta tensors, bf16."""
     if m.q_dim != m.d_model:
         raise ValueError(f"the simulated blocks have n_heads · head_dim = d_model; {m.name} has "
                          f"{m.n_heads} x {m.head_dim} = {m.q_dim} != {m.d_model}")
     with torch.device("meta"):
         if m.mlp == "swiglu":
-            dense = LlamaBlock(m.d_model, m.n_heads, m.n_kv_heads, m.d_ff).to(torch.bfloat16)
-        else:
-            dense = TransformerBlock(m.d_model, m.n_heads, m.d_ff).to(torch.bfloat16)
-    layer = (dense, cp, tp, attention, seq, micro_batch, ulysses)
-    if every_rank:
-        return run(_layer, *layer, world_size=cp * tp, count_flops=True).trace
-    two_groups = len(attention_kind(attention).groups) == 2
-    shape = (cp // ulysses, ulysses, tp) if two_groups else (cp, tp)
-    return run_symmetric(_layer, *layer, shape=shape, count_flops=True)
+            return LlamaBlock(m.d_model, m.n_heads, m.n_kv_heads, m.d_ff).to(torch.bfloat16)
+        return TransformerBlock(m.d_model, m.n_heads, m.d_ff).to(torch.bfloat16)
 
 
 def _layer(comm, dense, cp: int, tp: int, attention: str, seq: int, micro_batch: int, ulysses: int) -> None:
@@ -113,7 +122,7 @@ def causal_overcount(m: Model, seq: int, cp: int, tp: int, attention: str, ulyss
     return kind.causal_excess(shape, u, r, "zigzag")
 
 
-def layer_time(trace: CommTrace, c: Cluster, mfu: float, overcount: tuple[float, float],
+def layer_time(trace: CommTrace | Symmetric, c: Cluster, mfu: float, overcount: tuple[float, float],
                 overlap_tp: bool) -> LayerTime:
     tl = timeline(trace, c, mfu=mfu, overlap_tp=overlap_tp)
     r = max(tl.ranks, key=lambda rank: (tl.end(rank), -rank))  # the busiest rank
@@ -132,7 +141,7 @@ def price_layer(m: Model, c: Cluster, seq: int, micro_batch: int, mfu: float, ov
     cp, tp, kind, u = job
     try:
         overcount = tuple(micro_batch * f for f in causal_overcount(m, seq, cp, tp, kind, u))
-        return layer_time(simulate_layer(m, cp, tp, kind, seq, micro_batch, u), c, mfu, overcount, overlap_tp)
+        return layer_time(symmetric_layer(m, cp, tp, kind, seq, micro_batch, u), c, mfu, overcount, overlap_tp)
     except (ValueError, SimulationError) as error:
         cause = error.__cause__ if isinstance(error, SimulationError) and error.__cause__ else error
         # without the rank ("rank 3: ", "rank 1 of its group: "): whichever rank raised first

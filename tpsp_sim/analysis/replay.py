@@ -50,6 +50,7 @@ from .cluster import Cluster, cluster
 from .cost import event_time
 from ..core.errors import SimulationError
 from ..core.trace import CommEvent, CommTrace, ComputeSpan, WaitMark
+from ..sim.solo import Symmetric
 
 
 @dataclass(frozen=True)
@@ -135,15 +136,23 @@ class Timeline:
         return [(r, self.compute(r), self.hidden(r), self.exposed(r), self.idle(r), self.end(r)) for r in self.ranks]
 
 
-def timeline(trace: CommTrace, hw: Cluster | str, *, mfu: float = 1.0, overlap_tp: bool = False) -> Timeline:
+def timeline(trace: CommTrace | Symmetric, hw: Cluster | str, *, mfu: float = 1.0, overlap_tp: bool = False) -> Timeline:
     """Lay out every rank's recorded program on ``hw`` (see the module docstring). Needs the whole trace.
+
+    A ``Symmetric`` (a mesh program known by a few ranks' traces: ``ts.sim.solo``) is laid out replaying only
+    the ranks that the cluster tells apart: a translation of the mesh that maps every node's ranks into one
+    node prices every call as before, so the ranks it maps onto each other have the same spans
+    (``_QuotientReplay``). The timeline then holds those ranks only.
 
     ``hw``: a ``Cluster`` or a key of ``ts.cost.CLUSTERS`` (what ``ts.plan`` takes as ``cluster=``), or a
     one-link ``Hardware``. ``mfu``: the fraction of ``peak_flops`` compute runs at; ``overlap_tp``: Megatron's overlap of TP's
     backward input-gradient reduction with the weight-gradient matmul (module docstring)."""
     if not 0 < mfu <= 1:
         raise ValueError(f"timeline: mfu must be in (0, 1], got {mfu}")
-    return _Replay(trace, cluster(hw), mfu, overlap_tp).run()
+    c = cluster(hw)
+    if isinstance(trace, Symmetric):
+        return _QuotientReplay(trace.coarsened(_node_period(trace, c)), c, mfu, overlap_tp).run()
+    return _Replay(trace, c, mfu, overlap_tp).run()
 
 
 class _Replay:
@@ -172,7 +181,7 @@ class _Replay:
             if e.op in ("send", "recv"):
                 src, dst = (e.rank, e.peer) if e.op == "send" else (e.peer, e.rank)
                 counter = (e.group, src, dst, e.op)
-                key = ("transfer", e.group, src, dst, calls_made[counter])
+                key = self._transfer(e.group, src, dst, calls_made[counter])
                 self.after[key, e.op] = last_on_link.get((e.rank, e.op))
                 last_on_link[e.rank, e.op] = key
                 if e.op == "send":
@@ -240,7 +249,7 @@ class _Replay:
                     self.pending[r].append((key, item))
                     taken = 1
                 else:
-                    if len(self.arrived[key]) < len(item.group):
+                    if not self._all_arrived(key, item):
                         return moved
                     self.clock[r], taken = self._collective_span(r, key, item, blocking=True), 1
             self.at[r] += taken
@@ -256,7 +265,7 @@ class _Replay:
     def _finish_overlapped(self, r: int) -> bool:
         """Wait for rank ``r``'s overlapped reductions; False if one of them still lacks a rank."""
         for key, e in self.pending[r]:
-            if len(self.arrived[key]) < len(e.group):
+            if not self._all_arrived(key, e):
                 return False
         for key, e in self.pending[r]:
             self.clock[r] = max(self.clock[r], self._collective_span(r, key, e, blocking=False))
@@ -265,10 +274,21 @@ class _Replay:
 
     def _collective_span(self, r: int, key: tuple, e: CommEvent, blocking: bool) -> float:
         """Add rank ``r``'s span of collective ``e`` (call ``key``, every rank arrived); return its end."""
-        start = max(self.arrived[key].values())
+        start = max(self.arrived[k][m] for k, m in self._arrivals(key, e))
         end = start + self._seconds(e)
         self.spans.append(Span(r, "comm", start, end, e.op, e.scope, e.phase, blocking, e.axis))
         return end
+
+    def _transfer(self, group: tuple[int, ...], src: int, dst: int, k: int) -> tuple:
+        """The name of the k-th transfer from ``src`` to ``dst`` on ``group``."""
+        return "transfer", group, src, dst, k
+
+    def _arrivals(self, key: tuple, e: CommEvent) -> list[tuple[tuple, int]]:
+        """(call, rank) of every rank's arrival that collective ``e`` (call ``key``) waits for."""
+        return [(key, m) for m in e.group]
+
+    def _all_arrived(self, key: tuple, e: CommEvent) -> bool:
+        return all(m in self.arrived[k] for k, m in self._arrivals(key, e))
 
     def _start_transfers(self) -> bool:
         """Time every transfer both of whose sides are posted and whose links are free; True if any."""
@@ -292,6 +312,57 @@ class _Replay:
         if key not in self.seconds:
             self.seconds[key] = event_time(e, self.hw.link_for(e))
         return self.seconds[key]
+
+
+def _node_period(symmetric: Symmetric, c: Cluster) -> tuple[int, ...]:
+    """Per mesh axis, the smallest multiple of the program's period whose shift maps the ranks of each node
+    into one node (then it maps groups to groups on the same kind of link, and pairs to pairs)."""
+    ranks = range(symmetric.world_size)
+    period = []
+    for axis, (size, p) in enumerate(zip(symmetric.shape, symmetric.period)):
+        for step in range(p, size + 1, p):
+            if size % step:
+                continue
+            shift = [step if a == axis else 0 for a in range(len(symmetric.shape))]
+            image: dict[int, int] = {}
+            if all(image.setdefault(c.node(r), c.node(symmetric.translate(r, shift))) ==
+                   c.node(symmetric.translate(r, shift)) for r in ranks) and len(set(image.values())) == len(image):
+                period.append(step)
+                break
+    return tuple(period)
+
+
+class _QuotientReplay(_Replay):
+    """``_Replay`` of the box ranks of a ``Symmetric`` whose translations keep nodes whole (``_node_period``).
+
+    A call names ranks outside the box: each stands for its box rank, whose matching call is the same call
+    translated back. So a collective waits for every member's box rank to reach that translate, and a
+    transfer is named from its sender's side: the k-th transfer from s to d is the box rank of s's k-th
+    transfer to d translated back (the receiver's side, posted by the receiver's box rank, names it so too).
+    """
+
+    def __init__(self, symmetric: Symmetric, hw: Cluster, mfu: float, overlap_tp: bool) -> None:
+        self.symmetric = symmetric
+        self.needed: dict[tuple, list[tuple[tuple, int]]] = {}
+        super().__init__(symmetric.box, hw, mfu, overlap_tp)
+
+    def _back(self, rank: int) -> tuple[int, list[int]]:
+        home, shift = self.symmetric.home(rank)
+        return home, [-s for s in shift]
+
+    def _moved_group(self, group: tuple[int, ...], shift: list[int]) -> tuple[int, ...]:
+        return tuple(sorted(self.symmetric.translate(m, shift) for m in group))
+
+    def _transfer(self, group: tuple[int, ...], src: int, dst: int, k: int) -> tuple:
+        home, back = self._back(src)
+        return "transfer", self._moved_group(group, back), home, self.symmetric.translate(dst, back), k
+
+    def _arrivals(self, key: tuple, e: CommEvent) -> list[tuple[tuple, int]]:
+        if key not in self.needed:
+            _, group, k = key
+            self.needed[key] = [(("collective", self._moved_group(group, back), k), home)
+                                for home, back in map(self._back, group)]
+        return self.needed[key]
 
 
 def _union(spans: Iterable[Span]) -> list[tuple[float, float]]:

@@ -11,7 +11,9 @@ what it would if every rank of the group had posted this rank's input (``OPS[op]
 on copies of it), a receive a tensor like the one asked for. Nothing waits for anything. The events,
 bytes and FLOPs are the ones the whole world's simulation records for that rank, provided the program
 is symmetric; ``run_symmetric`` finds the ranks that must be simulated (one, unless some groups are
-not whole mesh axes) and writes every rank's trace from theirs. ``tests/test_solo.py`` checks it
+not whole mesh axes) and returns a ``Symmetric``: their traces, from which ``trace()`` writes every
+rank's, and which ``ts.timeline`` lays out on a cluster replaying only the ranks the cluster's
+nodes tell apart. ``tests/test_solo.py`` checks it
 against a simulation of every rank, event by event, for every attention kind on a grid of meshes.
 
 Cost: one rank's work instead of world_size ranks' (and no turns to hand over). The planner
@@ -21,9 +23,10 @@ simulates each layer this way (analysis/layer.py): a cp = 64 ring layer went fro
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import nullcontext
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -111,68 +114,96 @@ def run_solo(fn: Callable[..., Any], *args: Any, world_size: int, rank: int = 0,
     return CommTrace(recorder.events, recorder.waits, recorder.compute, world_size)
 
 
+@dataclass(frozen=True)
+class Symmetric:
+    """A program on a mesh of ``shape`` (row-major, the last axis fastest), known by the traces of the ranks
+    of the box [0, ``period``): every other rank's is its box rank's translated (``run_symmetric``)."""
+
+    box: CommTrace  # the box ranks' events, waits and FLOPs
+    shape: tuple[int, ...]
+    period: tuple[int, ...]
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def box_ranks(self) -> list[int]:
+        return [r for r in range(self.world_size) if all(c < p for c, p in zip(_coordinates(r, self.shape), self.period))]
+
+    def home(self, rank: int) -> tuple[int, list[int]]:
+        """(the box rank whose trace ``rank``'s is, the shift of coordinates from it to ``rank``)."""
+        coordinates = _coordinates(rank, self.shape)
+        home = [c % p for c, p in zip(coordinates, self.period)]
+        return _index(home, self.shape), [c - h for c, h in zip(coordinates, home)]
+
+    def translate(self, rank: int, shift: list[int]) -> int:
+        """``rank`` moved by ``shift`` on the mesh torus."""
+        return _index([c + s for c, s in zip(_coordinates(rank, self.shape), shift)], self.shape)
+
+    def trace(self) -> CommTrace:
+        """Every rank's trace."""
+        return self._traces_of(range(self.world_size))
+
+    def coarsened(self, period: tuple[int, ...]) -> "Symmetric":
+        """The same program known by the larger box [0, ``period``) (each a multiple of this one's)."""
+        if any(new % old or self_size % new for new, old, self_size in zip(period, self.period, self.shape)):
+            raise ValueError(f"Symmetric.coarsened: period {period} must be multiples of {self.period} "
+                             f"dividing the mesh {self.shape}")
+        box = [r for r in range(self.world_size) if all(c < p for c, p in zip(_coordinates(r, self.shape), period))]
+        return Symmetric(self._traces_of(box), self.shape, tuple(period))
+
+    def _traces_of(self, ranks: Iterable[int]) -> CommTrace:
+        by_rank = self.box.programs()
+        events: list[CommEvent] = []
+        waits: list[WaitMark] = []
+        compute: list[ComputeSpan] = []
+        for q in ranks:
+            home, shift = self.home(q)
+            rename = _Renaming(self, shift)
+            for item in by_rank.get(home, ()):
+                if isinstance(item, CommEvent):
+                    events.append(_moved(item, q, rename))
+                elif isinstance(item, WaitMark):
+                    waits.append(WaitMark(q, item.seq, item.event_seq))
+                else:
+                    compute.append(ComputeSpan(q, item.seq, item.flops, item.scope, item.phase))
+        return CommTrace(events, waits, compute, self.world_size)
+
+
 def run_symmetric(fn: Callable[..., Any], *args: Any, shape: tuple[int, ...], count_flops: bool = False,
-                  **kwargs: Any) -> CommTrace:
-    """Every rank's trace of ``fn`` on a mesh of ``shape`` (row-major, the last axis fastest), simulating as few
-    ranks as the program's symmetry allows (module docstring; meta tensors).
+                  **kwargs: Any) -> Symmetric:
+    """``fn`` on a mesh of ``shape`` (row-major, the last axis fastest), simulating as few ranks as the
+    program's symmetry allows (module docstring; meta tensors).
 
     1. Rank 0 alone gives its groups. Along each axis, the period is the smallest shift that maps each of
        those groups onto itself or off it entirely (1 for a mesh axis's own groups; 4 along tp for the
        groups of 4 tp ranks that share a replicated K/V head).
-    2. Each rank of the box [0, period) is simulated alone: one rank when every period is 1.
-    3. Every other rank's trace is its box rank's, translated by a multiple of the periods (``translated``).
-    4. Checked: each call's groups partition the ranks that make it, every send meets its receive;
-       else a ValueError (the program is not symmetric: simulate every rank with ``ts.run``).
+    2. Each rank of the box [0, period) is simulated alone: one rank when every period is 1. Every other
+       rank's trace is its box rank's, translated by a multiple of the periods (``Symmetric.trace()``).
+    3. Checked on the box: the k-th call of a box rank on a group is the k-th call of every member (as
+       its own box rank makes it, translated), every send meets its receive; else a ValueError (the
+       program is not symmetric: simulate every rank with ``ts.run``).
 
     The check sees groups and transfers that do not close; it cannot see a rank whose own program differs
     from its box rank's translate, since that rank is never run: the symmetry is the caller's claim (for
-    the planner's layers, tests/test_solo.py holds it against simulating every rank).
+    the planner's layers, tests/test_solo.py holds it against simulating every rank). A broadcast's bytes
+    depend on each rank's distance from its root: a program with one is refused.
     """
     world_size = math.prod(shape)
     first = run_solo(fn, *args, world_size=world_size, count_flops=count_flops, **kwargs)
     period = _period(first, shape)
-    box = [r for r in range(world_size) if all(c < p for c, p in zip(_coordinates(r, shape), period))]
+    box = Symmetric(first, shape, period).box_ranks
     traces = [first] + [run_solo(fn, *args, world_size=world_size, rank=r, count_flops=count_flops, **kwargs)
                         for r in box[1:]]
-    trace = translated(traces, shape, period)
-    _check_symmetric(trace, shape)
-    return trace
-
-
-def translated(traces: list[CommTrace], shape: tuple[int, ...], period: tuple[int, ...]) -> CommTrace:
-    """Every rank's trace of a mesh of ``shape``, from the traces of the ranks of the box [0, ``period``).
-
-    Rank q's program is its box rank's with every rank renamed by the translation that takes one to the
-    other (coordinates added, each axis modulo its size): the same calls, bytes and FLOPs, on the
-    translated groups and peers. A broadcast's bytes depend on the rank's distance from its root, so a
-    trace with one is refused.
-    """
-    world_size = math.prod(shape)
-    by_rank: dict[int, CommTrace] = {}
-    for trace in traces:
-        ranks = sorted({e.rank for e in trace.events} | {c.rank for c in trace.compute})
-        if len(ranks) != 1:
-            raise ValueError(f"translated: needs traces of one rank each, got one of ranks {ranks}")
-        if trace.world_size not in (0, world_size):
-            raise ValueError(f"translated: a trace is of {trace.world_size} ranks, the mesh {shape} has {world_size}")
-        by_rank[ranks[0]] = trace
-    if any(e.op == "broadcast" for trace in traces for e in trace.events):
-        raise ValueError("translated: a broadcast's bytes depend on each rank's distance from its root; "
+    merged = CommTrace([e for t in traces for e in t.events], [w for t in traces for w in t.waits],
+                       [c for t in traces for c in t.compute], world_size)
+    if any(e.op == "broadcast" for e in merged.events):
+        raise ValueError("run_symmetric: a broadcast's bytes depend on each rank's distance from its root; "
                          "simulate every rank (ts.run) instead")
-    events: list[CommEvent] = []
-    waits: list[WaitMark] = []
-    compute: list[ComputeSpan] = []
-    for q in range(world_size):
-        coordinates = _coordinates(q, shape)
-        home = [c % p for c, p in zip(coordinates, period)]
-        box_rank = _index(home, shape)
-        if box_rank not in by_rank:
-            raise ValueError(f"translated: rank {q} needs the trace of rank {box_rank}, which is not given")
-        trace, rename = by_rank[box_rank], _Renaming(shape, [c - h for c, h in zip(coordinates, home)])
-        events += [_moved(e, q, rename) for e in trace.events]
-        waits += [WaitMark(q, w.seq, w.event_seq) for w in trace.waits]
-        compute += [ComputeSpan(q, c.seq, c.flops, c.scope, c.phase) for c in trace.compute]
-    return CommTrace(events, waits, compute, world_size)
+    symmetric = Symmetric(merged, shape, period)
+    _check_symmetric(symmetric)
+    return symmetric
 
 
 def _coordinates(rank: int, shape: tuple[int, ...]) -> list[int]:
@@ -191,14 +222,14 @@ def _index(coordinates: list[int], shape: tuple[int, ...]) -> int:
 
 
 class _Renaming:
-    """Rank r -> r translated by ``shift`` on the mesh torus; groups renamed once each."""
+    """Rank r -> r translated by ``shift``; groups renamed once each."""
 
-    def __init__(self, shape: tuple[int, ...], shift: list[int]) -> None:
-        self.shape, self.shift = shape, shift
+    def __init__(self, symmetric: Symmetric, shift: list[int]) -> None:
+        self.symmetric, self.shift = symmetric, shift
         self.groups: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     def rank(self, r: int) -> int:
-        return _index([c + s for c, s in zip(_coordinates(r, self.shape), self.shift)], self.shape)
+        return self.symmetric.translate(r, self.shift)
 
     def group(self, g: tuple[int, ...]) -> tuple[int, ...]:
         if g not in self.groups:
@@ -216,38 +247,56 @@ def _period(trace: CommTrace, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Per axis, the smallest shift (a divisor of its size) that maps each group of ``trace`` onto itself or
     onto ranks all outside it."""
     groups = {frozenset(e.group) for e in trace.events}
+    unit = Symmetric(trace, shape, (1,) * len(shape))
     period = []
     for axis, size in enumerate(shape):
         for p in (d for d in range(1, size + 1) if size % d == 0):
             shift = [p if a == axis else 0 for a in range(len(shape))]
-            rename = _Renaming(shape, shift)
-            if all((moved := frozenset(rename.rank(r) for r in g)) == g or not moved & g for g in groups):
+            if all((moved := frozenset(unit.translate(r, shift) for r in g)) == g or not moved & g for g in groups):
                 period.append(p)
                 break
     return tuple(period)
 
 
-def _check_symmetric(trace: CommTrace, shape: tuple[int, ...]) -> None:
-    """ValueError unless the k-th call of every rank on a group is made by exactly that group's ranks, and the
-    k-th send from s to d meets the k-th receive of d from s."""
-    members: dict[tuple, set[int]] = defaultdict(set)
-    calls: Counter = Counter()
-    transfers: Counter = Counter()
-    for e in trace.events:
+def calls_of(trace: CommTrace) -> dict[tuple[int, int], tuple]:
+    """{(rank, seq): the call it is}: ("collective", group, k) for a rank's k-th collective on a group, or
+    ("send" | "recv", group, src, dst, k) for the k-th transfer from src to dst."""
+    made: Counter = Counter()
+    calls = {}
+    for e in sorted(trace.events, key=lambda e: (e.rank, e.seq)):
         if e.op in ("send", "recv"):
             src, dst = (e.rank, e.peer) if e.op == "send" else (e.peer, e.rank)
-            transfers[src, dst, e.op] += 1
+            counter = (e.op, e.group, src, dst)
+            calls[e.rank, e.seq] = (*counter, made[counter])
         else:
-            key = (e.group, e.rank)
-            members[e.group, calls[key]].add(e.rank)
-            calls[key] += 1
-    for (group, k), ranks in members.items():
-        if ranks != set(group):
-            raise ValueError(f"run_symmetric: the program on the mesh {shape} is not symmetric under its translations: "
-                             f"call {k} on group {group} is made by ranks {sorted(ranks)}; simulate every rank (ts.run)")
-    for (src, dst, op), n in transfers.items():
-        other = "recv" if op == "send" else "send"
-        if transfers[src, dst, other] != n:
-            raise ValueError(f"run_symmetric: the program on the mesh {shape} is not symmetric under its translations: "
-                             f"{n} {op}(s) from rank {src} to rank {dst} but {transfers[src, dst, other]} {other}(s); "
-                             "simulate every rank (ts.run)")
+            counter = ("collective", e.group, e.rank)
+            calls[e.rank, e.seq] = ("collective", e.group, made[counter])
+        made[counter] += 1
+    return calls
+
+
+def _check_symmetric(symmetric: Symmetric) -> None:
+    """ValueError unless every member of a box rank's k-th call on a group makes it too (its box rank, the
+    call translated), and every transfer's other side posts it (module docstring of ``run_symmetric``)."""
+    made = set(calls_of(symmetric.box).values())
+    shape = symmetric.shape
+    for call in sorted(made, key=str):
+        kind, group = call[0], call[1]
+        if kind == "collective":
+            needed = [(m, group) for m in group]
+        else:
+            src, dst = call[2], call[3]
+            needed = [(dst if kind == "send" else src, group)]
+        for m, g in needed:
+            home, shift = symmetric.home(m)
+            back = _Renaming(symmetric, [-s for s in shift])
+            if kind == "collective":
+                other = ("collective", back.group(g), call[-1])
+            else:
+                other = ("recv" if kind == "send" else "send", back.group(g), back.rank(call[2]), back.rank(call[3]),
+                         call[-1])
+            if other not in made:
+                what = (f"call {call[-1]} on group {group}" if kind == "collective"
+                        else f"{kind} {call[-1]} from rank {call[2]} to rank {call[3]}")
+                raise ValueError(f"run_symmetric: the program on the mesh {shape} is not symmetric under its "
+                                 f"translations: rank {m} does not make {what}; simulate every rank (ts.run)")
