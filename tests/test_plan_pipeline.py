@@ -122,3 +122,38 @@ def test_search_controls_and_bad_input():
                        ({"max_pp": 0}, "max_pp must be >= 1"), ({"pp": 3}, "pp=3 must be a positive divisor")):
         with pytest.raises(ValueError, match=match):
             plan(TINY, 256, 4, PAIRS, **{**OPTIONS, **bad})
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--pp", "0"], "--pp: 0 must be >= 1"),
+    (["--max-pp", "-2"], "--max-pp: -2 must be >= 1"),
+    (["--virtual-stages", "1", "0"], "--virtual-stages: 0 must be >= 1"),
+    (["--zero", "1", "5"], "--zero: invalid choice: 5"),
+    (["--tp", "x"], "--tp: 'x' is not an integer"),
+    (["--pp", "3"], "pp=3 must be a positive divisor of gpus=4"),
+])
+def test_plan_command_rejects_bad_pipeline_flags(tmp_path, capsys, flags, match):
+    from tpsp_sim.__main__ import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--model", "custom", "--layers", "4", "--d-model", "64", "--heads", "4", "--ffn", "128",
+              "--vocab", "100", "--seq", "256", "--gpus", "4", *flags, "--out", str(tmp_path / "plan")])
+    assert exit_.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_llama3_405b_on_too_few_gpus_says_what_would_fit(tmp_path, capsys):
+    """405.9B parameters need 18 bytes each, 7.3 TB: on 64 GPUs even ZeRO 3 over all of them leaves 114 GB per GPU.
+    The CLI says nothing fits, exits 1, and names the fewest GPUs on which a split fits (ZeRO 3 over 128)."""
+    from tpsp_sim.__main__ import main
+    from tpsp_sim.analysis.planner import fewest_gpus
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--model", "llama3-405b", "--seq", "8192", "--gpus", "64", "--attentions", "ring",
+              "--recompute", "full", "--zero", "1", "3", "--virtual-stages", "1", "--workers", "1", "--top", "2",
+              "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 1 and not (tmp_path / "plans.png").exists()
+    fewest = fewest_gpus("llama3-405b", 8192, "dgx-h100", gpus=64)
+    assert fewest.fits and fewest.zero == 3 and fewest.pp * fewest.dp * fewest.cp * fewest.tp == 128
+    assert 18 * ts.analysis.models.MODELS["llama3-405b"].parameters() / 64 > 80 * 2**30
+    assert out.startswith("Nothing fits: no split of Llama 3 405B, 8192 tokens, 64 GPUs of DGX H100 fits and runs. "
+                          f"What would fit: {fewest.why}.")
+    assert "fits on 128 GPUs as" in fewest.why

@@ -266,6 +266,38 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     return sorted(plans, key=_rank)
 
 
+def fewest_gpus(model: Model | str, seq: int, cluster: Cluster | str, *, gpus: int = 1, micro_batch: int = 1,
+                global_batch_tokens: int = 16 * 2**20, grad_dtype: str = "fp32", reserve: float = RESERVE_BYTES,
+                limit: int = 2**20) -> Plan | None:
+    """The smallest memory plan on the fewest GPUs (``gpus`` · 2^k, k = 0, 1, ...; at most ``limit``) on which
+    ``model`` fits at all, or None: the answer to "what would fit" when ``plan`` finds nothing. Memory only
+    (nothing is simulated): each (pp, dp, cp, tp) with tp inside a node, 1F1B, ring attention, full recompute
+    and ZeRO 3 (the least memory each split can need); its ``why`` names the split and its memory."""
+    m, c = as_model(model), as_cluster(cluster)
+    sequences = global_batch_tokens // seq
+    node = c.gpus_per_node or gpus
+    while gpus <= limit:
+        best = None
+        for pp, tp, cp, dp in _meshes(gpus, c, dict.fromkeys(("pp", "dp", "cp", "tp")), None, None, True):
+            if _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp) or (tp > node):
+                continue
+            count = sequences // (dp * micro_batch)
+            layers = _pipelines(m, pp, count, (1,))[0][1]
+            if isinstance(layers, str):
+                continue
+            mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute="full", zero=3, grad_dtype=grad_dtype,
+                         reserve=reserve, pp=pp, n_microbatches=count, layers_per_stage=None if pp == 1 else layers)
+            if mem.total <= c.memory_bytes and (best is None or mem.total < best.memory.total):
+                why = (f"fits on {gpus} GPUs as pp={pp} dp={dp} cp={cp} tp={tp}, ZeRO 3, full recompute: "
+                       f"{mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB")
+                best = Plan(dp, cp, tp, "ring" if cp > 1 else "-", "full", mem, True, why, pp=pp, microbatches=count,
+                            zero=3)
+        if best is not None:
+            return best
+        gpus *= 2
+    return None
+
+
 def _bubble_share(pp: int, m: int, v: int) -> float:
     """The bubble's seconds per second of busy time: f/(1 − f) with f = ``ts.pipeline.bubble_fraction`` of 1F1B
     ((p−1)/(m+p−1)) or interleaved 1F1B ((p−1)/(v·m+p−1)), so that busy + bubble = busy · (m + (p−1)/v) / m."""
