@@ -51,7 +51,6 @@ from typing import Sequence
 
 from ..context_parallel.kind import LocalShape
 from ..context_parallel.registry import attention_kind
-from ..pipeline.actions import Action
 from ..pipeline.registry import SCHEDULES, in_flight, schedule_class
 from .models import Model, model as as_model
 
@@ -213,26 +212,36 @@ def stage_layers(n_layers: int, stages: int, balance: str = "even") -> list[int]
     raise ValueError(f"balance must be 'even' or 'ends', got {balance!r}")
 
 
-@lru_cache(maxsize=256)
-def _program(schedule: str, p: int, m: int, v: int) -> dict[int, tuple[Action, ...]]:
-    return {r: tuple(actions) for r, actions in schedule_class(schedule).make_program(p, m, v).items()}
+@lru_cache(maxsize=4096)
+def _kept_counts(schedule: str, p: int, m: int, v: int, rank: int) -> tuple[tuple[int, ...], ...]:
+    """The micro-batches of each chunk ``rank`` keeps right after each of its forwards (where its peaks are),
+    without the vectors another one dominates: walking its program, micro-batch k of chunk c is kept from
+    its F to its B (to its W when the program splits the backward: W needs the layer inputs)."""
+    actions = _program(schedule, p, m, v)[rank]
+    split = {(a.microbatch, a.chunk) for a in actions if a.kind == "W"}
+    counts, seen = [0] * v, set()
+    for a in actions:
+        if a.kind == "F":
+            counts[a.chunk] += 1
+            seen.add(tuple(counts))
+        elif a.kind == ("W" if (a.microbatch, a.chunk) in split else "B"):
+            counts[a.chunk] -= 1
+    if v == 1:
+        return (max(seen),)
+    return tuple(c for c in seen if not any(d != c and all(x >= y for x, y in zip(d, c)) for d in seen))
+
+
+@lru_cache(maxsize=64)
+def _program(schedule: str, p: int, m: int, v: int) -> dict:
+    return schedule_class(schedule).make_program(p, m, v)
 
 
 def peak_in_flight(schedule: str, p: int, m: int, v: int, rank: int, chunk_bytes: Sequence[float]) -> float:
     """Rank ``rank``'s peak of activation bytes kept, walking its program of ``schedule`` in order: micro-batch k
     of chunk c adds ``chunk_bytes[c]`` at its F and frees it at its B (at its W when the program splits the
-    backward: W needs the layer inputs). Stage 0 with equal chunks: ``in_flight(schedule, p, m, v)`` × its
-    bytes (tests/test_memory_pipeline.py checks it)."""
-    actions = _program(schedule, p, m, v)[rank]
-    split = {(a.microbatch, a.chunk) for a in actions if a.kind == "W"}
-    kept = peak = 0.0
-    for a in actions:
-        if a.kind == "F":
-            kept += chunk_bytes[a.chunk]
-            peak = max(peak, kept)
-        elif a.kind == ("W" if (a.microbatch, a.chunk) in split else "B"):
-            kept -= chunk_bytes[a.chunk]
-    return peak
+    backward). Stage 0 with equal chunks: ``in_flight(schedule, p, m, v)`` × its bytes
+    (tests/test_memory_pipeline.py checks it)."""
+    return max(sum(n * b for n, b in zip(counts, chunk_bytes)) for counts in _kept_counts(schedule, p, m, v, rank))
 
 
 def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro_batch: int, *,
