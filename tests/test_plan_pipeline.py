@@ -157,3 +157,19 @@ def test_llama3_405b_on_too_few_gpus_says_what_would_fit(tmp_path, capsys):
     assert out.startswith("Nothing fits: no split of Llama 3 405B, 8192 tokens, 64 GPUs of DGX H100 fits and runs. "
                           f"What would fit: {fewest.why}.")
     assert "fits on 128 GPUs as" in fewest.why
+
+
+def test_the_plot_stacks_each_pipeline_plans_step(tiny_plans):
+    """plot_plans: one bar per plan, its parts (compute, exposed tp / cp / pp / dp×cp, idle, bubble) ending at the
+    plan's step time; pipeline plans labelled with pp, v and the ZeRO stage."""
+    from tpsp_sim.viz.plan_plot import PARTS, label, plot_plans
+    shown = [p for p in tiny_plans if p.runs][:6]
+    assert any(p.pp > 1 for p in shown)
+    ax = plot_plans(tiny_plans, top=6).axes[0]
+    bars = ax.patches
+    assert len(bars) == len(PARTS) * len(shown)
+    for i, p in enumerate(shown):
+        last = bars[len(PARTS) * i + len(PARTS) - 1]
+        assert last.get_x() + last.get_width() == pytest.approx(p.step_time, rel=1e-12)
+    p = next(p for p in shown if p.pp > 1)
+    assert label(p).startswith(f"pp={p.pp} ") and (p.zero == 1) == (", zero" not in label(p))
