@@ -144,8 +144,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 class Budget:
     """Bytes per GPU: 16-bit ``weights``, fp32 ``master_weights``, ``gradients``, ``optimizer`` state (Adam's
     two moments), ``activations`` (every layer, the embedding, the output layer and loss; of which
-    ``output_activations`` are the embedding's and the output layer's), and a ``reserve`` for the CUDA
-    context and NCCL."""
+    ``output_activations`` are the embedding's and the output layer's, for one micro-batch of what the
+    reported pipeline rank holds of them), and a ``reserve`` for the CUDA context and NCCL."""
 
     weights: float
     gradients: float
@@ -314,10 +314,11 @@ def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro
     if pp == 1 and virtual_stages == 1 and layers_per_stage is None:  # no pipeline: one micro-batch at a time
         params, activations, stage, layers, kept = m.parameters(tp), m.n_layers * per_layer + output, 0, m.n_layers, 1.0
     else:
+        embedding = _embedding_activations(m, seq, micro_batch, cp, tp)
         params, activations, stage, layers, kept = _worst_stage(
-            m, tp, pp, virtual_stages, schedule, n_microbatches, layers_per_stage, per_layer, output,
-            _embedding_activations(m, seq, micro_batch, cp, tp), lambda p, a: p * (e + master / shard[1] + moments
-            / shard[1] + DTYPE_BYTES[grad_dtype] / shard[2]) + a)
+            m, tp, pp, virtual_stages, schedule, n_microbatches, layers_per_stage, per_layer, output, embedding,
+            lambda p, a: p * (e / shard[3] + (master + moments) / shard[1] + DTYPE_BYTES[grad_dtype] / shard[2]) + a)
+        output = (embedding if stage == 0 else 0.0) + (output - embedding if stage == pp - 1 else 0.0)  # one micro-batch's
     return Budget(weights=params * e / shard[3], gradients=params * DTYPE_BYTES[grad_dtype] / shard[2],
                   optimizer=params * moments / shard[1], activations=activations,
                   activations_per_layer=per_layer, parameters=params, master_weights=params * master / shard[1],
