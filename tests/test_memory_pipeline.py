@@ -3,11 +3,12 @@ layer on the last, the micro-batches each schedule keeps in flight, held against
 ``theoretical_memory_usage.py`` (NVIDIA/Megatron-LM, megatron/training/theoretical_memory_usage.py) with pp > 1."""
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import tpsp_sim as ts
 from tpsp_sim.analysis.memory import peak_in_flight, stage_layers
 from tpsp_sim.analysis.models import MODELS, Model
-from tpsp_sim.pipeline import in_flight
+from tpsp_sim.pipeline import SCHEDULES, in_flight
 
 GPT = Model("gpt", 16, 1024, 16, 16, 4096, 1000, mlp="gelu")  # q = h, f = 4h: Table 2's GPT layer
 
@@ -126,3 +127,25 @@ def test_no_pipeline_is_the_budget_as_before():
     assert before == ts.memory.budget("llama3-8b", (8, 2, 1), 16384, 1, recompute="selective", pp=1,
                                       schedule="gpipe", n_microbatches=64)
     assert (before.stage, before.layers, before.in_flight) == (0, 32, 1.0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(schedule=st.sampled_from(["gpipe", "1f1b", "zbh1", "interleaved_1f1b"]), p=st.integers(1, 5),
+       rounds=st.integers(1, 3), v=st.integers(2, 3), data=st.data())
+def test_the_peak_is_the_plain_walk_of_the_program(schedule, p, rounds, v, data):
+    """peak_in_flight keeps only undominated per-chunk counts; a plain walk over every action, with any bytes per
+    chunk, peaks at the same bytes on every rank."""
+    v = v if schedule == "interleaved_1f1b" else 1
+    m = p * rounds
+    chunk_bytes = data.draw(st.lists(st.integers(0, 1000), min_size=v, max_size=v))
+    program = SCHEDULES[schedule].make_program(p, m, v)
+    for rank, actions in program.items():
+        split = {(a.microbatch, a.chunk) for a in actions if a.kind == "W"}
+        kept = peak = 0
+        for a in actions:
+            if a.kind == "F":
+                kept += chunk_bytes[a.chunk]
+                peak = max(peak, kept)
+            elif a.kind == ("W" if (a.microbatch, a.chunk) in split else "B"):
+                kept -= chunk_bytes[a.chunk]
+        assert peak_in_flight(schedule, p, m, v, rank, chunk_bytes) == peak
