@@ -173,3 +173,16 @@ def test_the_plot_stacks_each_pipeline_plans_step(tiny_plans):
         assert last.get_x() + last.get_width() == pytest.approx(p.step_time, rel=1e-12)
     p = next(p for p in shown if p.pp > 1)
     assert label(p).startswith(f"pp={p.pp} ") and (p.zero == 1) == (", zero" not in label(p))
+
+
+def test_plan_command_with_a_fixed_pipeline(tmp_path, capsys):
+    """--pp 2 --zero 1 3: every row has pp = 2, the headline names the pipeline and the ZeRO stage."""
+    from tpsp_sim.__main__ import main
+    main(["plan", "--model", "custom", "--layers", "4", "--d-model", "64", "--heads", "4", "--kv-heads", "2",
+          "--ffn", "128", "--vocab", "100", "--seq", "256", "--gpus", "4", "--global-batch-tokens", "2048",
+          "--pp", "2", "--zero", "1", "3", "--attentions", "ring", "--workers", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("Best: pp=2 ") and "ZeRO " in out.splitlines()[0]
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert rows and all(line.split("|")[2].strip() == "2" for line in rows)
+    assert (tmp_path / "plans.png").exists()
