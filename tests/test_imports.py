@@ -26,7 +26,8 @@ BELOW = {
     "hybrid": {"core", "models", "tensor_parallel", "context_parallel"},
     "pipeline": {"core"},
     "data_parallel": {"core"},
-    "analysis": {"core", "sim", "launch", "models", "tensor_parallel", "context_parallel", "hybrid"},
+    "analysis": {"core", "sim", "launch", "models", "tensor_parallel", "context_parallel", "hybrid",
+                 "pipeline"},  # the planner and the memory budget price pipelines with ts.pipeline's closed forms
     "viz": {"core", "launch", "models", "context_parallel", "pipeline", "analysis"},
     "exercises": {"core", "launch", "models", "context_parallel", "pipeline", "data_parallel"},
     "__main__": {"analysis", "context_parallel", "viz"},

@@ -21,11 +21,11 @@ PAIRS = ts.cost.Cluster("pairs", peak_flops=1e12, gpus_per_node=2, intra_node=FA
 
 @pytest.fixture(scope="module")
 def tiny_plans():
-    return plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
+    return plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1)
 
 
 def test_small_case_is_deterministic_and_ranked(tiny_plans):
-    again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
+    again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1)
     assert again == tiny_plans
     fitting = [p for p in tiny_plans if p.fits]
     assert fitting and tiny_plans[:len(fitting)] == fitting  # the plans that fit come first
@@ -34,7 +34,7 @@ def test_small_case_is_deterministic_and_ranked(tiny_plans):
     meshes = {(p.dp, p.cp, p.tp) for p in tiny_plans}
     assert meshes == {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)}
     lines = table(tiny_plans).splitlines()
-    assert lines[0].startswith("| # | dp | cp | tp | attention | recompute | step time") and len(lines) == 2 + len(tiny_plans)
+    assert lines[0].startswith("| # | pp | dp | cp | tp | v | m | zero | attention | recompute | step time") and len(lines) == 2 + len(tiny_plans)
 
 
 def test_step_time_by_hand(tiny_plans):
@@ -63,7 +63,7 @@ def test_gradient_sync_is_priced_on_the_replicas_link(tiny_plans):
     assert p.memory.parameters == 86_848
     assert p.exposed["dp_cp"] == pytest.approx(6e-5 + 0.75 * 347_392 / 2e8 + 3 * 43_424 / 2e8, rel=1e-12)
     assert p.exposed["dp_cp"] == pytest.approx(2.01408e-3, rel=1e-12)
-    plain = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, zero=0, attentions=("ring",),
+    plain = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, zero=0, attentions=("ring",),
                  recompute=("selective",))
     q = next(q for q in plain if (q.dp, q.cp, q.tp) == (4, 1, 1))
     assert q.exposed["dp_cp"] == pytest.approx(6e-5 + 1.5 * 347_392 / 2e8, rel=1e-12)
@@ -82,7 +82,7 @@ def test_causal_attention_is_charged_the_same_work_whatever_the_split(tiny_plans
 
 def test_overlap_tp_hides_part_of_tensor_parallelism(tiny_plans):
     """Megatron's overlap of TP's backward reduce-scatters with the weight-gradient matmuls shortens TP plans only."""
-    overlapped = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, overlap_tp=True)
+    overlapped = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, overlap_tp=True)
     before = {(p.dp, p.cp, p.tp, p.attention, p.recompute): p for p in tiny_plans if p.runs}
     for p in (p for p in overlapped if p.runs):
         q = before[p.dp, p.cp, p.tp, p.attention, p.recompute]
@@ -134,7 +134,7 @@ def resource_tracker():
 def test_workers_give_the_same_plans(tiny_plans, resource_tracker):
     from tpsp_sim.analysis.planner import clear_cache
     clear_cache()  # simulate again, in the workers
-    assert plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, workers=2) == tiny_plans
+    assert plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, workers=2) == tiny_plans
 
 
 def test_causal_overcount_by_hand():
@@ -146,7 +146,7 @@ def test_causal_overcount_by_hand():
 
 def test_plans_that_do_not_fit_say_why():
     small = ts.cost.Cluster("small", 1e12, 2, FAST, SLOW, memory_bytes=1e5)
-    plans = plan(TINY, 256, 4, small, global_batch_tokens=4 * 256, reserve=0)
+    plans = plan(TINY, 256, 4, small, global_batch_tokens=4 * 256, reserve=0, pp=1)
     assert not any(p.fits for p in plans) and not any(p.runs for p in plans)
     assert all(p.why.startswith("needs ") and "of 0 GiB" in p.why for p in plans)  # 1e5 bytes: 0.0001 GiB
     with pytest.raises(ValueError, match="unknown attention or recompute"):
@@ -158,13 +158,13 @@ def test_plan_command_prints_the_table_and_saves_the_plot(tmp_path, capsys, reso
           "--ffn", "128", "--vocab", "100", "--seq", "256", "--gpus", "2", "--cluster", "dgx-h100",
           "--global-batch-tokens", "512", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "| # | dp | cp | tp |" in out and "Ignored: pipeline parallelism" in out
+    assert "| # | pp | dp | cp | tp |" in out and "Ignored: the zero-bubble" in out
     assert (tmp_path / "plans.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow  # 20 one-layer simulations of 8 to 64 ranks: 57 s measured at load average 15 on 2 cores
-def test_llama3_70b_at_128k_keeps_tensor_parallelism_inside_a_dgx_node(resource_tracker):
-    plans = plan("llama3-70b", 131072, 64, "dgx-h100", workers=2)  # one layer simulation per core
+@pytest.mark.slow  # every split of 64 GPUs, pp included
+def test_llama3_70b_at_128k_keeps_tensor_parallelism_inside_a_dgx_node():
+    plans = plan("llama3-70b", 131072, 64, "dgx-h100")
     inside = [p for p in plans if p.fits and p.tp <= 8]
     assert inside, "some plan with TP inside a node fits"
     best = plans[0]
@@ -174,7 +174,7 @@ def test_llama3_70b_at_128k_keeps_tensor_parallelism_inside_a_dgx_node(resource_
 def test_search_space_controls_and_evaluate(tiny_plans):
     """Fixed axes, max_tp and tp_within_node narrow the meshes; evaluate() prices one split as plan() does."""
     from tpsp_sim.analysis.planner import evaluate
-    options = dict(global_batch_tokens=4 * 256, reserve=0)
+    options = dict(global_batch_tokens=4 * 256, reserve=0, pp=1)
     meshes = lambda plans: {(p.dp, p.cp, p.tp) for p in plans}
     assert meshes(plan(TINY, 256, 4, PAIRS, max_tp=1, **options)) == {(4, 1, 1), (2, 2, 1), (1, 4, 1)}
     assert meshes(plan(TINY, 256, 4, PAIRS, tp_within_node=True, **options)) == \
@@ -185,21 +185,21 @@ def test_search_space_controls_and_evaluate(tiny_plans):
     assert one == expected
     with pytest.raises(ValueError, match="cp=3 must be a positive divisor of gpus=4"):
         plan(TINY, 256, 4, PAIRS, cp=3, **options)
-    with pytest.raises(ValueError, match="no \\(dp, cp, tp\\) of 4 GPUs satisfies"):
+    with pytest.raises(ValueError, match="no \\(pp, dp, cp, tp\\) of 4 GPUs satisfies"):
         plan(TINY, 256, 4, PAIRS, tp=4, max_tp=2, **options)
 
 
 def test_a_second_plan_of_the_same_case_simulates_nothing(monkeypatch):
     """Layers are simulated once per case and shape; another memory setting re-plans from the cache."""
     from tpsp_sim.analysis import layer as layer_module, planner as plan_module
-    first = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
-    monkeypatch.setattr(layer_module, "simulate_layer", lambda *a, **k: pytest.fail("simulated again"))
-    again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, zero=0)
+    first = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1)
+    monkeypatch.setattr(layer_module, "symmetric_layer", lambda *a, **k: pytest.fail("simulated again"))
+    again = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, zero=0)
     assert {(p.dp, p.cp, p.tp, p.attention, p.recompute) for p in again} == \
            {(p.dp, p.cp, p.tp, p.attention, p.recompute) for p in first}
     plan_module.clear_cache()
     with pytest.raises(pytest.fail.Exception, match="simulated again"):
-        plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0)
+        plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1)
 
 
 def test_attention_at_its_own_efficiency(tiny_plans):
@@ -209,7 +209,7 @@ def test_attention_at_its_own_efficiency(tiny_plans):
     from tpsp_sim.analysis.layer import FLASH_ATTENTION_3_H100, causal_attention_flops
     assert causal_attention_flops(TINY, 256, 1, 1) == (8_388_608, 2.5 * 8_388_608)
     assert causal_attention_flops(TINY, 256, 2, 2) == (8_388_608 / 4, 2.5 * 8_388_608 / 4)
-    faster = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, attention_efficiency=1.0)
+    faster = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=1.0)
     key = lambda p: (p.dp, p.cp, p.tp, p.attention, p.recompute)
     before = {key(p): p for p in tiny_plans}
     for mode, passes in (("selective", 2), ("full", 2)):
@@ -218,4 +218,4 @@ def test_attention_at_its_own_efficiency(tiny_plans):
         assert before[key(p)].compute - p.compute == pytest.approx(saved, rel=1e-9)
     assert round(FLASH_ATTENTION_3_H100, 3) == 0.748
     with pytest.raises(ValueError, match="attention_efficiency must be in"):
-        plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, attention_efficiency=0)
+        plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=0)

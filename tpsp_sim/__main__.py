@@ -21,7 +21,7 @@ from .analysis.cluster import CLUSTERS, Cluster, Link, cluster
 from .analysis.cost import estimate, format_seconds
 from .analysis.memory import RESERVE_BYTES, ZERO_STAGES
 from .analysis.models import MODELS, Model
-from .analysis.planner import IGNORES, PLANNED_RECOMPUTE, default_workers, plan, table as plan_table
+from .analysis.planner import IGNORES, PLANNED_RECOMPUTE, default_workers, fewest_gpus, plan, table as plan_table
 from .context_parallel.registry import ATTENTIONS
 from .viz.plan_plot import plot_plans
 from .viz.plot import plot_comm, plot_scaling, plot_shards, plot_timeline
@@ -152,7 +152,7 @@ def model_from_toml(table: dict) -> Model:
 
 
 PLAN_DOC = """``python -m tpsp_sim plan --model llama3-8b --seq 131072 --gpus 64 --cluster dgx-h100``: rank every
-TP x CP x DP split, attention kind and recompute mode by predicted step time, with the memory per GPU
+PP x DP x CP x TP split, attention kind, recompute mode and ZeRO stage by predicted step time, with the memory per GPU
 (ts.plan); print a Markdown table and save a stacked bar plot."""
 
 
@@ -184,8 +184,15 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
                      help="recompute modes to try (default: all)")
     cmd.add_argument("--workers", type=POSITIVE, default=default_workers(),
                      help="processes for the layer simulations (default: one per CPU)")
-    cmd.add_argument("--zero", type=int, default=1, choices=ZERO_STAGES,
-                     help="ZeRO stage over dp x cp (default 1: Megatron's distributed optimizer)")
+    cmd.add_argument("--zero", type=int, nargs="+", default=[1], choices=ZERO_STAGES,
+                     help="ZeRO stages over dp x cp to try (default 1: Megatron's distributed optimizer)")
+    for axis in ("pp", "dp", "cp", "tp"):
+        cmd.add_argument(f"--{axis}", type=POSITIVE, help=f"fix the {axis} size (default: search every divisor)")
+    cmd.add_argument("--max-pp", type=POSITIVE, help="largest pipeline size to try")
+    cmd.add_argument("--max-tp", type=POSITIVE, help="largest tensor-parallel size to try")
+    cmd.add_argument("--tp-within-node", action="store_true", help="keep every tp group inside one node")
+    cmd.add_argument("--virtual-stages", type=POSITIVE, nargs="+", default=[1, 2],
+                     help="model chunks per pipeline rank to try (> 1: interleaved 1F1B; default: 1 2)")
     cmd.add_argument("--grad-dtype", default="fp32", choices=("fp32", "bf16"),
                      help="gradient bytes (default fp32: Megatron's main gradients)")
     cmd.add_argument("--reserve-gib", type=_number(float, 0.0), default=RESERVE_BYTES / 2**30,
@@ -236,18 +243,27 @@ def plan_command(a: argparse.Namespace, parser: argparse.ArgumentParser | None =
     try:
         plans = plan(model, a.seq, a.gpus, hw, micro_batch=a.micro_batch, global_batch_tokens=a.global_batch_tokens,
                      mfu=a.mfu, attentions=a.attentions, recompute=a.recompute, overlap_tp=a.overlap_tp,
-                     zero=a.zero, grad_dtype=a.grad_dtype, reserve=a.reserve_gib * 2**30,
+                     zero=a.zero, grad_dtype=a.grad_dtype, reserve=a.reserve_gib * 2**30, pp=a.pp, dp=a.dp,
+                     cp=a.cp, tp=a.tp, max_pp=a.max_pp, max_tp=a.max_tp, tp_within_node=a.tp_within_node,
+                     virtual_stages=a.virtual_stages,
                      progress=lambda jobs: tqdm(jobs, desc="simulating one layer", unit="mesh"), workers=a.workers)
     except ValueError as error:
         parser.error(str(error))
     heading = f"{model.name}, {a.seq} tokens, {a.gpus} GPUs of {hw.name}"
     lines = [plan_table(plans, a.top), "", f"Ignored: {IGNORES}", ""]
     if not any(p.fits for p in plans):
-        return [f"Nothing fits: no split of {heading} fits and runs; the closest, first:", ""] + lines, 1
+        fewest = fewest_gpus(model, a.seq, hw, gpus=a.gpus, micro_batch=a.micro_batch,
+                             global_batch_tokens=a.global_batch_tokens, grad_dtype=a.grad_dtype,
+                             reserve=a.reserve_gib * 2**30)
+        would = (f"What would fit: {fewest.why}." if fewest else
+                 f"Nothing would fit on up to 2^20 GPUs of {hw.name} at {a.seq} tokens per sequence.")
+        return [f"Nothing fits: no split of {heading} fits and runs. {would} The closest, first:", ""] + lines, 1
     figure = a.out / "plans.png"
     save_figure(plot_plans(plans, title=heading), figure)
     best = plans[0]
-    headline = (f"Best: dp={best.dp} cp={best.cp} tp={best.tp} {best.attention}, recompute {best.recompute}: "
+    pipeline = f"pp={best.pp} " + (f"(v={best.v}) " if best.v > 1 else "") if best.pp > 1 else ""
+    headline = (f"Best: {pipeline}dp={best.dp} cp={best.cp} tp={best.tp} {best.attention}, recompute {best.recompute}, "
+                f"ZeRO {best.zero}: "
                 f"{format_seconds(best.step_time)} per step, {best.memory.total / 2**30:.1f} GiB per GPU ({heading})")
     return [headline, ""] + lines + [str(figure)], 0
 

@@ -36,14 +36,22 @@ Megatron-LM counts it: 16-bit weights, fp32 master weights, fp32 main gradients 
 moments over dp·cp: 6 + 12/(dp·cp)), the activations of every layer (``layer_activations``), of the
 embedding and of the output layer and loss (``output_activations``), and a reserve for the CUDA
 context and NCCL. ``budget`` and ``ts.plan`` share these defaults.
+
+With pipeline parallelism (``pp`` stages, ``virtual_stages`` chunks per rank, ``schedule``) each rank holds
+its stages' layers, the first stage also the embedding, the last the output layer (and final norm), and the
+activations of the micro-batches its schedule keeps in flight; ``budget`` reports the worst rank
+(``Budget.stage``; Megatron reports the first).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
 
 from ..context_parallel.kind import LocalShape
 from ..context_parallel.registry import attention_kind
+from ..pipeline.registry import SCHEDULES, in_flight, schedule_class
 from .models import Model, model as as_model
 
 MODES = ("none", "tp", "tp_sp")
@@ -136,8 +144,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 class Budget:
     """Bytes per GPU: 16-bit ``weights``, fp32 ``master_weights``, ``gradients``, ``optimizer`` state (Adam's
     two moments), ``activations`` (every layer, the embedding, the output layer and loss; of which
-    ``output_activations`` are the embedding's and the output layer's), and a ``reserve`` for the CUDA
-    context and NCCL."""
+    ``output_activations`` are the embedding's and the output layer's, for one micro-batch of what the
+    reported pipeline rank holds of them), and a ``reserve`` for the CUDA context and NCCL."""
 
     weights: float
     gradients: float
@@ -148,6 +156,9 @@ class Budget:
     master_weights: float = 0.0
     output_activations: float = 0.0
     reserve: float = 0.0
+    stage: int = 0  # the pipeline rank reported: the one that needs the most memory (0 without pipeline)
+    layers: int = 0  # transformer layers on that rank (all of them without pipeline)
+    in_flight: float = 1.0  # micro-batches whose activations that rank keeps at its peak, in whole stages
 
     @property
     def states(self) -> float:
@@ -176,9 +187,68 @@ def output_activations(model: Model | str, seq: int, micro_batch: int, cp: int =
     return (embedding + 4 * s * b * h * (1 + m.vocab / h)) / tp
 
 
+def stage_layers(n_layers: int, stages: int, balance: str = "even") -> list[int]:
+    """Transformer layers of each of ``stages`` pipeline stages (pp · virtual_stages, in stage order).
+
+    ``"even"``: n_layers / stages each; ``"ends"``: the first and last stage one layer fewer, as Llama 3 split
+    126 layers into 16 stages (the paper, §3.3.2: those stages also hold the embedding and the output layer),
+    (n_layers + 2) / stages each. ValueError naming the numbers when they do not divide.
+    """
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"pipeline stages must be a positive int, got {stages!r}")
+    if stages == 1:
+        return [n_layers]
+    if balance == "even":
+        if n_layers % stages:
+            raise ValueError(f"n_layers={n_layers} does not split into {stages} pipeline stages (pp · virtual_stages); "
+                             f"pass layers_per_stage, e.g. balance='ends' when (n_layers + 2) divides")
+        return [n_layers // stages] * stages
+    if balance == "ends":
+        if (n_layers + 2) % stages or (n_layers + 2) // stages < 2:
+            raise ValueError(f"n_layers={n_layers} + 2 does not split into {stages} stages of >= 2 layers "
+                             f"(balance='ends': the first and last stage one layer fewer)")
+        k = (n_layers + 2) // stages
+        return [k - 1] + [k] * (stages - 2) + [k - 1]
+    raise ValueError(f"balance must be 'even' or 'ends', got {balance!r}")
+
+
+@lru_cache(maxsize=4096)
+def _kept_counts(schedule: str, p: int, m: int, v: int, rank: int) -> tuple[tuple[int, ...], ...]:
+    """The micro-batches of each chunk ``rank`` keeps right after each of its forwards (where its peaks are),
+    without the vectors another one dominates: walking its program, micro-batch k of chunk c is kept from
+    its F to its B (to its W when the program splits the backward: W needs the layer inputs)."""
+    actions = _program(schedule, p, m, v)[rank]
+    split = {(a.microbatch, a.chunk) for a in actions if a.kind == "W"}
+    counts, seen = [0] * v, set()
+    for a in actions:
+        if a.kind == "F":
+            counts[a.chunk] += 1
+            seen.add(tuple(counts))
+        elif a.kind == ("W" if (a.microbatch, a.chunk) in split else "B"):
+            counts[a.chunk] -= 1
+    if v == 1:
+        return (max(seen),)
+    return tuple(c for c in seen if not any(d != c and all(x >= y for x, y in zip(d, c)) for d in seen))
+
+
+@lru_cache(maxsize=64)
+def _program(schedule: str, p: int, m: int, v: int) -> dict:
+    return schedule_class(schedule).make_program(p, m, v)
+
+
+def peak_in_flight(schedule: str, p: int, m: int, v: int, rank: int, chunk_bytes: Sequence[float]) -> float:
+    """Rank ``rank``'s peak of activation bytes kept, walking its program of ``schedule`` in order: micro-batch k
+    of chunk c adds ``chunk_bytes[c]`` at its F and frees it at its B (at its W when the program splits the
+    backward). Stage 0 with equal chunks: ``in_flight(schedule, p, m, v)`` × its bytes
+    (tests/test_memory_pipeline.py checks it)."""
+    return max(sum(n * b for n, b in zip(counts, chunk_bytes)) for counts in _kept_counts(schedule, p, m, v, rank))
+
+
 def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro_batch: int, *,
            dtype: str = "bf16", grad_dtype: str = "fp32", optimizer: str = "adam", recompute: str = "none",
-           zero: int = 1, reserve: float = RESERVE_BYTES, attention: str = "ring", ulysses: int = 1) -> Budget:
+           zero: int = 1, reserve: float = RESERVE_BYTES, attention: str = "ring", ulysses: int = 1,
+           pp: int = 1, virtual_stages: int = 1, schedule: str = "1f1b", n_microbatches: int | None = None,
+           layers_per_stage: Sequence[int] | None = None) -> Budget:
     """The memory of one GPU training ``model`` on a (dp, cp, tp) mesh, in bytes, as Megatron-LM counts it
     (``megatron/training/theoretical_memory_usage.py``).
 
@@ -189,11 +259,32 @@ def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro
     2 + 4 + 4 + 8 = 18 bytes, Megatron's 18. ``zero`` shards them over the dp·cp replicas (Megatron's
     distributed optimizer shards over DP×CP): 1 the master weights and moments (``--use-distributed-optimizer``:
     6 + 12/(dp·cp) bytes, the default here and in ``ts.plan``), 2 also the gradients, 3 (FSDP) also the
-    weights; 0 nothing. Activations: ``layer_activations`` times the layers (no pipeline parallelism:
-    every layer is on every GPU; ``attention`` and ``ulysses`` the context-parallel kind's) plus
-    ``output_activations``. ``reserve``: bytes for the CUDA context
+    weights; 0 nothing. Activations: ``layer_activations`` times the layers (``attention`` and ``ulysses``
+    the context-parallel kind's) plus ``output_activations``. ``reserve``: bytes for the CUDA context
     and NCCL (``RESERVE_BYTES``, 2 GiB, an allowance). Not counted: temporary buffers and allocator
     fragmentation.
+
+    Pipeline parallelism (``pp`` > 1; names as Megatron's and ``torch.distributed.pipelining``'s): the
+    layers split into pp · ``virtual_stages`` stages (``layers_per_stage``, or evenly: ``stage_layers``;
+    rank r holds stages r, r + pp, ...). With A the activations of one layer and micro-batch, E the
+    embedding's (``output_activations``' embedding part) and O the output layer's and loss's, rank r keeps
+    at its peak
+
+        first rank:  in_flight(schedule, pp, m, v) · (L₀·A + E)     1F1B: min(pp, m); GPipe: m;
+                                                                     interleaved: pp·(1 + (pp−1)/(pp·v))
+        last rank:   1F1B: 1 · (L·A + O) (its forward is followed by its backward); GPipe: m · (L·A + O)
+
+    and every rank its walk of the schedule's program (``peak_in_flight``; m = ``n_microbatches``, default
+    pp: Megatron's assumption that m >= pp). Parameters: the rank's layers, plus the embedding (V·h/t) on
+    the first rank and the output layer and final norm on the last (a tied embedding is copied there, as
+    Megatron does). The reported rank is the one with the largest total (``Budget.stage``).
+
+    Against Megatron's formula (tests/test_memory_pipeline.py pins both): Megatron reports the first stage,
+    counts (L/pp)·layer + V·h parameters there and divides the final norm over the stages (here it is on the
+    last: h parameters); its activations are L·A·min(1, m/pp) (or × the interleaved penalty) plus
+    pp · (8sb + sbh) for the embedding, the same as in_flight · (L/pp · A + E) here; for Llama it
+    charges A as GPT's (18h + 4f)·sb/t and a dropout mask after the embedding, which Llama has not
+    (``layer_activations``, ``output_activations``).
     """
     m = as_model(model)
     if len(mesh_shape) != 3 or any(int(n) != n or n < 1 for n in mesh_shape):
@@ -207,10 +298,12 @@ def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro
         raise ValueError(f"zero must be one of {ZERO_STAGES}, got {zero!r}")
     if not reserve >= 0:
         raise ValueError(f"reserve must be >= 0 bytes, got {reserve}")
+    for name, value in (("pp", pp), ("virtual_stages", virtual_stages)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     dp, cp, tp = mesh_shape
     if m.n_heads % tp:
         raise ValueError(f"n_heads={m.n_heads} of {m.name} is not divisible by tp={tp}")
-    params = m.parameters(tp)
     e = DTYPE_BYTES[dtype]
     master = 0 if optimizer == "none" or e == 4 else 4
     moments = 0 if optimizer == "none" else 8
@@ -218,7 +311,56 @@ def budget(model: Model | str, mesh_shape: tuple[int, int, int], seq: int, micro
     shard = {stage: (replicas if zero >= stage else 1) for stage in (1, 2, 3)}
     per_layer = layer_activations(m, seq, micro_batch, cp, tp, recompute, attention, ulysses)
     output = output_activations(m, seq, micro_batch, cp, tp)
+    if pp == 1 and virtual_stages == 1 and layers_per_stage is None:  # no pipeline: one micro-batch at a time
+        params, activations, stage, layers, kept = m.parameters(tp), m.n_layers * per_layer + output, 0, m.n_layers, 1.0
+    else:
+        embedding = _embedding_activations(m, seq, micro_batch, cp, tp)
+        params, activations, stage, layers, kept = _worst_stage(
+            m, tp, pp, virtual_stages, schedule, n_microbatches, layers_per_stage, per_layer, output, embedding,
+            lambda p, a: p * (e / shard[3] + (master + moments) / shard[1] + DTYPE_BYTES[grad_dtype] / shard[2]) + a)
+        output = (embedding if stage == 0 else 0.0) + (output - embedding if stage == pp - 1 else 0.0)  # one micro-batch's
     return Budget(weights=params * e / shard[3], gradients=params * DTYPE_BYTES[grad_dtype] / shard[2],
-                  optimizer=params * moments / shard[1], activations=m.n_layers * per_layer + output,
+                  optimizer=params * moments / shard[1], activations=activations,
                   activations_per_layer=per_layer, parameters=params, master_weights=params * master / shard[1],
-                  output_activations=output, reserve=reserve)
+                  output_activations=output, reserve=reserve, stage=stage, layers=layers, in_flight=kept)
+
+
+def _embedding_activations(m: Model, seq: int, micro_batch: int, cp: int, tp: int) -> float:
+    """The embedding's share of ``output_activations``: the token ids (8·s'·b) and GPT's dropout mask (s'·b·h), / t."""
+    s, b = seq // cp, micro_batch
+    return (8 * s * b + (s * b * m.d_model if m.mlp == "gelu" else 0)) / tp
+
+
+def _worst_stage(m: Model, tp: int, pp: int, v: int, schedule: str, n_microbatches: int | None,
+                 layers_per_stage: Sequence[int] | None, per_layer: float, output: float, embedding: float,
+                 size) -> tuple[float, float, int, int, float]:
+    """(parameters, activation bytes, rank, layers, micro-batches in flight) of the pipeline rank whose
+    ``size(parameters, activations)`` is largest (the first such rank on a tie)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
+    stages = pp * v
+    layers = list(layers_per_stage) if layers_per_stage is not None else stage_layers(m.n_layers, stages)
+    if len(layers) != stages or sum(layers) != m.n_layers or min(layers) < 1:
+        raise ValueError(f"layers_per_stage={layers} must be {stages} counts >= 1 (pp={pp} x virtual_stages={v}) "
+                         f"adding up to n_layers={m.n_layers}")
+    if n_microbatches is None and schedule == "gpipe":
+        raise ValueError("schedule='gpipe' keeps every micro-batch in flight: pass n_microbatches")
+    mb = pp if n_microbatches is None else n_microbatches
+    in_flight(schedule, pp, mb, v)  # checks the schedule's p, m, v (interleaved: m >= p, v > 1 only there)
+    head = output - embedding  # the final norm's input and output and the fp32 logits
+    best = None
+    for r in range(pp):
+        owned = [r + c * pp for c in range(v)]
+        chunk = [layers[s] * per_layer + (embedding if s == 0 else 0.0) + (head if s == stages - 1 else 0.0)
+                 for s in owned]
+        embedding_table = m.vocab * m.d_model / tp
+        last = m.other_parameters(tp) - (0 if m.tied_embeddings else embedding_table)  # output layer, final norm
+        ends = m.other_parameters(tp) if pp == 1 else (embedding_table if r == 0 else 0) + (last if r == pp - 1 else 0)
+        params = sum(layers[s] for s in owned) * m.layer_parameters(tp) + ends
+        kept = peak_in_flight(schedule, pp, mb, v, r, chunk)
+        whole = sum(chunk)
+        candidate = (size(params, kept), params, kept, r, sum(layers[s] for s in owned), kept / whole)
+        if best is None or candidate[0] > best[0]:
+            best = candidate
+    _, params, kept, r, n, flight = best
+    return params, kept, r, n, flight

@@ -75,11 +75,12 @@ class Model:
 
 # Llama 3 (Meta, "The Llama 3 Herd of Models", 2024, Table 3; params.json of the released weights):
 # 8B: 32 layers, d 4096, 32 heads, 8 K/V heads, FFN 14336; 70B: 80 layers, d 8192, 64 heads, 8 K/V,
-# FFN 28672; vocabulary 128256; untied output layer.
+# FFN 28672; 405B: 126 layers, d 16384, 128 heads, 8 K/V heads, FFN 53248; vocabulary 128256; untied output layer.
 LLAMA3 = "Llama 3 paper, Table 3 (https://arxiv.org/abs/2407.21783); params.json of the released weights"
 MODELS: dict[str, Model] = {
     "llama3-8b": Model("Llama 3 8B", 32, 4096, 32, 8, 14336, 128256, source=LLAMA3),
     "llama3-70b": Model("Llama 3 70B", 80, 8192, 64, 8, 28672, 128256, source=LLAMA3),
+    "llama3-405b": Model("Llama 3 405B", 126, 16384, 128, 8, 53248, 128256, source=LLAMA3),
 }
 
 

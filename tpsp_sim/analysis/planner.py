@@ -1,21 +1,29 @@
-"""``ts.plan``: how to split a long-context training run over TP × CP × DP on a cluster, and will it fit.
+"""``ts.plan``: how to split a long-context training run over PP × DP × CP × TP on a cluster, and will it fit.
 
-For every factorisation gpus = dp · cp · tp (tp innermost, then cp, then dp: Megatron's order, so
-a tp group is tp neighbouring ranks), every context-parallel attention (ring, Ulysses, USP with each
-Ulysses size u, 1 < u < cp) and every recompute mode:
+For every factorisation gpus = pp · dp · cp · tp (tp innermost, then cp, then dp, pp slowest: Megatron's order,
+so a tp group is tp neighbouring ranks and pipeline neighbours are dp·cp·tp ranks apart), every number of
+virtual stages (model chunks per pipeline rank: interleaved 1F1B when v > 1), every context-parallel attention
+(ring, Ulysses, USP with each Ulysses size u, 1 < u < cp), every recompute mode and every ZeRO stage asked for:
 
 1. memory per GPU: ``ts.memory.budget`` with the same defaults (Megatron's accounting: bf16 weights,
    fp32 master weights and main gradients, Adam with the distributed optimizer over dp·cp (``zero=1``),
-   Table 2 activations, the output layer's logits, a 2 GiB reserve); a plan that does not fit in ``Cluster.memory_bytes``
-   is listed with why, and not simulated;
+   Table 2 activations, the output layer's logits, a 2 GiB reserve; under pipeline parallelism the worst
+   rank: its layers, the embedding or output layer, the micro-batches its schedule keeps in flight); a plan
+   that does not fit in ``Cluster.memory_bytes`` is listed with why, and not simulated;
 2. one layer, forward and backward, simulated on meta tensors on a (cp, tp) mesh of virtual ranks
-   (``simulate_layer`` in layer.py: the hybrid TP+SP × CP block, Llama-shaped for "swiglu" models; one
-   rank simulated, every rank's trace written from its own, as the layer is symmetric), laid out
+   (``ts.analysis.layer``: the hybrid TP+SP × CP block, Llama-shaped for "swiglu" models; the few ranks
+   its symmetry needs simulated, the few the cluster's nodes tell apart replayed), laid out
    on the cluster by ``ts.timeline`` with compute at ``mfu`` × peak (each call priced on its group's
    link). The busiest rank's compute, exposed communication per axis and idle time, times the
-   layers and the micro-batches of a step (``global_batch_tokens`` / (dp · micro_batch · seq)),
-   plus the gradient synchronisation over dp·cp once per step (``gradient_sync_time``, not overlapped),
-   is the step time. "full" recompute adds the layer's forward compute again.
+   layers of the busiest pipeline rank and the m micro-batches of a step (m = ``global_batch_tokens`` /
+   (dp · micro_batch · seq)) is the pipeline rank's busy time; "full" recompute adds the layer's forward
+   compute again; ZeRO 3 adds its per-layer weight gathers (``weight_gather_exposed``);
+3. the pipeline (pp > 1): each micro-batch's activation and gradient cross every boundary
+   (``pipeline_transfer_time`` on the pp axis's link, ``Cluster.link((r, r + dp·cp·tp))``), and the 1F1B
+   bubble (``ts.pipeline.bubble_fraction``: (p−1)/(m+p−1), interleaved (p−1)/(v·m+p−1)) stretches the busy
+   time t·m to t·(m + (p−1)/v);
+4. plus the gradient synchronisation over dp·cp once per step (``gradient_sync_time``, not overlapped;
+   ZeRO 2 and 3 reduce-scatter after every micro-batch) is the step time.
 
 Causal attention: the simulator's kernels compute a masked (diagonal) tile whole, as a square, and
 count its FLOPs so; a causal flash kernel skips the masked half. Left as is, cp = 1 (one s × s
@@ -24,13 +32,13 @@ better than it is. So the busiest rank's compute is reduced by half of its diago
 (``causal_overcount``), forward and backward. This corrects the compute only: a rank
 whose timeline waited on a transfer under the masked half is not re-laid out.
 
-What it ignores is listed, complete, in ``IGNORES``. Among it: pipeline parallelism (the pp axis is
-another engineer's; ``_meshes`` is the seam where it joins the search); one stated MFU (default 0.5)
+What it ignores is listed, complete, in ``IGNORES``. Among it: one stated MFU (default 0.5)
 for all compute; overlap of the gradient synchronisation with backward (Megatron's
 ``--overlap-grad-reduce`` hides most of it: the step times here are upper bounds on it). Attention
 kernels are assumed flash-style (no s × s scores kept, tiles recomputed in backward, as
 ``ring_attention`` does), so "selective" (Table 2's row: keep everything but the scores) costs no
-extra compute and "none" would be the same plan.
+extra compute and "none" would be the same plan. When nothing fits, ``fewest_gpus`` says on how many
+GPUs something would.
 """
 
 from __future__ import annotations
@@ -46,17 +54,24 @@ from ..context_parallel.registry import ATTENTIONS, attention_kind
 from ..core.table import Table
 from .cluster import Cluster, Link, cluster as as_cluster
 from .cost import collective_time, format_seconds
-from .layer import AXES, LayerTime, causal_attention_flops, price_layer
-from .memory import DTYPE_BYTES, RESERVE_BYTES, Budget, budget
+from .layer import LayerTime, causal_attention_flops, price_layer
+from ..pipeline.interleaved import round_size
+from ..pipeline.registry import bubble_fraction
+from .memory import DTYPE_BYTES, RESERVE_BYTES, ZERO_STAGES, Budget, budget, stage_layers
 from .models import Model, model as as_model
 
-PLANNED_RECOMPUTE = ("selective", "full")  # memory.RECOMPUTE's "none" is "selective" under flash attention
+PLANNED_RECOMPUTE = ("selective", "full")
+EXPOSED = ("tp", "cp", "pp", "dp_cp")  # the columns of exposed communication: the layer's axes and the pipeline's  # memory.RECOMPUTE's "none" is "selective" under flash attention
 GIB = 2**30
-IGNORES = ("pipeline parallelism (the pp axis is not searched); ZeRO 3's per-layer weight all-gathers; the embedding "
+IGNORES = ("the zero-bubble and GPipe schedules (1F1B and interleaved 1F1B are priced) and pipeline stages of unequal "
+           "time (a pipeline is priced at its busiest rank's layers, with the bubble of uniform stages); the "
+           "overlap of the pipeline's point-to-point transfers with compute (counted fully exposed) and the tied "
+           "embedding's all-reduce between the first and last stage; the embedding "
            "and output layer's compute (their memory is counted); kernel efficiency beyond one MFU for all compute "
            "unless attention_efficiency is given (FlashAttention-3 reaches 0.75 of peak, so attention-bound long-context "
            "steps are priced slow by default; its backward is taken at the forward's efficiency); overlap of the "
-           "gradient synchronisation with backward (counted fully exposed); "
+           "gradient synchronisation with backward (counted fully exposed; ZeRO 3's weight gathers are prefetched "
+           "behind the previous layer's compute); "
            "Megatron's overlap of TP's all-gathers (overlap_tp hides its reduce-scatters only); the sequence-parallel "
            "norm-gradient all-reduce; NCCL's tree all_reduce (rings only); network contention between groups; "
            "allocator fragmentation beyond the reserve. Attention kernels are assumed flash-style (no scores kept), "
@@ -65,7 +80,8 @@ IGNORES = ("pipeline parallelism (the pp axis is not searched); ZeRO 3's per-lay
 
 @dataclass(frozen=True)
 class Plan:
-    """One way to run the step: mesh, attention, recompute; its predicted time (seconds) and memory (bytes per GPU)."""
+    """One way to run the step: mesh, attention, recompute, pipeline and ZeRO stage; its predicted time (seconds)
+    and memory (bytes per GPU, the worst pipeline rank)."""
 
     dp: int
     cp: int
@@ -77,12 +93,22 @@ class Plan:
     why: str
     step_time: float | None = None  # None: not simulated (does not fit, or cannot run)
     compute: float = 0.0
-    exposed: dict[str, float] = field(default_factory=dict)  # per axis: "tp", "cp", "dp_cp"
+    exposed: dict[str, float] = field(default_factory=dict)  # per axis: "tp", "cp", "pp", "dp_cp"
     idle: float = 0.0
+    pp: int = 1
+    v: int = 1  # virtual stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
+    microbatches: int = 0  # per step and dp replica: global batch / (dp · micro_batch)
+    zero: int = 1
+    bubble: float = 0.0  # seconds the busiest pipeline rank idles in the pipeline's fill and drain
 
     @property
     def runs(self) -> bool:
         return self.step_time is not None
+
+    @property
+    def schedule(self) -> str:
+        """The pipeline schedule priced: "1f1b", "interleaved_1f1b" when v > 1, "-" without pipeline."""
+        return "-" if self.pp == 1 else ("1f1b" if self.v == 1 else "interleaved_1f1b")
 
 
 def _divisors(n: int) -> list[int]:
@@ -103,26 +129,60 @@ def _attention_kinds(cp: int, attentions: Iterable[str]) -> list[tuple[str, str,
     return kinds
 
 
+def _pipelines(m: Model, pp: int, microbatches: int, virtual_stages: Iterable[int]) -> list[tuple[int, list[int] | str]]:
+    """(v, the layers of each of the pp·v stages, or why none) for each virtual stage count to try: an even split,
+    else Llama 3's (first and last stage one layer fewer, ``stage_layers(balance="ends")``). Interleaving
+    (v > 1) only where the split and torch's rounds (``round_size``: m >= pp) allow; v = 1 always answers."""
+    if pp == 1:
+        return [(1, [m.n_layers])]
+    found = []
+    for v in sorted(set(virtual_stages) | {1}):
+        split = next((layers for balance in ("even", "ends") for layers in [_split(m.n_layers, pp * v, balance)]
+                      if layers), None)
+        if v == 1:
+            found.append((1, split or f"n_layers={m.n_layers} does not split into pp={pp} stages (evenly, or with "
+                                      f"the first and last one layer fewer)"))
+            continue
+        try:
+            round_size(pp, microbatches)
+        except ValueError:
+            continue
+        if split:
+            found.append((v, split))
+    return found
+
+
+def _split(n_layers: int, stages: int, balance: str) -> list[int] | None:
+    try:
+        return stage_layers(n_layers, stages, balance)
+    except ValueError:
+        return None
+
+
 def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int = 1,
          global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = tuple(ATTENTIONS),
-         recompute: Iterable[str] = PLANNED_RECOMPUTE, zero: int = 1, grad_dtype: str = "fp32",
+         recompute: Iterable[str] = PLANNED_RECOMPUTE, zero: int | Iterable[int] = 1, grad_dtype: str = "fp32",
          reserve: float = RESERVE_BYTES, overlap_tp: bool = False, max_tp: int | None = None,
          tp_within_node: bool = False, dp: int | None = None, cp: int | None = None, tp: int | None = None,
+         pp: int | None = None, max_pp: int | None = None, virtual_stages: Iterable[int] = (1, 2),
          attention_efficiency: float | None = None, progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
-    """Every (dp, cp, tp) × attention × recompute plan for ``model`` at ``seq`` tokens on ``gpus`` GPUs of
-    ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
+    """Every (pp, dp, cp, tp) × virtual stages × attention × recompute × ZeRO plan for ``model`` at ``seq`` tokens
+    on ``gpus`` GPUs of ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
 
     ``attention_efficiency``: the attention core's share of peak when it differs from ``mfu`` (GEMMs and the
     rest stay at ``mfu``), e.g. ``FLASH_ATTENTION_3_H100``; None (default): one ``mfu`` for all compute.
-    Search space: ``dp``, ``cp``, ``tp`` fix an axis; ``max_tp`` caps tp; ``tp_within_node`` keeps each tp group
-    on one node. ``evaluate`` prices one split. A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
-    seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica. ``overlap_tp``: hide
+    Search space: ``pp``, ``dp``, ``cp``, ``tp`` fix an axis; ``max_tp`` and ``max_pp`` cap tp and pp;
+    ``tp_within_node`` keeps each tp group on one node; ``virtual_stages``: the model chunks per pipeline
+    rank to try (v > 1: interleaved 1F1B); ``zero``: one ZeRO stage or several to try, e.g. ``(1, 2, 3)``.
+    ``evaluate`` prices one split. A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
+    seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica (m = sequences / (dp ·
+    micro_batch) micro-batches go through each pipeline). ``overlap_tp``: hide
     TP's backward reduce-scatters behind the weight-gradient matmuls (``ts.timeline``). ``cluster``: a
     ``Cluster`` or a key of ``ts.cost.CLUSTERS``, as ``ts.timeline`` takes.
 
-    ``zero``, ``grad_dtype`` and ``reserve`` are ``ts.memory.budget``'s (the same defaults). One layer is
-    simulated per distinct (cp, tp, attention), shared by every dp and recompute mode (dp adds only the
-    gradient synchronisation, priced in closed form); ``workers`` > 1 runs these simulations
+    ``grad_dtype`` and ``reserve`` are ``ts.memory.budget``'s (the same defaults). One layer is
+    simulated per distinct (cp, tp, attention), shared by every pp, dp, ZeRO stage and recompute mode (pp and dp
+    add only closed forms); ``workers`` > 1 runs these simulations
     in that many processes (the plans are the same). ``progress`` wraps the simulations as they finish,
     a sized iterable (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
     """
@@ -131,52 +191,121 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     if sequences < 1:
         raise ValueError(f"global_batch_tokens={global_batch_tokens} is less than one sequence of {seq} tokens")
     attentions, modes = tuple(attentions), tuple(recompute)
+    zeros, stages = ((zero,) if isinstance(zero, int) else tuple(zero)), tuple(virtual_stages)
     unknown = [a for a in attentions if a not in ATTENTIONS] + [r for r in modes if r not in PLANNED_RECOMPUTE]
     if unknown:
         raise ValueError(f"unknown attention or recompute {unknown}; attentions are {tuple(ATTENTIONS)}, "
                          f"recompute {PLANNED_RECOMPUTE}")
-    candidates: list[tuple[int, int, int, str, str, int, str, Budget]] = []
+    if not zeros or any(z not in ZERO_STAGES for z in zeros):
+        raise ValueError(f"zero must be one of {ZERO_STAGES} or several of them, got {zero!r}")
+    if not stages or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in stages):
+        raise ValueError(f"virtual_stages must be positive ints, got {virtual_stages!r}")
+    candidates: list[tuple] = []
     plans: list[Plan] = []
-    fixed = {"dp": dp, "cp": cp, "tp": tp}
-    for tp, cp, dp in _meshes(gpus, c, fixed, max_tp, tp_within_node):
+    fixed = {"pp": pp, "dp": dp, "cp": cp, "tp": tp}
+    for pp, tp, cp, dp in _meshes(gpus, c, fixed, max_tp, max_pp, tp_within_node):
         reason = _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp)
         if reason:  # one row for the mesh, whatever the attention and recompute
-            plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, reason))
+            plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, reason, pp=pp))
             continue
-        for label, kind, u in _attention_kinds(cp, attentions):
-            for mode in modes:
-                mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode, zero=zero,
-                             grad_dtype=grad_dtype, reserve=reserve, attention=kind, ulysses=u)
-                if mem.total > c.memory_bytes:
-                    why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
-                           f"(weights+grads+optimizer {mem.states / GIB:.1f}, "
-                           f"activations {mem.activations / GIB:.1f}, reserve {mem.reserve / GIB:.1f})")
-                    plans.append(Plan(dp, cp, tp, label, mode, mem, False, why))
-                else:
-                    candidates.append((dp, cp, tp, label, kind, u, mode, mem))
-    jobs = sorted({(cp, tp, kind, u) for _, cp, tp, _, kind, u, _, _ in candidates},
+        count = sequences // (dp * micro_batch)
+        for v, layers in _pipelines(m, pp, count, stages):
+            if isinstance(layers, str):
+                plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, layers, pp=pp,
+                                  microbatches=count))
+                continue
+            pipeline = dict(pp=pp, virtual_stages=v, schedule="1f1b" if v == 1 else "interleaved_1f1b",
+                            n_microbatches=count, layers_per_stage=None if pp == 1 else layers)
+            for label, kind, u in _attention_kinds(cp, attentions):
+                for mode in modes:
+                    for z in zeros:
+                        mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode, zero=z, grad_dtype=grad_dtype,
+                                     reserve=reserve, attention=kind, ulysses=u, **pipeline)
+                        shape = dict(pp=pp, v=v, microbatches=count, zero=z)
+                        if mem.total > c.memory_bytes:
+                            why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
+                                   f"(weights+grads+optimizer {mem.states / GIB:.1f}, "
+                                   f"activations {mem.activations / GIB:.1f}, reserve {mem.reserve / GIB:.1f})")
+                            plans.append(Plan(dp, cp, tp, label, mode, mem, False, why, **shape))
+                        else:
+                            candidates.append((dp, cp, tp, label, kind, u, mode, mem, layers, shape))
+    jobs = sorted({(cp, tp, kind, u) for _, cp, tp, _, kind, u, *_ in candidates},
                   key=lambda job: (-job[0] * job[1], job))  # the biggest meshes first: they take longest
     layer_job = partial(price_layer, m, c, seq, micro_batch, mfu, overlap_tp)
     key = (m, c, seq, micro_batch, mfu, overlap_tp)
     missing = [job for job in jobs if (key, job) not in _LAYERS]
     _LAYERS.update({(key, job): layer for job, layer in _run_jobs(layer_job, missing, workers, progress).items()})
-    layers = {job: _LAYERS[key, job] for job in jobs}
-    for dp, cp, tp, label, kind, u, mode, mem in candidates:
-        layer = layers[cp, tp, kind, u]
+    layers_priced = {job: _LAYERS[key, job] for job in jobs}
+    for dp, cp, tp, label, kind, u, mode, mem, layers, shape in candidates:
+        layer = layers_priced[cp, tp, kind, u]
         if isinstance(layer, str):
-            plans.append(Plan(dp, cp, tp, label, mode, mem, False, layer))
+            plans.append(Plan(dp, cp, tp, label, mode, mem, False, layer, **shape))
             continue
-        per_step = sequences // (dp * micro_batch) * m.n_layers  # layer passes per step on each GPU
+        pp, v, count, z = shape["pp"], shape["v"], shape["microbatches"], shape["zero"]
+        busiest = max(sum(layers[r + k * pp] for k in range(v)) for r in range(pp))  # layers on the busiest rank
+        per_step = count * busiest  # layer passes per step on that GPU
         forward_extra, backward_extra = _attention_repriced(m, c, seq, micro_batch, cp, tp, mfu, attention_efficiency)
         forward = layer.forward_compute + forward_extra
         compute = per_step * (layer.compute + forward_extra + backward_extra + (forward if mode == "full" else 0.0))
         exposed = {axis: per_step * t for axis, t in layer.exposed.items()}
-        group = tuple(range(0, gpus, tp))  # rank 0's dp·cp replicas
-        exposed["dp_cp"] += gradient_sync_time(mem.parameters, zero, DTYPE_BYTES[grad_dtype], dp * cp, c.link(group))
-        step = compute + sum(exposed.values()) + per_step * layer.idle
+        replicas = tuple(range(0, dp * cp * tp, tp))  # rank 0's dp·cp replicas (pp is the slowest axis)
+        link = c.link(replicas)
+        # each micro-batch crosses the busiest rank's 2v boundaries: v activations in, v gradients back
+        exposed["pp"] = 2 * v * count * pipeline_transfer_time(m, seq, micro_batch, cp, tp, c.link((0, dp * cp * tp))) \
+            if pp > 1 else 0.0
+        if z == 3:
+            exposed["dp_cp"] += per_step * weight_gather_exposed(m.layer_parameters(tp), dp * cp, link,
+                                                                 forward, compute / per_step - forward)
+        idle = per_step * layer.idle
+        busy = compute + sum(exposed.values()) + idle  # per step on the busiest pipeline rank, before the bubble
+        bubble = busy * _bubble_share(pp, count, v)
+        exposed["dp_cp"] += gradient_sync_time(mem.parameters, z, DTYPE_BYTES[grad_dtype], dp * cp, link,
+                                               count if z >= 2 else 1)
+        step = compute + sum(exposed.values()) + idle + bubble
         why = f"uses {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB"
-        plans.append(Plan(dp, cp, tp, label, mode, mem, True, why, step, compute, exposed, per_step * layer.idle))
+        plans.append(Plan(dp, cp, tp, label, mode, mem, True, why, step, compute, exposed, idle, bubble=bubble, **shape))
     return sorted(plans, key=_rank)
+
+
+def fewest_gpus(model: Model | str, seq: int, cluster: Cluster | str, *, gpus: int = 1, micro_batch: int = 1,
+                global_batch_tokens: int = 16 * 2**20, grad_dtype: str = "fp32", reserve: float = RESERVE_BYTES,
+                limit: int = 2**20) -> Plan | None:
+    """The smallest memory plan on the fewest GPUs (``gpus`` · 2^k, k = 0, 1, ...; at most ``limit``) on which
+    ``model`` fits at all, or None: the answer to "what would fit" when ``plan`` finds nothing. Memory only
+    (nothing is simulated): each (pp, dp, cp, tp) with tp inside a node, 1F1B, ring attention, full recompute
+    and ZeRO 3 (the least memory each split can need); its ``why`` names the split and its memory."""
+    m, c = as_model(model), as_cluster(cluster)
+    sequences = global_batch_tokens // seq
+    node = c.gpus_per_node or gpus
+    while gpus <= limit:
+        best = None
+        for pp, tp, cp, dp in _meshes(gpus, c, dict.fromkeys(("pp", "dp", "cp", "tp")), None, None, True):
+            if _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp) or (tp > node):
+                continue
+            count = sequences // (dp * micro_batch)
+            layers = _pipelines(m, pp, count, (1,))[0][1]
+            if isinstance(layers, str):
+                continue
+            mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute="full", zero=3, grad_dtype=grad_dtype,
+                         reserve=reserve, pp=pp, n_microbatches=count, layers_per_stage=None if pp == 1 else layers)
+            if mem.total <= c.memory_bytes and (best is None or mem.total < best.memory.total):
+                why = (f"fits on {gpus} GPUs as pp={pp} dp={dp} cp={cp} tp={tp}, ZeRO 3, full recompute: "
+                       f"{mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB")
+                best = Plan(dp, cp, tp, "ring" if cp > 1 else "-", "full", mem, True, why, pp=pp, microbatches=count,
+                            zero=3)
+        if best is not None:
+            return best
+        gpus *= 2
+    return None
+
+
+def _bubble_share(pp: int, m: int, v: int) -> float:
+    """The bubble's seconds per second of busy time: f/(1 − f) with f = ``ts.pipeline.bubble_fraction`` of 1F1B
+    ((p−1)/(m+p−1)) or interleaved 1F1B ((p−1)/(v·m+p−1)), so that busy + bubble = busy · (m + (p−1)/v) / m."""
+    if pp == 1:
+        return 0.0
+    f = bubble_fraction("1f1b" if v == 1 else "interleaved_1f1b", pp, m, v)
+    return f / (1 - f)
 
 
 # One simulated layer per (model, cluster, seq, micro-batch, mfu, overlap, mesh, attention): a second plan()
@@ -189,45 +318,55 @@ def clear_cache() -> None:
     _LAYERS.clear()
 
 
-def _meshes(gpus: int, c: Cluster, fixed: dict[str, int | None], max_tp: int | None,
-            tp_within_node: bool) -> list[tuple[int, int, int]]:
-    """(tp, cp, dp) with dp·cp·tp = ``gpus`` in the search space: the ``fixed`` axes as given, tp <= ``max_tp``,
-    and with ``tp_within_node`` tp dividing the node (its group on one node, as tp is innermost)."""
+def _meshes(gpus: int, c: Cluster, fixed: dict[str, int | None], max_tp: int | None, max_pp: int | None,
+            tp_within_node: bool) -> list[tuple[int, int, int, int]]:
+    """(pp, tp, cp, dp) with pp·dp·cp·tp = ``gpus`` in the search space: the ``fixed`` axes as given, tp <= ``max_tp``,
+    pp <= ``max_pp``, and with ``tp_within_node`` tp dividing the node (its group on one node, as tp is innermost)."""
     for axis, value in fixed.items():
         if value is not None and (int(value) != value or value < 1 or gpus % value):
             raise ValueError(f"{axis}={value} must be a positive divisor of gpus={gpus}")
-    if max_tp is not None and max_tp < 1:
-        raise ValueError(f"max_tp must be >= 1, got {max_tp}")
+    for name, cap in (("max_tp", max_tp), ("max_pp", max_pp)):
+        if cap is not None and cap < 1:
+            raise ValueError(f"{name} must be >= 1, got {cap}")
     node = c.gpus_per_node or gpus
     meshes = []
-    for tp in _divisors(gpus):
-        for cp in _divisors(gpus // tp):
-            mesh = {"tp": tp, "cp": cp, "dp": gpus // (tp * cp)}
-            if any(v is not None and mesh[axis] != v for axis, v in fixed.items()):
-                continue
-            if (max_tp is not None and tp > max_tp) or (tp_within_node and node % tp):
-                continue
-            meshes.append((tp, cp, mesh["dp"]))
+    for pp in _divisors(gpus):
+        for tp in _divisors(gpus // pp):
+            for cp in _divisors(gpus // (pp * tp)):
+                mesh = {"pp": pp, "tp": tp, "cp": cp, "dp": gpus // (pp * tp * cp)}
+                if any(v is not None and mesh[axis] != v for axis, v in fixed.items()):
+                    continue
+                if (max_tp is not None and tp > max_tp) or (max_pp is not None and pp > max_pp) \
+                        or (tp_within_node and node % tp):
+                    continue
+                meshes.append((pp, tp, cp, mesh["dp"]))
     if not meshes:
-        raise ValueError(f"no (dp, cp, tp) of {gpus} GPUs satisfies dp={fixed['dp']}, cp={fixed['cp']}, "
-                         f"tp={fixed['tp']}, max_tp={max_tp}, tp_within_node={tp_within_node}")
+        raise ValueError(f"no (pp, dp, cp, tp) of {gpus} GPUs satisfies pp={fixed['pp']}, dp={fixed['dp']}, "
+                         f"cp={fixed['cp']}, tp={fixed['tp']}, max_tp={max_tp}, max_pp={max_pp}, "
+                         f"tp_within_node={tp_within_node}")
     return meshes
 
 
-def evaluate(model: Model | str, seq: int, cluster: Cluster | str, dp: int, cp: int, tp: int, *,
-             attention: str = "ring", ulysses: int | None = None, recompute: str = "selective", **options) -> Plan:
-    """One split, priced as ``plan`` prices every split: dp · cp · tp GPUs, ``attention`` over cp (a kind
-    with both groups, as USP, with ``ulysses`` ranks in its Ulysses axis), ``recompute``; ``options`` are ``plan``'s (micro_batch, mfu,
-    zero, reserve, ...). Its ``.fits`` and ``.why`` say whether it fits and runs."""
+def evaluate(model: Model | str, seq: int, cluster: Cluster | str, dp: int, cp: int, tp: int, *, pp: int = 1,
+             virtual_stages: int = 1, zero: int = 1, attention: str = "ring", ulysses: int | None = None,
+             recompute: str = "selective", **options) -> Plan:
+    """One split, priced as ``plan`` prices every split: pp · dp · cp · tp GPUs (``virtual_stages`` chunks per
+    pipeline rank), ``attention`` over cp (a kind with both groups, as USP, with ``ulysses`` ranks in its Ulysses
+    axis), ``recompute``, ZeRO stage ``zero``; ``options`` are ``plan``'s (micro_batch, mfu, reserve, ...). Its
+    ``.fits`` and ``.why`` say whether it fits and runs."""
     two_groups = len(attention_kind(attention).groups) == 2
     label = "-" if cp == 1 else (f"{attention}(u={ulysses})" if two_groups else attention)
-    plans = plan(model, seq, dp * cp * tp, cluster, dp=dp, cp=cp, tp=tp, attentions=(attention,),
-                 recompute=(recompute,), **options)
-    matching = [p for p in plans if p.attention in (label, "-")]
+    plans = plan(model, seq, pp * dp * cp * tp, cluster, pp=pp, dp=dp, cp=cp, tp=tp, attentions=(attention,),
+                 recompute=(recompute,), zero=zero, virtual_stages=(virtual_stages,), **options)
+    matching = [p for p in plans if p.attention in (label, "-") and p.v in (virtual_stages, 1)]
     if not matching:
         raise ValueError(f"{attention} has no split with ulysses={ulysses} on cp={cp}: "
                          f"{sorted({p.attention for p in plans})}")
-    return matching[0]
+    exact = [p for p in matching if p.v == virtual_stages]
+    if not exact:
+        raise ValueError(f"virtual_stages={virtual_stages} does not run on pp={pp}: the layers or the "
+                         f"{matching[0].microbatches} micro-batches do not split (interleaving needs m >= pp)")
+    return exact[0]
 
 
 def _attention_repriced(m: Model, c: Cluster, seq: int, micro_batch: int, cp: int, tp: int, mfu: float,
@@ -243,19 +382,44 @@ def _attention_repriced(m: Model, c: Cluster, seq: int, micro_batch: int, cp: in
     return tuple(micro_batch * flops * scale for flops in causal_attention_flops(m, seq, cp, tp))
 
 
-def gradient_sync_time(parameters: float, zero: int, grad_bytes: int, replicas: int, link: Link) -> float:
-    """Seconds of the once-per-step gradient synchronisation of the ``parameters`` a GPU holds over the dp·cp
-    ``replicas`` (not overlapped with backward).
+def gradient_sync_time(parameters: float, zero: int, grad_bytes: int, replicas: int, link: Link,
+                       microbatches: int = 1) -> float:
+    """Seconds of the gradient synchronisation of the ``parameters`` a GPU holds over the dp·cp ``replicas``
+    in one step (not overlapped with backward).
 
     ZeRO 0: an all_reduce of the gradients (``grad_bytes`` each; Megatron reduces its fp32 main gradients
-    in fp32). ZeRO ≥ 1 (Megatron's distributed optimizer): a reduce_scatter of the gradients, then an
-    all_gather of the updated bf16 weights (each replica's 1/replicas shard). ZeRO 3's per-layer weight
-    gathers in forward and backward are not priced (``IGNORES``).
+    in fp32). ZeRO 1 (Megatron's distributed optimizer): a reduce_scatter of the gradients, then an
+    all_gather of the updated bf16 weights (each replica's 1/replicas shard), once per step. ZeRO 2 and 3 keep
+    only a gradient shard, so they reduce-scatter after every one of the ``microbatches`` (DeepSpeed's
+    gradient partitioning; FSDP without ``no_sync``), then all-gather once. Bytes per rank with one micro-batch:
+    2Ψ(p−1)/p (``zero_bytes_per_step``); ZeRO 3's per-layer weight gathers are ``weight_gather_exposed``.
     """
     if zero == 0:
         return collective_time("all_reduce", int(grad_bytes * parameters), replicas, link)
-    return (collective_time("reduce_scatter", int(grad_bytes * parameters), replicas, link)
+    return ((microbatches if zero >= 2 else 1) * collective_time("reduce_scatter", int(grad_bytes * parameters),
+                                                                 replicas, link)
             + collective_time("all_gather", int(2 * parameters) // replicas, replicas, link))
+
+
+def weight_gather_exposed(layer_parameters: float, replicas: int, link: Link, forward: float, backward: float) -> float:
+    """Seconds per layer and micro-batch that ZeRO 3 (FSDP, ``reshard_after_forward=True``) waits for its weights:
+    the layer's bf16 weights are all-gathered over the dp·cp ``replicas`` before its forward and again before its
+    backward, g = ``collective_time("all_gather", 2·Ψ_layer/p)`` each (every rank sends Ψ_layer(p−1)/p bytes: with the
+    step's reduce-scatter, 3Ψ(p−1)/p per step, ``zero_bytes_per_step(Ψ, p, 3)``). FSDP prefetches the next
+    layer's gather during this layer's compute, so only what the compute does not cover waits:
+
+        max(0, g − forward) + max(0, g − backward)
+    """
+    gather = collective_time("all_gather", int(2 * layer_parameters) // replicas, replicas, link)
+    return max(0.0, gather - forward) + max(0.0, gather - backward)
+
+
+def pipeline_transfer_time(m: Model, seq: int, micro_batch: int, cp: int, tp: int, link: Link) -> float:
+    """Seconds of one stage boundary's send of one micro-batch: the activation forward (or its gradient backward),
+    each rank's sequence-parallel shard, s/(cp·tp) · b · h bf16 values (``ts.pipeline.sent_bytes``' activation),
+    between pipeline neighbours r and r + dp·cp·tp on ``link``. Not overlapped with compute (an upper bound:
+    Megatron overlaps part of it)."""
+    return collective_time("send", 2 * seq // (cp * tp) * micro_batch * m.d_model, 2, link)
 
 
 class _Finished:
@@ -298,18 +462,19 @@ def _cannot_split(m: Model, seq: int, sequences: int, micro_batch: int, dp: int,
 
 
 def _rank(p: Plan) -> tuple:
-    return (not p.fits, p.step_time if p.fits else p.memory.total or float("inf"), p.tp, p.cp, p.attention, p.recompute)
+    return (not p.fits, p.step_time if p.fits else p.memory.total or float("inf"), p.tp, p.cp, p.attention, p.recompute,
+            p.pp, p.v, p.zero, p.dp)
 
 
 def table(plans: list[Plan], top: int | None = None) -> str:
     """A Markdown table of ``plans`` (the first ``top``), best first."""
-    head = ("#", "dp", "cp", "tp", "attention", "recompute", "step time", "compute", "exposed tp", "exposed cp",
-            "exposed dp×cp", "memory/GPU", "fits")
+    head = ("#", "pp", "dp", "cp", "tp", "v", "m", "zero", "attention", "recompute", "step time", "compute",
+            "exposed tp", "exposed cp", "exposed pp", "exposed dp×cp", "bubble", "memory/GPU", "fits")
     rows = []
     for i, p in enumerate(plans[:top], start=1):
         times = ([format_seconds(p.step_time), format_seconds(p.compute)]
-                 + [format_seconds(p.exposed[a]) for a in AXES]) if p.runs else ["-"] * 5
+                 + [format_seconds(p.exposed[a]) for a in EXPOSED] + [format_seconds(p.bubble)]) if p.runs else ["-"] * 7
         memory = f"{p.memory.total / GIB:.1f} GiB" if p.memory.total else "-"
-        rows.append((str(i), str(p.dp), str(p.cp), str(p.tp), p.attention, p.recompute, *times, memory,
-                     ("yes: " if p.fits else "no: ") + p.why))
+        rows.append((str(i), str(p.pp), str(p.dp), str(p.cp), str(p.tp), str(p.v), str(p.microbatches or "-"),
+                     str(p.zero), p.attention, p.recompute, *times, memory, ("yes: " if p.fits else "no: ") + p.why))
     return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits"}).render("markdown")
