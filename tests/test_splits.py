@@ -34,3 +34,28 @@ def test_the_pictures_colour_every_row_by_the_rank_holding_it():
     shards = ts.run(lambda comm: (ts.ColumnParallelLinear.from_dense(fc1, comm).weight,
                                   ts.RowParallelLinear.from_dense(fc2, comm).weight), world_size=2).outputs
     assert len(plot_tp_mlp(fc1.weight, fc2.weight, [s[0] for s in shards], [s[1] for s in shards]).axes) == 1
+
+
+def test_the_region_picture_puts_g_before_each_column_layer_and_g_bar_after_each_row_layer():
+    from tpsp_sim.viz.splits import plot_regions, region
+
+    assert region((2, 3, 48), seq=12, t=4) == "sequence" and region((2, 12, 12), seq=12, t=4) == "tensor"
+    assert region((2, 12, 48), seq=12, t=1) == "tensor"  # one rank: nothing is a shard
+    torch.manual_seed(0)
+    block = ts.TransformerBlock(24, 6).double()
+
+    def shapes(comm):
+        p = ts.ParallelTransformerBlock.from_dense(block, comm, "tp_sp")
+        seen = {}
+        for name, m in p.named_modules():
+            if name and not list(m.children()):
+                def record(module, args, out, name=name):
+                    seen[name] = (tuple(args[0].shape), tuple(out.shape))
+                m.register_forward_hook(record)
+        p(torch.zeros(2, 12 // comm.world_size, 24, dtype=torch.float64))
+        return seen
+
+    seen = ts.run(shapes, world_size=3).outputs[0]
+    fig = plot_regions(seen, seq=12, t=3)
+    marks = [text.get_text() for text in fig.axes[0].texts if text.get_text() in ("g", "ḡ")]
+    assert marks == ["g", "ḡ", "g", "ḡ"]  # into qkv, out of proj, into fc1, out of fc2

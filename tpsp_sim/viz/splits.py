@@ -109,3 +109,45 @@ def plot_qkv_heads(qkv: torch.Tensor, splits: dict[str, list[torch.Tensor]], hea
                  "and v", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+REGION_COLORS = {"sequence": "#9ecae1", "tensor": "#fdae6b"}
+
+
+def region(shape: tuple[int, ...], seq: int, t: int) -> str:
+    """"sequence" for a [b, s/t, h] shard of the tokens, "tensor" for all s tokens with features (or heads) split."""
+    return "sequence" if len(shape) == 3 and shape[1] * t == seq and t > 1 else "tensor"
+
+
+def plot_regions(shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], seq: int, t: int) -> Figure:
+    """A TP+SP block module by module (``shapes``: name -> (input shape, output shape) on one rank, in forward
+    order), each coloured by the region its output lies in, with g where a module's input is a sequence
+    shard and its output is not (all-gather), and ḡ where the reverse holds (reduce-scatter)
+    (Korthikanti et al. 2022, Fig. 5)."""
+    fig = Figure(figsize=(11, 2.4))
+    ax = fig.subplots()
+    width, gap = 1.0, 0.45
+    for i, (name, (shape_in, shape_out)) in enumerate(shapes.items()):
+        x = i * (width + gap)
+        before, after = region(shape_in, seq, t), region(shape_out, seq, t)
+        ax.add_patch(Rectangle((x, 0), width, 1, facecolor=REGION_COLORS[after], edgecolor="black", lw=0.8))
+        ax.text(x + width / 2, 0.62, name.replace(".", ".\n", 1) if len(name) > 8 else name, ha="center",
+                va="center", fontsize=8)
+        ax.text(x + width / 2, 0.18, "×".join(map(str, shape_out)), ha="center", va="center", fontsize=7)
+        if i:
+            ax.annotate("", (x, 0.5), (x - gap, 0.5), arrowprops={"arrowstyle": "->", "lw": 0.8})
+        if before == "sequence" and after == "tensor":
+            ax.text(x - gap / 2, 1.12, "g", ha="center", fontsize=12, fontweight="bold")
+        if before == "tensor" and after == "sequence":
+            ax.text(x + width + gap / 2, 1.12, "ḡ", ha="center", fontsize=12, fontweight="bold")
+    ax.set_xlim(-0.1, len(shapes) * (width + gap))
+    ax.set_ylim(-0.35, 1.45)
+    ax.axis("off")
+    handles = [Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="black", lw=0.8) for c in REGION_COLORS.values()]
+    ax.legend(handles, [f"sequence-parallel: [b, s/{t}, h] per rank", "tensor-parallel: all s tokens, features or "
+                        "heads split"], loc="lower center", ncol=2, fontsize=8, frameon=False,
+              bbox_to_anchor=(0.5, -0.3))
+    fig.suptitle(f"one TP+SP block on {t} ranks: each module's output on one rank (g: all-gather into a column "
+                 "layer, ḡ: reduce-scatter out of a row layer)", fontsize=10)
+    fig.tight_layout()
+    return fig
