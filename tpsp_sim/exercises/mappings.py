@@ -47,8 +47,8 @@ def _mapping_case(fn: Callable, p: int, inputs: list[torch.Tensor], upstream: li
                          for r, ((_, dx, _), want) in enumerate(zip(res.outputs, grads)))
     for phase, (op, sent, formula) in calls.items():
         if phase == "backward" and not backward_ran:  # nothing to judge: say so instead of "called nothing"
-            problems.append("backward: not checked — it runs once the output is a tensor of the input's shape "
-                            "that requires grad")
+            problems.append("backward: not checked — it runs once the output has the expected shape and "
+                            "requires grad")
             continue
         found = check_calls(res.trace, p, phase, expected={op: 1} if op else {})
         problems += found or (check_bytes(res.trace, p, phase, sent, formula) if op else [])
