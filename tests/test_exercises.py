@@ -262,14 +262,15 @@ def test_merge_that_ignores_the_first_tile():
 
 # ---- 03: ring attention, forward -----------------------------------------------------------------
 
-def ring_forward(steps, shifts, local_k=False, blocking=False):
+def ring_forward(steps, shifts, local_k=False, blocking=False, local_v=False):
     """A ring attention forward with the seed's knobs: tiles computed, shifts made, which k, send order."""
     def fn(q, k, v, comm):
         nxt, prev = ring(comm)
-        own_k, out, lse = k, None, None
+        own_k, own_v, out, lse = k, v, None, None
         for step in range(max(steps(comm.world_size), shifts(comm.world_size))):
             if step < steps(comm.world_size):
-                out, lse = solution("online_softmax_merge")(out, lse, *attention_block(q, own_k if local_k else k, v))
+                out, lse = solution("online_softmax_merge")(out, lse, *attention_block(q, own_k if local_k else k,
+                                                                             own_v if local_v else v))
             if step < shifts(comm.world_size):
                 if blocking:
                     comm.send(torch.stack([k, v]), nxt)
@@ -329,3 +330,76 @@ def test_a_not_implemented_error_from_torch_inside_the_learners_code_is_a_proble
         [problem] = report.problems
         assert re.match(rf"on (2 ranks|1 key tiles): raised NotImplementedError: .*{where} — not the unwritten "
                         rf"stub", problem, re.S), problem
+
+
+# ---- feedback that names the mistake (issue 22 §2) -------------------------------------------------
+
+def test_shards_in_the_wrong_order_or_missing_are_named():
+    def arrival_order(x, comm):
+        pieces = [x]
+        for _ in range(comm.world_size - 1):
+            pieces.append(comm.sendrecv(pieces[-1], *ring(comm)))
+        return torch.cat(pieces)
+
+    # on 2 ranks rank 0's [0, 1] happens to be right; rank 1 holds [1, 0]
+    assert_rejected("ring_all_gather", arrival_order, "on 2 ranks: rank 1's result: differs",
+                    "every shard is present, in the wrong place: rank 1 holds [1, 0]")
+    report = assert_rejected("ring_all_gather", lambda x, comm: torch.cat([x] * comm.world_size),
+                             "rank 0 holds shards [0, 0]: shard 1 missing")
+    assert "wrong place" not in str(report)
+
+
+def test_a_reduce_scatter_ending_one_chunk_off_or_missing_a_rank_is_named():
+    def textbook_ring(x, comm):  # the classic ring leaves rank r with chunk r+1
+        p, r = comm.world_size, comm.rank
+        chunks, partial = x.chunk(p), x.chunk(p)[r]
+        for step in range(p - 1):
+            partial = comm.sendrecv(partial, *ring(comm)) + chunks[(r - 1 - step) % p]
+        return partial
+
+    assert_rejected("ring_reduce_scatter", textbook_ring,
+                    "rank 0 holds chunk 1 of the sum, not chunk 0: the ring ends 1 chunk off")
+
+    def one_shift_short(x, comm):  # the reference with p-2 shifts: one rank's part never added
+        p, r = comm.world_size, comm.rank
+        chunks, partial = x.chunk(p), x.chunk(p)[(r - 1) % p]
+        for step in range(p - 2):
+            partial = comm.sendrecv(partial, *ring(comm)) + chunks[(r - 2 - step) % p]
+        return comm.sendrecv(partial, *ring(comm)) if p > 1 else partial
+
+    assert_rejected("ring_reduce_scatter", one_shift_short, "chunk 0 summed over p-1 ranks: rank 0's part is missing")
+
+
+def test_a_missing_tile_or_k_and_v_from_different_blocks_are_named():
+    report = assert_rejected("ring_attention_forward", ring_forward(lambda p: p - 1, lambda p: p - 1),
+                             "1 of 2 tiles merged: one block of keys is missing (rank 1's")
+    assert report.problems[0].startswith("on 2 ranks: rank 0's output")
+    assert_rejected("ring_attention_forward", ring_forward(lambda p: p, lambda p: p - 1, local_k=True),
+                    "the scores use this rank's own K at every step with the received V")
+    assert_rejected("ring_attention_forward", ring_forward(lambda p: p, lambda p: p - 1, local_v=True),
+                    "the received K is used with this rank's own V")
+
+    def own_block_only(q, k, v, comm):
+        out = lse = None
+        for _ in range(comm.world_size):
+            out, lse = solution("online_softmax_merge")(out, lse, *attention_block(q, k, v))
+            comm.sendrecv(torch.stack([k, v]), *ring(comm))  # received, then dropped
+        return out
+
+    # on 2 ranks p tiles of its own block are the p-1 = 1 tile of the missing-block mistake
+    assert_rejected("ring_attention_forward", own_block_only, "1 of 2 tiles merged: one block of keys is missing "
+                    "(rank 1's was never merged)")
+
+
+def test_a_merge_that_keeps_one_tile_is_named():
+    assert_rejected("online_softmax_merge", lambda out, lse, block_out, block_lse: (block_out, block_lse),
+                    "on 2 key tiles: merged out: differs", "it equals the last tile alone")
+    assert_rejected("online_softmax_merge",
+                    lambda out, lse, block_out, block_lse: (block_out, block_lse) if out is None else (out, lse),
+                    "it equals the first tile alone")
+
+
+def test_a_wrong_forward_shape_reports_no_backward_that_did_not_run():
+    report = assert_rejected("g", lambda x, comm: x * 1, "rank 0's output: shape (2, 6, 4), expected (2, 12, 4)",
+                             "backward: not checked")
+    assert "backward: rank" not in str(report)

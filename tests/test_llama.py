@@ -274,8 +274,7 @@ def per_projection_block(block, comm, mode):
     sp, t, a = mode == "tp_sp", comm.world_size, block.attn
     column = partial(ts.ColumnParallelLinear.from_dense, comm=comm, sequence_parallel=sp)
     row = partial(ts.RowParallelLinear.from_dense, comm=comm, sequence_parallel=sp)
-    attn = FusedQKVAttention(Concat([column(a.q), column(a.k), column(a.v)]), row(a.o), a.n_heads // t,
-                             a.n_kv_heads // t, a.head_dim, a.rope_theta, a.causal)
+    attn = FusedQKVAttention.from_dense(a, Concat([column(a.q), column(a.k), column(a.v)]), row(a.o), t)
     mlp = FusedSwiGLU(Concat([column(block.mlp.gate), column(block.mlp.up)]), row(block.mlp.down))
     rng = DropoutRNG(0, comm)
     return ts.ParallelTransformerBlock(comm, mode, rng, replicate(block.ln1, sequence_parallel=sp), attn,
@@ -438,3 +437,14 @@ def test_gloo_runs_the_replicated_kv_block_like_the_simulator():
         assert all(max_diff(out[2][name], g) <= TOL for name, g in grads[0].items())
     assert real.trace.filter(scope="block0").events == sim.trace.filter(scope="block0").events
     assert real.trace.ops(scope="block0", phase="backward")["all_reduce"] == 4  # one replica sum per rank
+
+
+def test_fused_qkv_attention_from_dense_takes_the_heads_of_one_rank_or_refuses():
+    dense = make_llama(h=64, heads=8, kv=2, d_ff=32).attn
+    for t, kv_per_rank in ((1, 2), (2, 1), (4, 1), (8, 1)):  # t = 4, 8: one replica of a K/V head per rank
+        attn = FusedQKVAttention.from_dense(dense, nn.Identity(), nn.Identity(), t)
+        assert (attn.n_heads, attn.n_kv_heads, attn.head_dim) == (8 // t, kv_per_rank, 8)
+        assert (attn.rope_theta, attn.causal) == (dense.rope_theta, dense.causal)
+    for t in (3, 16):
+        with pytest.raises(ValueError, match=f"8 query heads and 2 K/V heads cannot be split over tp_size={t}"):
+            FusedQKVAttention.from_dense(dense, nn.Identity(), nn.Identity(), t)

@@ -66,7 +66,19 @@ def test_the_pictures_draw_every_step_or_one():
     assert len(plot_ring_all_reduce(3, step=2).axes) == 1
     assert len(plot_ring_attention(3, tokens_per_rank=2).axes) == 9
     fig = plot_ring_attention(3, tokens_per_rank=2, step=1)
-    assert len(fig.axes) == 3 and all("step 1" in ax.get_xlabel() for ax in fig.axes[-1:])
+    assert len(fig.axes) == 3 and fig.get_suptitle().endswith("step 1")
+    assert [ax.get_xlabel() for ax in fig.axes] == [f"rank {r}: keys" for r in range(3)]
+
+
+def test_one_step_is_drawn_large_enough_to_read():
+    """A player's frame (issue 22 §4): at least 500 px wide at the widget's 80 dpi, labels of 11 pt or more."""
+    from tpsp_sim.viz.widgets import DPI
+
+    for fig in (plot_ring_all_reduce(4, step=3), plot_ring_attention(4, tokens_per_rank=4, step=2)):
+        assert fig.get_size_inches()[0] * DPI >= 500
+        sizes = [label.get_fontsize() for ax in fig.axes for label in (ax.title, ax.xaxis.label, ax.yaxis.label)
+                 if label.get_text()]
+        assert sizes and min(sizes) >= 11
 
 
 def test_stepper_plays_the_frames():

@@ -1,7 +1,8 @@
 """Exercises with automatic checking, posed in notebooks 00–03 and 09.
 
     from tpsp_sim.exercises import check, show_solution
-    check("g_bar", my_g_bar)      # ✓, or what is wrong: output vs dense, wrong collective, bytes, deadlock
+    check("g_bar", my_g_bar)      # ✓, or what is wrong: output vs dense (and the mistake, when it is a
+                                  # known one), wrong collective, bytes, deadlock
     show_solution("g_bar")        # prints a reference solution
 
 Each checker runs the learner's function on virtual ranks (2, 3 and 4 of them) in float64 and

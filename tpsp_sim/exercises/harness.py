@@ -118,8 +118,16 @@ def _innermost(error: BaseException) -> TracebackType | None:
     return tb
 
 
-def compare(what: str, got: Any, want: torch.Tensor, atol: float = ATOL) -> list[str]:
-    """[] if ``got`` is ``want`` within ``atol``, else one sentence saying how it differs."""
+def matches(got: Any, want: torch.Tensor, atol: float = ATOL) -> bool:
+    """Whether ``got`` is a tensor of ``want``'s shape within ``atol`` of it."""
+    return (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and bool(((got.detach().to(want.dtype) - want).abs() <= atol).all()))
+
+
+def compare(what: str, got: Any, want: torch.Tensor, atol: float = ATOL,
+            explain: Callable[[torch.Tensor], str | None] | None = None) -> list[str]:
+    """[] if ``got`` is ``want`` within ``atol``, else one sentence saying how it differs; ``explain(got)``
+    may name the mistake (a wrong answer it recognises), else a constant factor is named if there is one."""
     if not isinstance(got, torch.Tensor):
         return [f"{what}: expected a tensor of shape {tuple(want.shape)}, got {type(got).__name__}"]
     if got.shape != want.shape:
@@ -131,8 +139,10 @@ def compare(what: str, got: Any, want: torch.Tensor, atol: float = ATOL) -> list
     error = float((got - want).abs().max())
     if error <= atol:
         return []
+    named = explain(got) if explain is not None else None
     ratio = got / want
-    hint = (f" (every value is {float(ratio.flatten()[0]):.4g} × the answer)"
+    hint = (f" — {named}" if named else
+            f" (every value is {float(ratio.flatten()[0]):.4g} × the answer)"
             if want.abs().min() > 0 and torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio)) else "")
     return [f"{what}: differs from the dense answer by up to {error:.3g} (tolerance {atol:g}){hint}"]
 

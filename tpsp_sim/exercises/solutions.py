@@ -45,12 +45,13 @@ class CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, comm):
-        ctx.comm = comm
+        ctx.comm, ctx.scope = comm, comm.current_scope  # the backward's call is recorded under this scope
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.comm.all_reduce(grad), None
+        with ctx.comm.replay_scope(ctx.scope):
+            return ctx.comm.all_reduce(grad), None
 
 
 class ReduceFromRegion(torch.autograd.Function):
@@ -70,12 +71,13 @@ class GatherFromSequenceRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, comm):
-        ctx.comm = comm
+        ctx.comm, ctx.scope = comm, comm.current_scope
         return comm.all_gather(x, dim=1)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.comm.reduce_scatter(grad, dim=1), None
+        with ctx.comm.replay_scope(ctx.scope):
+            return ctx.comm.reduce_scatter(grad, dim=1), None
 
 
 class ReduceScatterToSequenceRegion(torch.autograd.Function):
@@ -83,12 +85,13 @@ class ReduceScatterToSequenceRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, comm):
-        ctx.comm = comm
+        ctx.comm, ctx.scope = comm, comm.current_scope
         return comm.reduce_scatter(x, dim=1)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.comm.all_gather(grad, dim=1), None
+        with ctx.comm.replay_scope(ctx.scope):
+            return ctx.comm.all_gather(grad, dim=1), None
 
 
 def f(x: torch.Tensor, comm: Comm) -> torch.Tensor:
@@ -121,9 +124,10 @@ def online_softmax_merge(out, lse, block_out, block_lse):
 def ring_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm) -> torch.Tensor:
     """Non-causal attention of this rank's queries over the whole sequence: p tiles, p-1 K/V shifts."""
     p, r = comm.world_size, comm.rank
+    kv = torch.stack([k, v])  # one message per shift
     out = lse = None
     for step in range(p):
-        out, lse = online_softmax_merge(out, lse, *attention_block(q, k, v))  # the block of rank r-step
+        out, lse = online_softmax_merge(out, lse, *attention_block(q, kv[0], kv[1]))  # the block of rank r-step
         if step < p - 1:
-            k, v = [comm.sendrecv(t, dst=(r + 1) % p, src=(r - 1) % p) for t in (k, v)]
+            kv = comm.sendrecv(kv, dst=(r + 1) % p, src=(r - 1) % p)
     return out

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .dropout import Dropout, DropoutRNG
 
@@ -24,6 +25,7 @@ class SelfAttention(nn.Module):
     """
 
     attention: Callable | None = None  # replaces the dense softmax of ``attend`` (hybrid/context.py)
+    recompute_core: bool = False  # selective recompute (Korthikanti et al. 2022, §5): see ``recomputed_attend``
 
     def __init__(self, qkv: nn.Module, proj: nn.Module, head_dim: int, causal: bool, attn_drop: Dropout) -> None:
         super().__init__()
@@ -32,7 +34,35 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, -1, self.head_dim)).permute(2, 0, 3, 1, 4)  # 3 x [b, heads, s, d]
-        return self.proj(self.attend(q, k, v).transpose(1, 2).flatten(2))  # heads back to features: [b, s, heads * d]
+        core = self.recomputed_attend if self.recompute_core else self.attend
+        return self.proj(core(q, k, v).transpose(1, 2).flatten(2))  # heads back to features: [b, s, heads * d]
+
+    def recomputed_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``attend`` keeping only q, k, v for backward, which runs it again (``torch.utils.checkpoint``):
+        the s x s scores, probabilities and dropout mask (5as²b bytes per layer) are never stored. The
+        recomputation draws the same dropout mask: the dropout's generators are set back to their state
+        at the forward for it, then restored (checkpoint itself restores only torch's global generator)."""
+        if self.attention is not None:
+            raise ValueError("recompute_core recomputes the dense attention core; a context-parallel attention "
+                             "(self.attention) would repeat its communication in backward")
+        generators = [g for g in (self.attn_drop.rng.default, self.attn_drop.rng.model_parallel) if g is not None]
+        at_forward = [g.get_state() for g in generators]
+        calls = []
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            calls.append(None)
+            if len(calls) == 1:  # the forward: draw as usual
+                return self.attend(q, k, v)
+            now = [g.get_state() for g in generators]  # the recomputation: replay the forward's draws
+            for g, state in zip(generators, at_forward):
+                g.set_state(state)
+            try:
+                return self.attend(q, k, v)
+            finally:
+                for g, state in zip(generators, now):
+                    g.set_state(state)
+
+        return checkpoint(core, q, k, v, use_reentrant=False)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The attention itself on [b, heads, s, d]: ``self.attention(q, k, v)`` when set (context parallelism,

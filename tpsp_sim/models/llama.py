@@ -122,6 +122,21 @@ class FusedQKVAttention(_RotaryAttention):
         super().__init__(n_heads, n_kv_heads, head_dim, rope_theta, causal, attention)
         self.qkv, self.o = qkv, o
 
+    @classmethod
+    def from_dense(cls, dense: LlamaAttention, qkv: nn.Module, o: nn.Module, tp_size: int = 1,
+                   attention: Attention | None = None) -> "FusedQKVAttention":
+        """``dense`` (a ``LlamaAttention``) on one of ``tp_size`` tensor-parallel ranks, from that rank's
+        layers: ``qkv`` gives its n_heads/t query heads then its K/V heads (n_kv_heads/t of them, or one
+        replica when t > n_kv_heads), ``o`` reads its query heads' outputs. Head size, RoPE base and mask
+        are the dense layer's."""
+        t, heads, kv_heads = tp_size, dense.n_heads, dense.n_kv_heads
+        if t < 1 or heads % t or (kv_heads % t and t % kv_heads):
+            raise ValueError(f"FusedQKVAttention.from_dense: {heads} query heads and {kv_heads} K/V heads cannot be "
+                             f"split over tp_size={t} ranks (t must divide the query heads, and divide the K/V "
+                             f"heads or be a multiple of them)")
+        return cls(qkv, o, heads // t, max(kv_heads // t, 1), dense.head_dim, dense.rope_theta, dense.causal,
+                   attention)
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d = self.head_dim
         return self.qkv(x).split([self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d], -1)

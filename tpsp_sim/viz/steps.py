@@ -67,7 +67,7 @@ def ring_all_reduce_states(world_size: int) -> list[AllReduceStep]:
                           tuple(per_rank[r][i][1] for r in range(world_size))) for i, phase in enumerate(phases)]
 
 
-def _draw_all_reduce_step(ax, state: AllReduceStep, index: int) -> None:
+def _draw_all_reduce_step(ax, state: AllReduceStep, index: int, fontsize: float) -> None:
     p = len(state.held)
     colors = rank_colors(p)
     for r, row in enumerate(state.held):
@@ -79,29 +79,34 @@ def _draw_all_reduce_step(ax, state: AllReduceStep, index: int) -> None:
             ax.add_patch(Rectangle((c, p - 1 - r), 0.94, 0.9, facecolor=face, edgecolor="black",
                                    linewidth=2.0 if new else 0.3))
             label = "all" if len(members) == p else "+".join(map(str, members))
-            ax.text(c + 0.47, p - 0.55 - r, label, ha="center", va="center", fontsize=7,
+            ax.text(c + 0.47, p - 0.55 - r, label, ha="center", va="center", fontsize=fontsize,
                     color="white" if len(members) == p else "black")
     ax.set_xlim(0, p)
     ax.set_ylim(0, p)
-    ax.set_xticks([c + 0.47 for c in range(p)], [f"chunk {c}" for c in range(p)], fontsize=6)
-    ax.set_yticks([p - 0.55 - r for r in range(p)], [f"rank {r}" for r in range(p)], fontsize=7)
+    ax.set_xticks([c + 0.47 for c in range(p)], [f"chunk {c}" for c in range(p)], fontsize=fontsize - 1)
+    ax.set_yticks([p - 0.55 - r for r in range(p)], [f"rank {r}" for r in range(p)], fontsize=fontsize)
     ax.tick_params(length=0)
     ax.set_frame_on(False)
-    ax.set_title(f"step {index}: {state.phase}" if index else "start: rank r holds 2^r", fontsize=8)
+    ax.set_title(f"step {index}: {state.phase}" if index else "start: rank r holds 2^r", fontsize=fontsize + 1)
 
 
 def plot_ring_all_reduce(world_size: int = 4, step: int | None = None) -> Figure:
-    """Every step of a ring all-reduce on ``world_size`` ranks (or only ``step``): per rank, which ranks'
-    inputs each chunk holds; a thick edge marks the chunk that arrived in that step, green a full sum."""
+    """Every step of a ring all-reduce on ``world_size`` ranks (or only ``step``, drawn large enough to
+    read as one frame of a player): per rank, which ranks' inputs each chunk holds; a thick edge marks
+    the chunk that arrived in that step, green a full sum."""
     states = ring_all_reduce_states(world_size)
-    chosen = list(enumerate(states)) if step is None else [(step, states[step])]
-    columns = min(4, len(chosen))
-    rows = -(-len(chosen) // columns)
+    if step is not None:  # one frame: about 1.5 inch per chunk, labels at 12 pt
+        fig = Figure(figsize=(1.5 * world_size + 1.4, 0.6 * world_size + 1.0))
+        _draw_all_reduce_step(fig.subplots(), states[step], step, fontsize=12)
+        fig.tight_layout()
+        return fig
+    columns = min(4, len(states))
+    rows = -(-len(states) // columns)
     fig = Figure(figsize=(2.6 * columns, 0.45 * world_size * rows + 0.6 * rows))
     axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False).ravel())
-    for ax, (i, state) in zip(axes, chosen):
-        _draw_all_reduce_step(ax, state, i)
-    for ax in axes[len(chosen):]:
+    for ax, (i, state) in zip(axes, enumerate(states)):
+        _draw_all_reduce_step(ax, state, i, fontsize=7)
+    for ax in axes[len(states):]:
         ax.set_visible(False)
     fig.tight_layout()
     return fig
@@ -145,29 +150,42 @@ def ring_attention_states(world_size: int = 4, tokens_per_rank: int = 4, causal:
 
 def plot_ring_attention(world_size: int = 4, tokens_per_rank: int = 4, causal: bool = True,
                         layout: str = "contiguous", step: int | None = None) -> Figure:
-    """One row per rank, one column per step (or only ``step``): the tile of (query, key) pairs the rank
-    computes, in the colour of the rank whose K/V block it holds (white: masked or skipped), and the
-    largest error of its running output against dense attention after merging that tile."""
+    """One row per rank, one column per step (or only ``step``: then one panel per rank, side by side,
+    large enough to read as one frame of a player): the tile of (query, key) pairs the rank computes,
+    in the colour of the rank whose K/V block it holds (white: masked or skipped), and the largest
+    error of its running output against dense attention after merging that tile."""
     states = ring_attention_states(world_size, tokens_per_rank, causal, layout)
-    steps = list(range(world_size)) if step is None else [step]
     colors = rank_colors(world_size)
-    fig = Figure(figsize=(1.7 * len(steps) + 0.8, 1.5 * world_size + 0.6))
-    axes = fig.subplots(world_size, len(steps), squeeze=False)
-    for r in range(world_size):
-        for col, t in enumerate(steps):
-            ax, s = axes[r, col], states[r][t]
-            image = np.ones((*s.pairs.shape, 4))
-            image[s.pairs] = colors[s.block]
-            ax.imshow(image, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            computed = "skipped" if not s.pairs.any() else f"{int(s.pairs.sum())} pairs"
-            ax.set_title(f"K/V {s.block}: {computed}\nerror {s.error:.0e}", fontsize=7)
-            if col == 0:
-                ax.set_ylabel(f"rank {r}\nqueries", fontsize=7)
+    title = f"ring attention, {'causal' if causal else 'non-causal'}, {layout} layout, {world_size} ranks"
+    if step is None:
+        fig = Figure(figsize=(1.7 * world_size + 0.8, 1.5 * world_size + 0.6))
+        axes = fig.subplots(world_size, world_size, squeeze=False)
+        panels = [(axes[r, t], r, t) for r in range(world_size) for t in range(world_size)]
+        fontsize = 7
+    else:  # one frame: a row of ranks, 2.2 inch each, labels at 11 pt
+        fig = Figure(figsize=(2.2 * world_size + 0.6, 3.4))
+        axes = fig.subplots(1, world_size, squeeze=False)
+        panels = [(axes[0, r], r, step) for r in range(world_size)]
+        fontsize = 11
+        title += f": step {step}"
+    for ax, r, t in panels:
+        s = states[r][t]
+        image = np.ones((*s.pairs.shape, 4))
+        image[s.pairs] = colors[s.block]
+        ax.imshow(image, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        computed = "skipped" if not s.pairs.any() else f"{int(s.pairs.sum())} pairs"
+        ax.set_title(f"K/V {s.block}: {computed}\nerror {s.error:.0e}", fontsize=fontsize)
+        if step is None:
+            if t == 0:
+                ax.set_ylabel(f"rank {r}\nqueries", fontsize=fontsize)
             if r == world_size - 1:
-                ax.set_xlabel(f"step {t}: keys", fontsize=7)
-    fig.suptitle(f"ring attention, {'causal' if causal else 'non-causal'}, {layout} layout, "
-                 f"{world_size} ranks", fontsize=9)
+                ax.set_xlabel(f"step {t}: keys", fontsize=fontsize)
+        else:
+            ax.set_xlabel(f"rank {r}: keys", fontsize=fontsize)
+            if r == 0:
+                ax.set_ylabel("queries", fontsize=fontsize)
+    fig.suptitle(title, fontsize=fontsize + 2)
     fig.tight_layout()
     return fig
