@@ -23,7 +23,7 @@ from ..analysis.cost import estimate, format_seconds
 from .collectives import rank_colors
 from ..analysis.replay import Timeline
 from ..core import ops
-from ..core.trace import PHASES, CommEvent, CommTrace
+from ..core.trace import PHASES, CommEvent, CommTrace, format_bytes
 
 OPS = tuple(ops.OPS)  # stacking order
 HATCH = {"forward": None, "backward": "//", "grad_sync": ".."}  # one per trace.PHASES
@@ -126,14 +126,15 @@ def _stacks(trace: CommTrace, bar: Callable[[CommEvent], str], hw: Cluster | str
 def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Cluster | str | None = None, title: str = "",
               by: str = "scope") -> Figure:
     """Bytes sent per rank, one bar per scope (``by="axis"``: per mesh axis; or per labelled trace), stacked by
-    op and phase (backward hatched //, grad_sync dotted); with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
+    op and phase (backward hatched //, grad_sync dotted), its total written above it; with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
     (one after another, except that a send and a receive posted together overlap; the timeline also overlaps compute)."""
-    panels = [(comm_bars(traces, by=by), "sent per rank", byte_axis)]
+    panels = [(comm_bars(traces, by=by), "sent per rank", byte_axis, format_bytes)]
     if hw is not None:
-        panels.append((comm_bars(traces, hw, by), f"time per rank, calls in sequence\n({cluster(hw).name})", seconds_axis))
+        panels.append((comm_bars(traces, hw, by), f"time per rank, calls in sequence\n({cluster(hw).name})",
+                       seconds_axis, format_seconds))
     fig = Figure(figsize=(4 + 1.2 * len(panels[0][0]), 3.6 * len(panels)))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    for ax, (bars, ylabel, style) in zip(axes, panels):
+    for ax, (bars, ylabel, style, label) in zip(axes, panels):
         scopes = list(bars)
         keys = sorted({k for stack in bars.values() for k in stack},
                       key=lambda k: (OPS.index(k[0]) if k[0] in OPS else len(OPS), PHASES.index(k[1])))
@@ -145,9 +146,12 @@ def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Cluster | str | None
             ax.bar(scopes, heights, bottom=bottom, color=op_color(op), edgecolor="black", linewidth=0.5,
                    hatch=HATCH[phase], label=f"{op} ({phase})")
             bottom += heights
+        for x, total in enumerate(bottom):  # a bar too small to see still says what it is
+            ax.annotate(label(total), (x, total), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=7)
         ax.set_ylabel(ylabel)
-        ax.margins(y=0.08)
-        style(ax.yaxis)
+        ax.set_ylim(0, 1.15 * max(bottom.max(initial=0.0), 1e-12))  # headroom for the labels: stacks of
+        style(ax.yaxis)  # zero-height segments would pin an autoscaled limit to the tallest bar (sticky edges)
         ax.tick_params(axis="x", labelrotation=30)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -157,25 +161,35 @@ def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Cluster | str | None
 
 
 def plot_scaling(points: Sequence, x: str = "world_size", title: str = "") -> Figure:
-    """Bytes sent and communication time per rank against ``x`` ("world_size" or "seq"), one colour
-    per method; dashed: the time not hidden behind compute. ``points`` are ``tpsp_sim.sweep.Point``s."""
+    """Bytes sent and communication time per rank against ``x`` ("world_size" or "seq"), one colour per
+    method. Solid: the activations' traffic of one micro-batch (forward + backward); dashed: its time not
+    hidden behind compute; dotted: the gradient reduction, once per optimizer step (drawn where a method
+    has one). ``points`` are ``tpsp_sim.sweep.Point``s."""
     methods = list(dict.fromkeys(p.method for p in points))
-    fig = Figure(figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 4.2))
     axes = fig.subplots(1, 2)
     for i, method in enumerate(methods):
         mine = sorted((p for p in points if p.method == method), key=lambda p: getattr(p, x))
         xs, color = [getattr(p, x) for p in mine], colormaps["tab10"](i % 10)
-        axes[0].plot(xs, [p.sent for p in mine], marker="o", color=color, label=method)
+        axes[0].plot(xs, [p.activation for p in mine], marker="o", color=color, label=method)
         axes[1].plot(xs, [p.seconds for p in mine], marker="o", color=color, label=method)
         axes[1].plot(xs, [p.exposed for p in mine], marker=".", color=color, linestyle="--", label=f"{method} exposed")
+        if any(p.grad_sync for p in mine):
+            axes[0].plot(xs, [p.grad_sync for p in mine], marker="x", color=color, linestyle=":",
+                         label=f"{method} gradients")
+            axes[1].plot(xs, [p.grad_seconds for p in mine], marker="x", color=color, linestyle=":",
+                         label=f"{method} gradients")
     for ax, ylabel, style in ((axes[0], "sent per rank", byte_axis), (axes[1], "comm time per rank", seconds_axis)):
         ax.set_xlabel({"world_size": "ranks", "seq": "sequence length"}.get(x, x))
         ax.set_xscale("log", base=2)
         ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
         style(ax.yaxis)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[1].set_title("dashed: not hidden behind compute", fontsize=8)
+    axes[0].legend(handles=[line for line in axes[0].get_lines() if not line.get_label().endswith(" gradients")],
+                   fontsize=8)
+    axes[0].set_title("solid: activations, per micro-batch; dotted: gradients, per step", fontsize=8)
+    axes[1].set_title("dashed: not hidden behind compute; dotted: gradients, per step", fontsize=8)
     fig.suptitle(title or f"communication per transformer block as {x} grows")
     fig.tight_layout()
     return fig
