@@ -147,3 +147,16 @@ def test_plot_shards_shows_who_holds_what_and_zigzag_balances_causal_pairs(p):
     assert counts["contiguous"] == [sum(i + 1 for i in range(r * chunk, (r + 1) * chunk)) for r in range(p)]
     assert counts["zigzag"] == [s * (s + 1) // 2 // p] * p
     assert str(counts["zigzag"]) in fig.axes[3].get_title()
+
+
+def test_plot_token_owners_colours_each_position_by_its_rank():
+    """Issue 22 §2: notebook 07's token tables as a picture; the grid is the positions each rank holds."""
+    tokens = {"contiguous": [[0, 1, 2], [3, 4, 5]], "zigzag": [[0, 5], [1, 4], [2, 3]]}
+    fig = plot.plot_token_owners(tokens)
+    render(fig)
+    ax = fig.axes[0]
+    assert ax.images[0].get_array().tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 2, 2, 1, 0]]
+    assert [t.get_text() for t in ax.texts][:6] == ["r0", "r0", "r0", "r1", "r1", "r1"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["contiguous", "zigzag"]
+    with pytest.raises(ValueError, match="zigzag: token 1 is held by rank 0 and rank 1"):
+        plot.plot_token_owners({"zigzag": [[0, 1], [1, 2]]})

@@ -252,3 +252,33 @@ def plot_shards(seq_len: int, world_size: int, layouts: Sequence[str] = ("contig
         right.set_title(f"causal pairs per rank: {counts}", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_token_owners(tokens: dict[str, Sequence[Sequence[int]]], title: str = "") -> Figure:
+    """One row per entry: each token position coloured by the rank that holds it, "r<rank>" written in it
+    (blank: held by none). ``tokens[name][rank]`` are the global positions rank ``rank`` holds, as
+    ``ts.hybrid_positions`` gives them. A ``ValueError`` if two ranks of one row claim a position."""
+    seq = 1 + max((t for per_rank in tokens.values() for held in per_rank for t in held), default=-1)
+    world = max((len(per_rank) for per_rank in tokens.values()), default=1)
+    grid = np.full((len(tokens), max(seq, 1)), np.nan)
+    for row, (name, per_rank) in enumerate(tokens.items()):
+        for rank, held in enumerate(per_rank):
+            for t in held:
+                if not np.isnan(grid[row, t]):
+                    raise ValueError(f"plot_token_owners: {name}: token {t} is held by rank {int(grid[row, t])} "
+                                     f"and rank {rank}")
+                grid[row, t] = rank
+    fig = Figure(figsize=(max(6.0, 0.42 * seq + 1.6), 0.5 * len(tokens) + 1.1))
+    ax = fig.subplots()
+    ax.imshow(grid, cmap=ListedColormap(rank_colors(world)), vmin=-0.5, vmax=world - 0.5, aspect="auto",
+              interpolation="nearest")
+    for (row, t), rank in np.ndenumerate(grid):
+        if not np.isnan(rank):
+            ax.text(t, row, f"r{int(rank)}", ha="center", va="center", fontsize=7, color="white", weight="bold")
+    ax.set_yticks(range(len(tokens)), list(tokens))
+    ax.set_xticks(range(seq))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("token position")
+    ax.set_title(title or "which rank holds each token")
+    fig.tight_layout()
+    return fig
