@@ -124,9 +124,9 @@ def _stacks(trace: CommTrace, bar: Callable[[CommEvent], str], hw: Cluster | str
 
 
 def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Cluster | str | None = None, title: str = "",
-              by: str = "scope") -> Figure:
+              by: str = "scope", totals: bool = False) -> Figure:
     """Bytes sent per rank, one bar per scope (``by="axis"``: per mesh axis; or per labelled trace), stacked by
-    op and phase (backward hatched //, grad_sync dotted), its total written above it; with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
+    op and phase (backward hatched //, grad_sync dotted), with ``totals`` its total written above it; with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
     (one after another, except that a send and a receive posted together overlap; the timeline also overlaps compute)."""
     panels = [(comm_bars(traces, by=by), "sent per rank", byte_axis, format_bytes)]
     if hw is not None:
@@ -143,15 +143,19 @@ def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Cluster | str | None
             heights = np.array([bars[s].get((op, phase), 0.0) for s in scopes])
             if not heights.any():  # e.g. receives: they send nothing
                 continue
-            ax.bar(scopes, heights, bottom=bottom, color=op_color(op), edgecolor="black", linewidth=0.5,
-                   hatch=HATCH[phase], label=f"{op} ({phase})")
+            segments = ax.bar(scopes, heights, bottom=bottom, color=op_color(op), edgecolor="black", linewidth=0.5,
+                              hatch=HATCH[phase], label=f"{op} ({phase})")
+            for patch in segments:  # an empty segment on top of the tallest stack would pin the y-limit to it
+                if not patch.get_height():
+                    patch.sticky_edges.y.clear()
             bottom += heights
-        for x, total in enumerate(bottom):  # a bar too small to see still says what it is
-            ax.annotate(label(total), (x, total), xytext=(0, 2), textcoords="offset points", ha="center",
-                        va="bottom", fontsize=7)
+        if totals:  # a bar too small to see still says what it holds
+            for x, total in enumerate(bottom):
+                ax.annotate(label(total), (x, total), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7)
         ax.set_ylabel(ylabel)
-        ax.set_ylim(0, 1.15 * max(bottom.max(initial=0.0), 1e-12))  # headroom for the labels: stacks of
-        style(ax.yaxis)  # zero-height segments would pin an autoscaled limit to the tallest bar (sticky edges)
+        ax.margins(y=0.15 if totals else 0.08)
+        style(ax.yaxis)
         ax.tick_params(axis="x", labelrotation=30)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

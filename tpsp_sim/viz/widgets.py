@@ -47,7 +47,7 @@ def update(world_size: int = 4, seq: int = 4096, batch: int = 1, hidden: int = 1
     title = (f"one block on {world_size} ranks: {batch}×{seq} tokens, hidden {hidden}, {heads} heads, on "
              f"{cost.cluster(hardware).name}\none micro-batch, and (dotted) the gradient reduction paid once per step")
     if points:
-        fig = plot_comm({p.method: p.trace for p in points}, hardware, title=title)
+        fig = plot_comm({p.method: p.trace for p in points}, hardware, title=title, totals=True)
     else:
         fig = Figure(figsize=(8.8, 2))
         fig.text(0.5, 0.5, "no method can run these sizes — see the reasons below", ha="center", va="center")
