@@ -22,8 +22,10 @@ def test_the_smallest_hiding_block_is_where_the_simulated_ring_stops_waiting(key
     assert c > ts.cost.ring_overlap_block(hw)  # F/B leaves out α
 
 
-def test_ring_block_size_right_and_wrong_answers():
+def test_ring_block_size_right_and_wrong_answers(capsys):
     assert costs.check("ring_block_size", costs.block_size).ok
+    costs.show_solution("ring_block_size")
+    assert "def block_size(hw" in capsys.readouterr().out
     report = costs.check("ring_block_size", stub)
     assert report.reference is not None and report.reference.ok
     # F/B alone (Liu et al., no latency): short by the latency's share, and told so
@@ -37,8 +39,10 @@ def test_ring_block_size_right_and_wrong_answers():
         costs.check("ring", costs.block_size)
 
 
-def test_mesh_under_memory_cap_right_and_wrong_answers():
+def test_mesh_under_memory_cap_right_and_wrong_answers(capsys):
     assert mesh.check("mesh_under_memory_cap", mesh.choose_mesh).ok
+    mesh.show_solution("mesh_under_memory_cap")
+    assert "def choose_mesh(model" in capsys.readouterr().out
     assert mesh.check("mesh_under_memory_cap", stub).reference.ok
     # TP across the whole node fits, but is slower than the fastest mesh that fits: by how much is said
     tp_in_node = str(mesh.check("mesh_under_memory_cap", lambda *args: (2, 1, 8)))

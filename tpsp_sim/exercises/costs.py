@@ -18,6 +18,7 @@ runs the learner's c on p = 2 and 4 virtual ranks (meta tensors: shapes only) on
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -85,12 +86,5 @@ RING_BLOCK_SIZE = Exercise(
 
 PUZZLES: dict[str, Exercise] = {RING_BLOCK_SIZE.name: RING_BLOCK_SIZE}
 
-
-def check(name: str, fn: Callable):
-    """Check the learner's ``fn`` for puzzle ``name``: a ``Report`` saying how far from the target it is."""
-    return check_target(PUZZLES, name, fn)
-
-
-def show_solution(name: str) -> None:
-    """Print the reference solution of puzzle ``name``."""
-    print_solution(PUZZLES, name)
+check = partial(check_target, PUZZLES)  # check(name, fn) -> a Report saying how far from the target fn's answer is
+show_solution = partial(print_solution, PUZZLES)  # show_solution(name) prints the reference solution

@@ -16,7 +16,7 @@ nodes, 60 GiB per GPU.
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Callable
 
 from ..analysis.cluster import cluster
@@ -87,12 +87,5 @@ MESH_UNDER_MEMORY_CAP = Exercise(
 
 PUZZLES: dict[str, Exercise] = {MESH_UNDER_MEMORY_CAP.name: MESH_UNDER_MEMORY_CAP}
 
-
-def check(name: str, fn: Callable):
-    """Check the learner's ``fn`` for puzzle ``name``: a ``Report`` saying how far from the target it is."""
-    return check_target(PUZZLES, name, fn)
-
-
-def show_solution(name: str) -> None:
-    """Print the reference solution of puzzle ``name``."""
-    print_solution(PUZZLES, name)
+check = partial(check_target, PUZZLES)  # check(name, fn) -> a Report saying how far from the target fn's answer is
+show_solution = partial(print_solution, PUZZLES)  # show_solution(name) prints the reference solution
