@@ -29,7 +29,8 @@ BELOW = {
     "analysis": {"core", "sim", "launch", "models", "tensor_parallel", "context_parallel", "hybrid",
                  "pipeline"},  # the planner and the memory budget price pipelines with ts.pipeline's closed forms
     "viz": {"core", "launch", "models", "context_parallel", "pipeline", "analysis"},
-    "exercises": {"core", "launch", "models", "context_parallel", "pipeline", "data_parallel"},
+    "exercises": {"core", "launch", "models", "context_parallel", "pipeline", "data_parallel",
+                  "analysis"},  # the puzzles of 04 and 07 price answers with the cost model and the planner
     "__main__": {"analysis", "context_parallel", "viz"},
     "": set(),  # tpsp_sim/__init__.py re-exports every layer's public names
 }

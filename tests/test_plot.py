@@ -75,23 +75,34 @@ def test_plot_comm_of_several_traces_has_one_bar_per_label():
 
 
 def test_plot_scaling_lines_are_the_points():
+    """Solid: one micro-batch's forward + backward; dotted: the gradient reduction, once per step (Ulysses
+    all-reduces its replicated weights' gradients: one all-reduce of P values, priced by collective_time)."""
     points = [measure(m, Config(world_size=p, seq=16, hidden=8, heads=2, dtype=torch.float32, device="cpu"), TOY)
               for p in (1, 2) for m in ("tp", "ulysses")]
     fig = plot.plot_scaling(points, "world_size")
     render(fig)
     bytes_ax, time_ax = fig.axes[:2]
-    for line in bytes_ax.get_lines():
-        mine = [pt for pt in points if pt.method == line.get_label()]
-        assert list(line.get_xdata()) == [1, 2]
-        assert list(line.get_ydata()) == pytest.approx([pt.trace.total() / pt.world_size for pt in mine])
-    for line in time_ax.get_lines():
-        method, exposed = line.get_label().removesuffix(" exposed"), line.get_label().endswith(" exposed")
+    lines = {line.get_label(): line for line in bytes_ax.get_lines()}
+    assert sorted(lines) == ["tp", "ulysses", "ulysses gradients"]  # TP reduces nothing: no dotted line
+    for method in ("tp", "ulysses"):
         mine = [pt for pt in points if pt.method == method]
-        per_rank = [[pt.timeline.exposed(r) if exposed else pt.timeline.comm(r) for r in range(pt.world_size)]
-                    for pt in mine]
-        assert list(line.get_ydata()) == pytest.approx([max(times) for times in per_rank])
-    assert len(time_ax.get_lines()) == 4
-    assert [line.get_ydata()[0] for line in bytes_ax.get_lines()] == [0, 0]  # one rank sends nothing
+        assert list(lines[method].get_xdata()) == [1, 2]
+        assert list(lines[method].get_ydata()) == pytest.approx(
+            [(pt.trace.total(phase="forward") + pt.trace.total(phase="backward")) / pt.world_size for pt in mine])
+    ulysses = [pt for pt in points if pt.method == "ulysses"]
+    params = 12 * 8 * 8 + 13 * 8  # TransformerBlock(8, 2): 12h² + 13h, float32
+    assert list(lines["ulysses gradients"].get_ydata()) == pytest.approx([0.0, 2 * (2 - 1) / 2 * params * 4])
+    times = {line.get_label(): line for line in time_ax.get_lines()}
+    assert list(times["ulysses gradients"].get_ydata()) == pytest.approx(
+        [0.0, cost.collective_time("all_reduce", params * 4, 2, TOY)], rel=1e-12)
+    for method in ("tp", "ulysses"):
+        mine = [pt for pt in points if pt.method == method]
+        grads = times[f"{method} gradients"].get_ydata() if method == "ulysses" else [0.0, 0.0]
+        whole = [max(pt.timeline.comm(r) for r in range(pt.world_size)) for pt in mine]
+        # every call blocks and the reduction comes last: micro-batch time + step's reduction = the whole timeline
+        assert [a + b for a, b in zip(times[method].get_ydata(), grads)] == pytest.approx(whole, rel=1e-12)
+        assert list(times[f"{method} exposed"].get_ydata()) == pytest.approx(list(times[method].get_ydata()))
+    assert [lines[m].get_ydata()[0] for m in ("tp", "ulysses")] == [0, 0]  # one rank sends nothing
 
 
 def test_plot_timeline_draws_every_span_of_a_ring_attention_run():
@@ -136,3 +147,16 @@ def test_plot_shards_shows_who_holds_what_and_zigzag_balances_causal_pairs(p):
     assert counts["contiguous"] == [sum(i + 1 for i in range(r * chunk, (r + 1) * chunk)) for r in range(p)]
     assert counts["zigzag"] == [s * (s + 1) // 2 // p] * p
     assert str(counts["zigzag"]) in fig.axes[3].get_title()
+
+
+def test_plot_token_owners_colours_each_position_by_its_rank():
+    """Issue 22 §2: notebook 07's token tables as a picture; the grid is the positions each rank holds."""
+    tokens = {"contiguous": [[0, 1, 2], [3, 4, 5]], "zigzag": [[0, 5], [1, 4], [2, 3]]}
+    fig = plot.plot_token_owners(tokens)
+    render(fig)
+    ax = fig.axes[0]
+    assert ax.images[0].get_array().tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 2, 2, 1, 0]]
+    assert [t.get_text() for t in ax.texts][:6] == ["r0", "r0", "r0", "r1", "r1", "r1"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["contiguous", "zigzag"]
+    with pytest.raises(ValueError, match="zigzag: token 1 is held by rank 0 and rank 1"):
+        plot.plot_token_owners({"zigzag": [[0, 1], [1, 2]]})

@@ -112,3 +112,13 @@ def test_byte_ticks_are_round_binary_values():
     assert ticks(3 * 1024) == ["0 B", "0.5 KiB", "1 KiB", "1.5 KiB", "2 KiB", "2.5 KiB", "3 KiB"]
     log = ticks(2.0 ** 32, "log")
     assert "1 KiB" in log and "1 MiB" in log and "1 GiB" in log and all("." not in t for t in log)
+
+
+def test_every_panel_has_headroom_above_its_tallest_bar_and_writes_each_total():
+    """Issue 22 §4: the time panel's limit was the tallest bar (zero-height stacked segments
+    pinned it); every bar now has its total written above it, so a thin one (sp_grads) still reads."""
+    fig, _, points = update(world_size=2, **SMALL)  # the time panel was pinned on every size, 16 ranks where seen
+    for ax in fig.axes:
+        tallest = bar_totals(ax).max()
+        assert ax.get_ylim()[1] >= 1.1 * tallest
+        assert len(ax.texts) == len(points)

@@ -9,13 +9,18 @@ needs a split of the ranks in two) the rest of the block is local to each rank, 
 is its attention's (causal; in the zigzag layout where the kind cuts the sequence, which balances the
 work).
 
-After backward each method reduces the gradients its group holds in pieces (phase "grad_sync"),
-since a training step cannot skip it: "tp" nothing (its weights are sharded); "tp_sp" the
+After backward each method reduces the gradients its group holds in pieces (phase "grad_sync"): "tp" nothing (its weights are sharded); "tp_sp" the
 sequence-parallel LayerNorm and row-bias gradients (``sync_sequence_parallel_grads``, 4h + 2h
 elements per block); a context-parallel kind *every* weight gradient of the block, because context parallelism
 replicates the weights over its group, like data parallelism: one all-reduce of the block's
 P parameters, 2(p-1)/p · P · dtype bytes on the wire per rank (P = 12h² + 13h for
 ``TransformerBlock``: at h = 1024, p = 4 in bf16, 1.5 × 24 MiB = 36 MiB per block).
+
+The two kinds of traffic are paid at different rates, and a ``Point`` keeps them apart: the
+activations' (forward and backward) on every **micro-batch**, the gradient reduction once per
+**optimizer step** of N micro-batches — gradients accumulate locally and are reduced after the last
+backward, as Megatron-LM does, in one reduction over dp × cp that data parallelism needs anyway.
+``Point.step_bytes(N)`` / ``Point.step_exposed(N)`` add them up for a step of N micro-batches.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from .cluster import Cluster, cluster
 from .cost import format_seconds
 from ..launch import run
 from ..context_parallel.registry import ATTENTIONS, attention_kind
-from .replay import Timeline, timeline
+from .replay import Span, Timeline, timeline
 from ..core.table import Table
 from ..core.trace import CommTrace, format_bytes
 
@@ -106,24 +111,45 @@ def record(method: str, cfg: Config) -> CommTrace:
 
 @dataclass(frozen=True)
 class Point:
-    """What one method costs per rank on one config: bytes sent, and seconds on ``hardware``."""
+    """What one method costs per rank on one config, on ``hardware``: per micro-batch (forward + backward)
+    and per optimizer step (the gradient reduction, phase "grad_sync")."""
 
     method: str
     world_size: int
     seq: int
-    sent: float  # bytes sent per rank (mean over ranks), forward + backward
-    seconds: float  # time the busiest rank communicates (transfers posted together overlap)
+    sent: float  # bytes sent per rank (mean over ranks): activation + grad_sync, one micro-batch and one reduction
+    seconds: float  # forward + backward: time the busiest rank communicates (transfers posted together overlap)
     exposed: float  # of which not hidden behind compute (the rank waits)
     trace: CommTrace
     timeline: Timeline
+    activation: float = 0.0  # bytes sent per rank, forward + backward: paid on every micro-batch
+    grad_sync: float = 0.0  # bytes sent per rank reducing gradients: paid once per optimizer step
+    grad_seconds: float = 0.0  # the busiest rank's gradient reduction, once per step (nothing after it hides it)
+
+    def step_bytes(self, micro_batches: int) -> float:
+        """Bytes one rank sends in an optimizer step of ``micro_batches``: N·activation + grad_sync."""
+        return micro_batches * self.activation + self.grad_sync
+
+    def step_exposed(self, micro_batches: int) -> float:
+        """Seconds of communication one step of ``micro_batches`` exposes: N·exposed + grad_seconds."""
+        return micro_batches * self.exposed + self.grad_seconds
+
+
+def _phases(tl: Timeline, grad_sync: bool) -> Timeline:
+    """``tl`` with the compute and either the gradient reduction's spans or the others'."""
+    keep: tuple[Span, ...] = tuple(s for s in tl.spans if s.kind == "compute" or (s.phase == "grad_sync") == grad_sync)
+    return Timeline(keep, tl.hardware)
 
 
 def measure(method: str, cfg: Config, hw: Cluster | str) -> Point:
     """Record ``method`` on ``cfg`` and lay it out on ``hw``."""
     trace = record(method, cfg)
     tl = timeline(trace, hw)
+    micro, step = _phases(tl, grad_sync=False), _phases(tl, grad_sync=True)
     return Point(method, cfg.world_size, cfg.seq, trace.mean_per_rank(),
-                 max(tl.comm(r) for r in tl.ranks), max(tl.exposed(r) for r in tl.ranks), trace, tl)
+                 max(micro.comm(r) for r in tl.ranks), max(micro.exposed(r) for r in tl.ranks), trace, tl,
+                 activation=trace.mean_per_rank(phase=lambda phase: phase != "grad_sync"),
+                 grad_sync=trace.mean_per_rank(phase="grad_sync"), grad_seconds=max(step.comm(r) for r in tl.ranks))
 
 
 def sweep(cfg: Config, hw: Cluster | str, methods: Iterable[str] | None = None, world_sizes: Iterable[int] = (),
@@ -143,8 +169,10 @@ def sweep(cfg: Config, hw: Cluster | str, methods: Iterable[str] | None = None, 
 
 
 def table(points: Iterable[Point], hw: Cluster | str, fmt: str = "markdown") -> str:
-    """The points' bytes sent and predicted seconds per rank on ``hw``: "markdown" (default), "text" or "html"."""
-    rows = [(p.method, str(p.world_size), str(p.seq), format_bytes(p.sent), format_seconds(p.seconds),
-             format_seconds(p.exposed)) for p in points]
-    header = ("method", "ranks", "seq", "sent/rank", f"comm time ({cluster(hw).name})", "exposed")
+    """The points' bytes and predicted seconds per rank on ``hw``, per micro-batch (activations, forward +
+    backward) and per optimizer step (the gradient reduction): "markdown" (default), "text" or "html"."""
+    rows = [(p.method, str(p.world_size), str(p.seq), format_bytes(p.activation), format_seconds(p.seconds),
+             format_seconds(p.exposed), format_bytes(p.grad_sync), format_seconds(p.grad_seconds)) for p in points]
+    header = ("method", "ranks", "seq", "activations/micro-batch", f"comm time ({cluster(hw).name})", "exposed",
+              "gradients/step", "gradient time")
     return Table(header, rows, frozenset(header[1:])).render(fmt)

@@ -23,7 +23,7 @@ from ..analysis.cost import estimate, format_seconds
 from .collectives import rank_colors
 from ..analysis.replay import Timeline
 from ..core import ops
-from ..core.trace import PHASES, CommEvent, CommTrace
+from ..core.trace import PHASES, CommEvent, CommTrace, format_bytes
 
 OPS = tuple(ops.OPS)  # stacking order
 HATCH = {"forward": None, "backward": "//", "grad_sync": ".."}  # one per trace.PHASES
@@ -124,16 +124,17 @@ def _stacks(trace: CommTrace, bar: Callable[[CommEvent], str], hw: Cluster | str
 
 
 def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Cluster | str | None = None, title: str = "",
-              by: str = "scope") -> Figure:
+              by: str = "scope", totals: bool = False) -> Figure:
     """Bytes sent per rank, one bar per scope (``by="axis"``: per mesh axis; or per labelled trace), stacked by
-    op and phase (backward hatched //, grad_sync dotted); with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
+    op and phase (backward hatched //, grad_sync dotted), with ``totals`` its total written above it; with ``hw`` a second panel shows ``ts.cost.estimate`` of the same calls
     (one after another, except that a send and a receive posted together overlap; the timeline also overlaps compute)."""
-    panels = [(comm_bars(traces, by=by), "sent per rank", byte_axis)]
+    panels = [(comm_bars(traces, by=by), "sent per rank", byte_axis, format_bytes)]
     if hw is not None:
-        panels.append((comm_bars(traces, hw, by), f"time per rank, calls in sequence\n({cluster(hw).name})", seconds_axis))
+        panels.append((comm_bars(traces, hw, by), f"time per rank, calls in sequence\n({cluster(hw).name})",
+                       seconds_axis, format_seconds))
     fig = Figure(figsize=(4 + 1.2 * len(panels[0][0]), 3.6 * len(panels)))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    for ax, (bars, ylabel, style) in zip(axes, panels):
+    for ax, (bars, ylabel, style, label) in zip(axes, panels):
         scopes = list(bars)
         keys = sorted({k for stack in bars.values() for k in stack},
                       key=lambda k: (OPS.index(k[0]) if k[0] in OPS else len(OPS), PHASES.index(k[1])))
@@ -142,11 +143,18 @@ def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Cluster | str | None
             heights = np.array([bars[s].get((op, phase), 0.0) for s in scopes])
             if not heights.any():  # e.g. receives: they send nothing
                 continue
-            ax.bar(scopes, heights, bottom=bottom, color=op_color(op), edgecolor="black", linewidth=0.5,
-                   hatch=HATCH[phase], label=f"{op} ({phase})")
+            segments = ax.bar(scopes, heights, bottom=bottom, color=op_color(op), edgecolor="black", linewidth=0.5,
+                              hatch=HATCH[phase], label=f"{op} ({phase})")
+            for patch in segments:  # an empty segment on top of the tallest stack would pin the y-limit to it
+                if not patch.get_height():
+                    patch.sticky_edges.y.clear()
             bottom += heights
+        if totals:  # a bar too small to see still says what it holds
+            for x, total in enumerate(bottom):
+                ax.annotate(label(total), (x, total), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7)
         ax.set_ylabel(ylabel)
-        ax.margins(y=0.08)
+        ax.margins(y=0.15 if totals else 0.08)
         style(ax.yaxis)
         ax.tick_params(axis="x", labelrotation=30)
         if ax.get_legend_handles_labels()[0]:
@@ -157,25 +165,35 @@ def plot_comm(traces: CommTrace | dict[str, CommTrace], hw: Cluster | str | None
 
 
 def plot_scaling(points: Sequence, x: str = "world_size", title: str = "") -> Figure:
-    """Bytes sent and communication time per rank against ``x`` ("world_size" or "seq"), one colour
-    per method; dashed: the time not hidden behind compute. ``points`` are ``tpsp_sim.sweep.Point``s."""
+    """Bytes sent and communication time per rank against ``x`` ("world_size" or "seq"), one colour per
+    method. Solid: the activations' traffic of one micro-batch (forward + backward); dashed: its time not
+    hidden behind compute; dotted: the gradient reduction, once per optimizer step (drawn where a method
+    has one). ``points`` are ``tpsp_sim.sweep.Point``s."""
     methods = list(dict.fromkeys(p.method for p in points))
-    fig = Figure(figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 4.2))
     axes = fig.subplots(1, 2)
     for i, method in enumerate(methods):
         mine = sorted((p for p in points if p.method == method), key=lambda p: getattr(p, x))
         xs, color = [getattr(p, x) for p in mine], colormaps["tab10"](i % 10)
-        axes[0].plot(xs, [p.sent for p in mine], marker="o", color=color, label=method)
+        axes[0].plot(xs, [p.activation for p in mine], marker="o", color=color, label=method)
         axes[1].plot(xs, [p.seconds for p in mine], marker="o", color=color, label=method)
         axes[1].plot(xs, [p.exposed for p in mine], marker=".", color=color, linestyle="--", label=f"{method} exposed")
+        if any(p.grad_sync for p in mine):
+            axes[0].plot(xs, [p.grad_sync for p in mine], marker="x", color=color, linestyle=":",
+                         label=f"{method} gradients")
+            axes[1].plot(xs, [p.grad_seconds for p in mine], marker="x", color=color, linestyle=":",
+                         label=f"{method} gradients")
     for ax, ylabel, style in ((axes[0], "sent per rank", byte_axis), (axes[1], "comm time per rank", seconds_axis)):
         ax.set_xlabel({"world_size": "ranks", "seq": "sequence length"}.get(x, x))
         ax.set_xscale("log", base=2)
         ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
         style(ax.yaxis)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[1].set_title("dashed: not hidden behind compute", fontsize=8)
+    axes[0].legend(handles=[line for line in axes[0].get_lines() if not line.get_label().endswith(" gradients")],
+                   fontsize=8)
+    axes[0].set_title("solid: activations, per micro-batch; dotted: gradients, per step", fontsize=8)
+    axes[1].set_title("dashed: not hidden behind compute; dotted: gradients, per step", fontsize=8)
     fig.suptitle(title or f"communication per transformer block as {x} grows")
     fig.tight_layout()
     return fig
@@ -236,5 +254,35 @@ def plot_shards(seq_len: int, world_size: int, layouts: Sequence[str] = ("contig
         right.set_xlabel("key")
         right.set_ylabel("query")
         right.set_title(f"causal pairs per rank: {counts}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_token_owners(tokens: dict[str, Sequence[Sequence[int]]], title: str = "") -> Figure:
+    """One row per entry: each token position coloured by the rank that holds it, "r<rank>" written in it
+    (blank: held by none). ``tokens[name][rank]`` are the global positions rank ``rank`` holds, as
+    ``ts.hybrid_positions`` gives them. A ``ValueError`` if two ranks of one row claim a position."""
+    seq = 1 + max((t for per_rank in tokens.values() for held in per_rank for t in held), default=-1)
+    world = max((len(per_rank) for per_rank in tokens.values()), default=1)
+    grid = np.full((len(tokens), max(seq, 1)), np.nan)
+    for row, (name, per_rank) in enumerate(tokens.items()):
+        for rank, held in enumerate(per_rank):
+            for t in held:
+                if not np.isnan(grid[row, t]):
+                    raise ValueError(f"plot_token_owners: {name}: token {t} is held by rank {int(grid[row, t])} "
+                                     f"and rank {rank}")
+                grid[row, t] = rank
+    fig = Figure(figsize=(max(6.0, 0.42 * seq + 1.6), 0.5 * len(tokens) + 1.1))
+    ax = fig.subplots()
+    ax.imshow(grid, cmap=ListedColormap(rank_colors(world)), vmin=-0.5, vmax=world - 0.5, aspect="auto",
+              interpolation="nearest")
+    for (row, t), rank in np.ndenumerate(grid):
+        if not np.isnan(rank):
+            ax.text(t, row, f"r{int(rank)}", ha="center", va="center", fontsize=7, color="white", weight="bold")
+    ax.set_yticks(range(len(tokens)), list(tokens))
+    ax.set_xticks(range(seq))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("token position")
+    ax.set_title(title or "which rank holds each token")
     fig.tight_layout()
     return fig
