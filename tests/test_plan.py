@@ -81,7 +81,8 @@ def test_causal_attention_is_charged_the_same_work_whatever_the_split(tiny_plans
 
 
 def test_overlap_tp_hides_part_of_tensor_parallelism(tiny_plans):
-    """Megatron's overlap of TP's backward reduce-scatters with the weight-gradient matmuls shortens TP plans only."""
+    """Megatron's overlap of TP's backward all-gathers and reduce-scatters with the matmuls beside them shortens TP
+    plans only (the compute is the same, summed in another order)."""
     overlapped = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, overlap_tp=True)
     before = {(p.dp, p.cp, p.tp, p.attention, p.recompute): p for p in tiny_plans if p.runs}
     for p in (p for p in overlapped if p.runs):
@@ -89,7 +90,7 @@ def test_overlap_tp_hides_part_of_tensor_parallelism(tiny_plans):
         if p.tp == 1:
             assert p.step_time == q.step_time
         else:
-            assert p.exposed["tp"] < q.exposed["tp"] and p.compute == q.compute
+            assert p.exposed["tp"] < q.exposed["tp"] and p.compute == pytest.approx(q.compute, rel=1e-12)
 
 
 def full_mesh_step(comm, dense, dp, cp, tp, seq, parameters):

@@ -222,17 +222,20 @@ def sp_column_layer(comm):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_overlap_tp_hides_the_input_gradient_reduce_scatter_behind_the_weight_gradient(overlap):
+def test_overlap_tp_hides_dx_under_the_all_gather_and_dw_under_the_reduce_scatter(overlap):
     """t = 2, s = 64, 32 -> 32 features, float32, TOY (1 GB/s, 32 GFLOP/s):
     all-gather of the 32 x 32 shard: 4096 B -> 4.096 µs; reduce-scatter of the 64 x 32 dX: half of
-    8192 B -> 4.096 µs; each matmul (Y, dX, dW) 2 · 64 · 32 · 16 FLOPs -> 2.048 µs."""
+    8192 B -> 4.096 µs; each matmul (Y, dX, dW) 2 · 64 · 32 · 16 FLOPs -> 2.048 µs.
+    Backward without overlap: AG + dX + RS + dW = 12.288 µs; with it dX runs under the all-gather and dW
+    under the reduce-scatter: AG + RS = 8.192 µs (the forward's all-gather stays exposed either way)."""
     trace = ts.run(sp_column_layer, world_size=2, count_flops=True).trace
     tl = timeline(trace, TOY, overlap_tp=overlap)
     forward = 4.096e-6 + 2.048e-6
-    backward = 4.096e-6 + 2.048e-6 + (4.096e-6 if overlap else 4.096e-6 + 2.048e-6)  # dW runs under the reduce-scatter
+    backward = 2 * 4.096e-6 if overlap else 2 * 4.096e-6 + 2 * 2.048e-6
     for r in range(2):
         assert tl.end(r) == pytest.approx(forward + backward, rel=1e-9)
-        assert tl.exposed(r) == pytest.approx(3 * 4.096e-6 - (2.048e-6 if overlap else 0.0), rel=1e-9)
+        assert tl.exposed(r) == pytest.approx(3 * 4.096e-6 - (2 * 2.048e-6 if overlap else 0.0), rel=1e-9)
+        assert tl.compute(r) == pytest.approx(3 * 2.048e-6, rel=1e-9)
 
 
 def test_exposed_by_axis_adds_up_to_exposed():

@@ -72,7 +72,7 @@ IGNORES = ("the zero-bubble and GPipe schedules (1F1B and interleaved 1F1B are p
            "steps are priced slow by default; its backward is taken at the forward's efficiency); overlap of the "
            "gradient synchronisation with backward (counted fully exposed; ZeRO 3's weight gathers are prefetched "
            "behind the previous layer's compute); "
-           "Megatron's overlap of TP's all-gathers (overlap_tp hides its reduce-scatters only); the sequence-parallel "
+           "the overlap of TP's forward all-gathers and reduce-scatters (Transformer Engine's chunked GEMMs; overlap_tp hides the backward's); the sequence-parallel "
            "norm-gradient all-reduce; NCCL's tree all_reduce (rings only); network contention between groups; "
            "allocator fragmentation beyond the reserve. Attention kernels are assumed flash-style (no scores kept), "
            "so recompute 'selective' costs no extra compute.")

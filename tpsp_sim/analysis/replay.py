@@ -16,24 +16,23 @@ a one-link ``Hardware``; see ``cluster.py`` for which link prices a call):
   while the rank computes, and the rank stalls at ``wait()`` only if the transfer has not ended by then.
 
 ``overlap_tp=True`` (off by default) models Megatron-LM's overlap of tensor parallelism's backward
-input-gradient reduction with the weight-gradient matmul (``LinearWithGradAccumulationAndAsync
-Communication``: dX = dY W, launch the reduction of dX asynchronously, dW = dYᵀ X, wait). Every
-backward ``reduce_scatter`` on the tensor-parallel axis (``axis`` "tp", or no mesh axis at all) is
-then asynchronous: the rank goes on computing, and waits for it before its next communication call
-or at its end. That is Megatron's overlap because the sequence-parallel column layer
-(``_GatherLinear``) writes its backward dX → reduce-scatter → dW: the compute that follows is the
-weight-gradient matmul, and nothing before the next call needs dX. All-reduces are left blocking:
-the plain-TP column layer records its all-reduce (f's backward) *after* the whole linear backward,
-so what follows it is the previous layer's backward, which needs dX — overlapping it would hide the
-all-reduce behind work that depends on it (Megatron overlaps it because its layer computes dX,
-launches the all-reduce, then dW; this package's plain-TP layer does not).
+communication with its matmuls (``LinearWithGradAccumulationAndAsyncCommunication``, both halves). The
+sequence-parallel column layer (``_GatherLinear``) records its backward as
 
-So ``overlap_tp`` models one half of Megatron's sequence-parallel backward overlap, precisely: the
-reduce-scatter of dX hidden behind dW = dYᵀ X. The other half is not modelled: Megatron also launches
-the all-gather that rebuilds the column layer's saved input shard (X from its sequence shards)
-asynchronously and computes dX = dY W under it; here that backward all-gather stays blocking, so
-TP+SP backward is charged for it in full. The predicted TP exposure with ``overlap_tp=True`` is
-therefore an upper bound on Megatron's (``ts.plan``'s ``overlap_tp`` is this one).
+    all-gather X  ->  dX = dY W  ->  reduce-scatter dX  ->  dW = dYᵀ X
+
+and Megatron launches each collective asynchronously and computes the matmul that does not need it:
+dX = dY W under the all-gather that rebuilds X from its sequence shards, dW = dYᵀ X under the
+reduce-scatter of dX. So with ``overlap_tp`` every backward ``all_gather`` and ``reduce_scatter`` on the
+tensor-parallel axis (``axis`` "tp", or no mesh axis at all) is asynchronous: the rank goes on
+computing, and waits for it before its next communication call or at its end. All-reduces are left
+blocking: the plain-TP column layer records its all-reduce (f's backward) *after* the whole linear
+backward, so what follows it is the previous layer's backward, which needs dX — overlapping it would
+hide the all-reduce behind work that depends on it (Megatron overlaps it because its layer computes
+dX, launches the all-reduce, then dW; this package's plain-TP layer does not). The forward's
+all-gather and reduce-scatter stay blocking: Megatron hides those only with Transformer Engine's
+chunked (userbuffers) GEMMs, which are not modelled, so the predicted TP exposure with
+``overlap_tp=True`` is an upper bound on Megatron's (``ts.plan``'s ``overlap_tp`` is this one).
 
 Per mesh axis: ``Timeline.exposed_by_axis(rank)`` splits the rank's exposed communication among the
 axes of the calls (``CommEvent.axis``), so that compute + exposed per axis + idle = the rank's end.
@@ -146,7 +145,7 @@ def timeline(trace: CommTrace | Symmetric, hw: Cluster | str, *, mfu: float = 1.
 
     ``hw``: a ``Cluster`` or a key of ``ts.cost.CLUSTERS`` (what ``ts.plan`` takes as ``cluster=``), or a
     one-link ``Hardware``. ``mfu``: the fraction of ``peak_flops`` compute runs at; ``overlap_tp``: Megatron's overlap of TP's
-    backward input-gradient reduction with the weight-gradient matmul (module docstring)."""
+    backward all-gather and reduce-scatter with the matmuls beside them (module docstring)."""
     if not 0 < mfu <= 1:
         raise ValueError(f"timeline: mfu must be in (0, 1], got {mfu}")
     c = cluster(hw)
@@ -259,8 +258,9 @@ class _Replay:
         return moved
 
     def _overlapped(self, e: CommEvent) -> bool:
-        """A TP input-gradient reduce-scatter that ``overlap_tp`` runs under the compute after it."""
-        return self.overlap_tp and e.phase == "backward" and e.op == "reduce_scatter" and e.axis in ("tp", None)
+        """A TP backward all-gather or reduce-scatter that ``overlap_tp`` runs under the compute after it."""
+        return (self.overlap_tp and e.phase == "backward" and e.op in ("all_gather", "reduce_scatter")
+                and e.axis in ("tp", None))
 
     def _finish_overlapped(self, r: int) -> bool:
         """Wait for rank ``r``'s overlapped reductions; False if one of them still lacks a rank."""
