@@ -246,21 +246,67 @@ def test_torch_state_is_restored_however_the_run_ends():
         while time.monotonic() < deadline:  # Python that never reaches a Comm call: stopped by an Aborted
             pass
 
-    for fn, p in ((failing, 3), (stopped_while_computing, 4)):
-        with pytest.raises(KeyError, match="boom"):
+    def deadlocked(comm):
+        dist.recv(torch.empty(1), src=1 - dist.get_rank())
+
+    for fn, p, error in ((failing, 3, KeyError), (stopped_while_computing, 4, KeyError),
+                         (deadlocked, 2, ts.DeadlockError)):
+        with pytest.raises(error):
             run(fn, p)
         assert _torch_state() == before and not dist.is_initialized()
-    with pytest.raises(ValueError, match="Default process group has not been initialized"):
-        dist.all_reduce(torch.ones(1))  # outside a run: torch's own message (nothing of ours is left to say more)
+    with pytest.raises(ValueError, match="^Default process group has not been initialized") as outside:
+        dist.all_reduce(torch.ones(1))  # outside a run: torch's own error, with a note of ours
+    assert outside.value.__notes__ == [NOT_A_RANK]
     res = run(lambda comm: dist.get_world_size(), 2)  # the next run starts clean
     assert res.outputs == [2, 2] and _torch_state() == before
     assert [t.name for t in threading.enumerate() if t.name.startswith("tpsp_sim")] == []
 
 
+NOT_A_RANK = ("tpsp_sim: not inside ts.run: this thread is no rank of a run; dist.* calls have a default group "
+              "only in the rank threads that ts.run(fn, world_size=N, torch_distributed=True) starts for fn (a "
+              "real process gets one from dist.init_process_group)")
+
+
 def test_without_the_flag_ranks_have_no_default_group_and_the_error_says_how_to_get_one():
     with pytest.raises(ValueError, match="Default process group has not been initialized") as caught:
         ts.run(lambda comm: dist.get_rank(), world_size=2)
-    assert "pass torch_distributed=True" in "".join(caught.value.__notes__)
+    assert caught.value.__notes__ == ["tpsp_sim: inside ts.run without torch_distributed=True: pass "
+                                      "torch_distributed=True, and every rank gets an initialised torch.distributed "
+                                      "default group for its dist.* calls"]
+    assert caught.value.__cause__.__notes__ == caught.value.__notes__  # the rank's own error got it first
+
+
+def test_a_thread_of_fn_or_a_destroyed_group_is_told_where_it_stands():
+    """A thread fn starts is no rank; a rank that destroyed its default group is told so."""
+    def fn(comm):
+        caught = []
+
+        def thread():
+            try:
+                dist.get_rank()
+            except ValueError as error:
+                caught.append(error.__notes__)
+
+        worker = threading.Thread(target=thread)
+        worker.start()
+        worker.join()
+        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        except ValueError as error:
+            caught.append(error.__notes__)
+        return caught
+
+    assert run(fn, 2).outputs == [[[NOT_A_RANK], ["tpsp_sim: this rank's default group was destroyed inside fn "
+                                                  "(dist.destroy_process_group)"]]] * 2
+    assert not dist.is_initialized()
+
+
+def test_the_note_leaves_torchs_function_and_an_existing_default_group_alone():
+    """The wrapper returns torch's group where one exists (a gloo process's is tested in test_torch_api_real)."""
+    assert c10d._get_default_group.__wrapped__ is c10d._get_default_group.tpsp_sim_wraps
+    assert c10d._get_default_group.tpsp_sim_wraps.__module__ == "torch.distributed.distributed_c10d"
+    assert run(lambda comm: c10d._get_default_group() is dist.group.WORLD, 2).outputs == [True, True]
 
 
 def test_mismatch_and_deadlock_are_the_simulators():

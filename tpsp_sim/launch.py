@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -39,7 +40,8 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
                          + (" (a finite one, the same on every backend)" if timeout == math.inf else ""))
     _refuse_autograd_history((args, kwargs))
     if backend == "sim":
-        with torch_api.installed() if torch_distributed else torch_api.hint_without_default_group():
+        with torch_api.failure_says_why_no_default_group(), \
+                torch_api.installed() if torch_distributed else contextlib.nullcontext():
             return run_virtual(fn, args, kwargs, world_size, timeout=600.0 if timeout is None else timeout,
                                count_flops=count_flops,
                                rank_context=torch_api.default_group if torch_distributed else None)

@@ -17,6 +17,10 @@ backend over that ``TorchComm``, so the very same ``dist.*`` calls are recorded 
 gloo. A ``TorchComm`` calls torch.distributed itself, on the process's real groups: it does so in
 ``real_world()`` (world.py), and a subgroup is a real gloo group made by its members only
 (``use_local_synchronization``), since c10d calls the creator on the members only.
+
+Where no default group exists, torch's "Default process group has not been initialized" gets a note
+saying where the calling thread stands: not inside ts.run, inside one without ``torch_distributed=True``,
+or on a rank that destroyed its group (``_say_why_no_default_group``, installed on import).
 """
 
 from __future__ import annotations
@@ -25,15 +29,17 @@ import threading
 import weakref
 from contextlib import contextmanager
 from datetime import timedelta
-from functools import partial
+from functools import partial, wraps
 from typing import Any, Callable, Iterator
 
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from ..core.comm import Comm
-from ..core.errors import SimulationError
+from ..core.errors import RankFailedError, SimulationError
 from ..dist.torch_comm import TorchComm
 from ..sim.runtime import SimComm
+from ..sim.runtime import _current as _sim_rank  # .world in a rank thread of a simulated run
 from ..sim.world import SimWorld
 from .process_group import CommProcessGroup
 from .world import BACKEND, RankWorld, RankWorlds
@@ -119,16 +125,52 @@ def installed() -> Iterator[RankWorlds]:
         yield worlds
 
 
+def _why_no_default_group() -> str:
+    """Where the calling thread stands, for torch's "Default process group has not been initialized"."""
+    if getattr(_sim_rank, "world", None) is None:
+        return ("tpsp_sim: not inside ts.run: this thread is no rank of a run; dist.* calls have a default group "
+                "only in the rank threads that ts.run(fn, world_size=N, torch_distributed=True) starts for fn (a "
+                "real process gets one from dist.init_process_group)")
+    if getattr(_rank, "comm", None) is None:
+        return ("tpsp_sim: inside ts.run without torch_distributed=True: pass torch_distributed=True, and every "
+                "rank gets an initialised torch.distributed default group for its dist.* calls")
+    return "tpsp_sim: this rank's default group was destroyed inside fn (dist.destroy_process_group)"
+
+
+def _say_why_no_default_group(get_default_group: Callable[[], dist.ProcessGroup]) -> Callable[[], dist.ProcessGroup]:
+    """torch's ``_get_default_group``, which adds a note to its error saying where the calling thread stands.
+
+    Installed once, on import (c10d's own dist.* functions look it up in their module when called).
+    Nothing else changes: where a default group exists it is returned as before, and without one torch's
+    ValueError is raised as before, same type and message, with one note (PEP 678) added. Calls that
+    bypass it: modules that imported the name before tpsp_sim was imported (device_mesh, fsdp's
+    ``_init_utils``), and ``_get_default_store``, which raises the same message on its own.
+    """
+    @wraps(get_default_group)
+    def get() -> dist.ProcessGroup:
+        try:
+            return get_default_group()
+        except ValueError as error:
+            error.add_note(_why_no_default_group())
+            raise
+
+    get.tpsp_sim_wraps = get_default_group  # a reload wraps torch's function, not this one
+    return get
+
+
+c10d._get_default_group = _say_why_no_default_group(
+    getattr(c10d._get_default_group, "tpsp_sim_wraps", c10d._get_default_group))
+
+
 @contextmanager
-def hint_without_default_group() -> Iterator[None]:
-    """Around a run without ``torch_distributed=True``: a rank's dist.* call fails with torch's "Default process
-    group has not been initialized"; add how to get one."""
+def failure_says_why_no_default_group() -> Iterator[None]:
+    """Around a simulated run: a rank's failure for want of a default group carries the note its cause got."""
     try:
         yield
-    except ValueError as error:
-        if "Default process group has not been initialized" in str(error):
-            error.add_note("not inside ts.run(..., torch_distributed=True): pass torch_distributed=True, and every "
-                           "rank gets an initialised torch.distributed default group for its dist.* calls")
+    except RankFailedError as error:
+        for note in getattr(error.__cause__, "__notes__", ()):
+            if note.startswith("tpsp_sim: ") and note not in getattr(error, "__notes__", ()):
+                error.add_note(note)
         raise
 
 
