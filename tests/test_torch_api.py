@@ -424,3 +424,37 @@ def test_a_call_on_a_group_the_rank_is_not_in_is_torchs_warned_no_op():
         res = run(fn, 3)
     assert res.outputs == [2.0, 2.0, 1.0]
     assert [e.rank for e in res.trace.events] == [0, 1]
+
+
+def async_all_reduce_then_send(comm):
+    """Correct under plain torch gloo / NCCL (the all-reduce runs in the background while rank 0 sends)."""
+    x = torch.ones(1)
+    if dist.get_rank() == 0:
+        work = dist.all_reduce(x, async_op=True)
+        dist.send(torch.ones(1), 1)
+        work.wait()
+    else:
+        dist.recv(torch.empty(1), 0)
+        dist.all_reduce(x)
+
+
+def test_async_collectives_complete_inside_the_call_as_the_readme_says():
+    """The documented limit (README, torch_api): an async_op collective or functional collective is
+    recorded blocking, its handle complete on return, so the timeline charges it in full, and a program
+    that needs it to run in the background is a deadlock here."""
+    def fn(comm):
+        x = torch.ones(3)
+        work = dist.all_reduce(x, async_op=True)
+        completed = work.is_completed()
+        work.wait()
+        y = funcol.all_gather_tensor(x, 0, dist.group.WORLD)
+        return completed, x, y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else None
+
+    res = run(fn, 2)
+    assert [out[0] for out in res.outputs] == [True, True]
+    assert all(torch.equal(out[1], torch.full((3,), 2.0)) and torch.equal(out[2], torch.full((6,), 2.0))
+               for out in res.outputs)
+    assert [(e.op, e.blocking) for e in res.trace.events if e.rank == 0] == [("all_reduce", True), ("all_gather", True)]
+    assert res.trace.waits == []
+    with pytest.raises(ts.DeadlockError, match=r"rank 0: waits in all_reduce"):
+        run(async_all_reduce_then_send, 2)

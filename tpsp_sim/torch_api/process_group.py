@@ -10,7 +10,9 @@ the caller's output tensor as c10d's in-place signatures require (``detach`` hid
 autograd, as torch's own threaded group does).
 
 Work handles. Collectives complete inside the call (every rank of a group posts, the last
-computes) and return a completed ``Work``, also with ``async_op=True``; ``isend`` / ``irecv`` are
+computes) and return a completed ``Work``, also with ``async_op=True`` (a limit, README's torch_api
+section: recorded blocking, and a program that needs the call to run in the background deadlocks);
+``isend`` / ``irecv`` are
 asynchronous for real: their handle's ``wait`` completes the ``Comm``'s handle. ``dist.send`` is
 ``isend(...).wait()`` in c10d, so its event is recorded non-blocking, followed by its wait.
 
