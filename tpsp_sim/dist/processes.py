@@ -71,10 +71,10 @@ _LOCK = "owner.lock"
 
 
 def run_processes(fn: Callable, args: tuple, kwargs: dict, world_size: int, backend: str,
-                  timeout: float) -> RunResult:
-    """Run ``fn`` on ``world_size`` new processes of ``backend``; raise the failure to blame (module docstring)."""
+                  timeout: float, wrap: Callable[[Callable], Callable] = lambda fn: fn) -> RunResult:
+    """Run ``wrap(fn)`` on ``world_size`` new processes of ``backend``; raise the failure to blame (module docstring)."""
     try:
-        payload = cloudpickle.dumps((fn, args, kwargs))
+        payload = cloudpickle.dumps((wrap(fn), args, kwargs))
     except Exception as error:
         raise TypeError(f"ts.run(backend={backend!r}) could not serialize fn={fn!r} or its arguments to send them "
                         f"to the worker processes ({error}). Define fn at module level in an importable file, "

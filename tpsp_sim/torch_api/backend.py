@@ -16,7 +16,10 @@ joined the real group and built its ``TorchComm``; ``on_default_group(fn)`` runs
 backend over that ``TorchComm``, so the very same ``dist.*`` calls are recorded the same way and run on
 gloo. A ``TorchComm`` calls torch.distributed itself, on the process's real groups: it does so in
 ``real_world()`` (world.py), and a subgroup is a real gloo group made by its members only
-(``use_local_synchronization``), since c10d calls the creator on the members only.
+(``use_local_synchronization``), since c10d calls the creator on the members only. The comm ``fn``
+gets is such a ``TorchComm`` too, so its own calls (the ``comm`` API) reach the real groups. Without
+the flag, ``without_default_group(fn)`` hides the worker's group from ``fn``'s ``dist.*`` calls, which
+raise as they do on the simulator (they would run on gloo unrecorded).
 
 Where no default group exists, torch's "Default process group has not been initialized" gets a note
 saying where the calling thread stands: not inside ts.run, inside one without ``torch_distributed=True``,
@@ -83,6 +86,11 @@ class _RealTorchComm(TorchComm):
         with dist.distributed_c10d._world.real_world():
             super().__init__(pg, like.recorder, like.device, like._calls)
 
+    def _new_group(self, ranks: Any) -> "_RealTorchComm | None":
+        with dist.distributed_c10d._world.real_world():
+            comm = super()._new_group(ranks)
+        return None if comm is None else _RealTorchComm(comm.pg, comm)
+
 
 def _in_real_world(method: Callable) -> Callable:
     def call(self, *args: Any) -> Any:
@@ -127,7 +135,8 @@ def installed() -> Iterator[RankWorlds]:
 
 def _why_no_default_group() -> str:
     """Where the calling thread stands, for torch's "Default process group has not been initialized"."""
-    if getattr(_sim_rank, "world", None) is None:
+    in_run = getattr(_sim_rank, "world", None) is not None or getattr(_rank, "without_group", False)
+    if not in_run:
         return ("tpsp_sim: not inside ts.run: this thread is no rank of a run; dist.* calls have a default group "
                 "only in the rank threads that ts.run(fn, world_size=N, torch_distributed=True) starts for fn (a "
                 "real process gets one from dist.init_process_group)")
@@ -164,7 +173,7 @@ c10d._get_default_group = _say_why_no_default_group(
 
 @contextmanager
 def failure_says_why_no_default_group() -> Iterator[None]:
-    """Around a simulated run: a rank's failure for want of a default group carries the note its cause got."""
+    """Around a run: a rank's failure for want of a default group carries the note its cause got."""
     try:
         yield
     except RankFailedError as error:
@@ -203,6 +212,21 @@ def on_default_group(fn: Callable[..., Any]) -> Callable[..., Any]:
     return partial(_call_on_default_group, fn)
 
 
-def _call_on_default_group(fn: Callable[..., Any], comm: Comm, *args: Any, **kwargs: Any) -> Any:
+def without_default_group(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run on a real process with no default group in sight, as on the simulator without
+    ``torch_distributed=True``: its ``dist.*`` calls raise (they would run unrecorded on the worker's own group)."""
+    return partial(_call_without_default_group, fn)
+
+
+def _call_on_default_group(fn: Callable[..., Any], comm: TorchComm, *args: Any, **kwargs: Any) -> Any:
     with installed(), default_group(comm):
-        return fn(comm, *args, **kwargs)
+        return fn(_RealTorchComm(comm.pg, comm), *args, **kwargs)  # the comm API calls on the real groups
+
+
+def _call_without_default_group(fn: Callable[..., Any], comm: TorchComm, *args: Any, **kwargs: Any) -> Any:
+    with installed() as worlds:
+        worlds.local.world, _rank.without_group = RankWorld(), True
+        try:
+            return fn(_RealTorchComm(comm.pg, comm), *args, **kwargs)
+        finally:
+            del worlds.local.world, _rank.without_group
