@@ -458,3 +458,17 @@ def test_async_collectives_complete_inside_the_call_as_the_readme_says():
     assert res.trace.waits == []
     with pytest.raises(ts.DeadlockError, match=r"rank 0: waits in all_reduce"):
         run(async_all_reduce_then_send, 2)
+
+
+@pytest.mark.parametrize("p", [1, 3])
+def test_a_rank_that_makes_its_own_default_group_fails_the_run_and_leaves_none(p):
+    """Without the flag, a rank's own dist.init_process_group made a process-wide group that outlived the run
+    (3 ranks: the second to call it finds the first's and raises, or they race and all succeed)."""
+    def fn(comm):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    with pytest.raises(ts.SimulationError) as info:
+        ts.run(fn, world_size=p)
+    said = [str(info.value), *getattr(info.value, "__notes__", [])]
+    assert [s for s in said if s.startswith("fn called dist.init_process_group on a virtual rank")]
+    assert not dist.is_initialized()

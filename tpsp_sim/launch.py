@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Callable
 
@@ -46,7 +45,7 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
                          f"GPUs visible={torch.cuda.device_count()}")
     with torch_api.failure_says_why_no_default_group():
         if backend == "sim":
-            with torch_api.installed() if torch_distributed else contextlib.nullcontext():
+            with torch_api.installed() if torch_distributed else torch_api.no_default_group_left():
                 return run_virtual(fn, args, kwargs, world_size, timeout=600.0 if timeout is None else timeout,
                                    count_flops=count_flops,
                                    rank_context=torch_api.default_group if torch_distributed else None)

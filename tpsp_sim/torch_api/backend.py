@@ -172,6 +172,29 @@ c10d._get_default_group = _say_why_no_default_group(
 
 
 @contextmanager
+def no_default_group_left() -> Iterator[None]:
+    """Around a simulated run without ``torch_distributed=True``: a default group that fn's ranks made with
+    their own ``dist.init_process_group`` (process-wide: every virtual rank would share it) is destroyed
+    when the run ends, and the run fails with a SimulationError saying so (or, if it failed, a note)."""
+    before = dist.is_initialized()
+    try:
+        yield
+    except BaseException as error:
+        if not before and dist.is_initialized():
+            dist.destroy_process_group()
+            error.add_note(_MADE_ITS_OWN)
+        raise
+    if not before and dist.is_initialized():
+        dist.destroy_process_group()
+        raise SimulationError(_MADE_ITS_OWN)
+
+
+_MADE_ITS_OWN = ("fn called dist.init_process_group on a virtual rank: its default group is process-wide, one "
+                 "for every rank of the run, and would outlive it (it was destroyed); pass torch_distributed=True "
+                 "to ts.run instead, and every rank gets an initialised default group of its own")
+
+
+@contextmanager
 def failure_says_why_no_default_group() -> Iterator[None]:
     """Around a run: a rank's failure for want of a default group carries the note its cause got."""
     try:
