@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -142,3 +143,33 @@ def test_the_watchdog_kills_the_groups_only_when_the_parent_dies(parent_ends):
             os.killpg(leader.pid, signal.SIGKILL)
         leader.wait()
         leader.stdout.close()
+
+
+def exits_on_rank_1(comm):
+    if comm.rank == 1:
+        sys.exit(0)
+    comm.barrier()
+
+
+@pytest.mark.parametrize("backend", ["sim", pytest.param("gloo", marks=[pytest.mark.real, pytest.mark.timeout(120)])])
+def test_sys_exit_in_a_rank_is_that_ranks_failure_on_both_backends(backend):
+    """On gloo the worker exited with code 0, and rank 0's "Connection closed by peer" was blamed."""
+    with pytest.raises(ts.RankFailedError) as info:
+        ts.run(exits_on_rank_1, world_size=2, backend=backend, timeout=60)
+    assert info.value.rank == 1 and str(info.value) == "rank 1 raised SystemExit (sys.exit with exit code 0)"
+
+
+def returns_a_lock(comm):
+    return [comm.rank, threading.Lock()]
+
+
+@pytest.mark.real
+@pytest.mark.timeout(120)
+def test_an_output_that_cannot_travel_back_from_a_worker_is_named():
+    """It was a raw traceback of the worker, blamed "before its first call"."""
+    with pytest.raises(TypeError) as info:
+        ts.run(returns_a_lock, world_size=2, backend="gloo", timeout=60)
+    assert isinstance(info.value, ts.RankFailedError)
+    assert str(info.value).startswith(f"rank {info.value.rank} raised TypeError: fn returned list holding what "
+                                      f"cannot be pickled to send it back to ts.run's process (cannot pickle "
+                                      f"'_thread.lock' object)")
