@@ -334,6 +334,12 @@ def test_mismatch_and_deadlock_are_the_simulators():
     (lambda: dist.send(torch.ones(2), dst=1 - dist.get_rank(), tag=7), "tag=7"),
     (lambda: dist.all_gather_into_tensor(torch.empty(5), torch.ones(2)), r"output of shape \(5,\).*input of shape \(2,\)"),
     (lambda: dist.reduce_scatter_tensor(torch.empty(1, dtype=torch.float64), torch.ones(2)), "torch.float64.*torch.float32"),
+    (lambda: dist.all_gather([torch.empty(3)], torch.ones(3)),  # silently gathered one rank's piece before
+     r"all_gather got 1 output tensor\(s\) of shapes \[\(3,\)\] \(torch.float32\); with an input of shape \(3,\) "
+     r"\(torch.float32\) on 2 ranks it needs 2 output tensors of that size and dtype"),
+    (lambda: dist.all_gather([torch.empty(2), torch.empty(2, dtype=torch.int64)], torch.ones(2)), r"int64"),
+    (lambda: dist.reduce_scatter(torch.empty(2), [torch.ones(2)] * 3), "reduce_scatter got 3 input tensor"),
+    (lambda: dist.all_to_all([torch.empty(1)] * 2, [torch.ones(1)]), "all_to_all got 1 input tensor"),
 ])
 def test_unsupported_or_misfitting_calls_are_named(call, message):
     with pytest.raises((ValueError, NotImplementedError), match=message):
