@@ -340,6 +340,10 @@ def test_mismatch_and_deadlock_are_the_simulators():
     (lambda: dist.all_gather([torch.empty(2), torch.empty(2, dtype=torch.int64)], torch.ones(2)), r"int64"),
     (lambda: dist.reduce_scatter(torch.empty(2), [torch.ones(2)] * 3), "reduce_scatter got 3 input tensor"),
     (lambda: dist.all_to_all([torch.empty(1)] * 2, [torch.ones(1)]), "all_to_all got 1 input tensor"),
+    (lambda: dist.scatter(torch.empty(2), [torch.ones(2)] if dist.get_rank() == 0 else None, src=0),  # a deadlock
+     r"^rank 0 raised ValueError: rank 0 of group \(0, 1\): scatter got 1 input tensor"),
+    (lambda: dist.gather(torch.ones(2), [torch.empty(2)] * 3 if dist.get_rank() == 0 else None, dst=0),
+     r"^rank 0 raised ValueError: rank 0 of group \(0, 1\): gather got 3 output tensor"),
 ])
 def test_unsupported_or_misfitting_calls_are_named(call, message):
     with pytest.raises((ValueError, NotImplementedError), match=message):

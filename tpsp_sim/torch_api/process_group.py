@@ -262,6 +262,7 @@ class CommProcessGroup(dist.ProcessGroup):
             _fill(out, self.comm.irecv(out, root).wait())
             return _done(outputs)
         pieces = inputs[0]
+        self._pieces("scatter", pieces, "input", out, "an output")
         sends = [self.comm.isend(piece, r) for r, piece in enumerate(pieces) if r != root]
         for work in sends:
             work.wait()
@@ -275,6 +276,7 @@ class CommProcessGroup(dist.ProcessGroup):
             self.comm.isend(x, root).wait()
             return _done(outputs)
         outs = outputs[0]
+        self._pieces("gather", outs, "output", x, "an input")
         recvs = {r: self.comm.irecv(out, r) for r, out in enumerate(outs) if r != root}
         for r, work in recvs.items():
             _fill(outs[r], work.wait())
