@@ -115,6 +115,17 @@ def test_ranks_that_all_wait_for_each_other_blame_nobody(tmp_path, logs):
     assert book.stalled([0, 1])[0] == []
 
 
+def test_unmatched_messages_are_listed_sends_first_whichever_log_is_read_first(tmp_path, logs):
+    (a, b, c), book = logs(3)
+    with c.calling("recv", torch.ones(3), (1,), (0, 1, 2), "", pair=(1, 2)):  # logged (and read) first
+        pass
+    book.read()
+    with a.calling("send", torch.ones(2), (1,), (0, 1, 2), "early", pair=(0, 1)):
+        pass
+    book.read()
+    assert [(src, dst, sending) for src, dst, sending, *_ in book.unmatched()] == [(0, 1, True), (1, 2, False)]
+
+
 def test_a_dead_rank_is_named_with_its_signal_or_exit_code(tmp_path, logs):
     _, book = logs(1)
     (tmp_path / "stderr0").write_text("Segmentation fault\n")
