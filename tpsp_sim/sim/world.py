@@ -427,6 +427,7 @@ class SimWorld:
                     for sending, channels in ((True, self.sends), (False, self.recvs))
                     for (_, src, dst), queue in channels.items() for m in queue
                     for x in [m.tensor if sending else m.like]]
+        messages.sort(key=lambda message: (not message[2], message[0], message[1]))  # as dist/call_log.py lists them
         return unmatched_messages(messages) if messages else None
 
     def post(self, comm: Any, peer: int, message: _Message, sending: bool) -> None:
