@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 import tpsp_sim as ts
 from tpsp_sim.core.ops import wire_bytes
@@ -371,6 +372,15 @@ def test_a_group_used_from_another_rank_or_after_its_run():
     kept = run(lambda comm: dist.group.WORLD, 2).outputs[0]
     with pytest.raises(ts.SimulationError, match="process group of rank 0"):
         kept.allreduce([torch.ones(1)])
+
+    def makes_a_dtensor(comm):
+        mesh = init_device_mesh("cpu", (2,))
+        return mesh, distribute_tensor(torch.arange(4.0), mesh, [Shard(0)])
+
+    mesh, dtensor = run(makes_a_dtensor, 2).outputs[0]
+    for use in (mesh.get_group, dtensor.full_tensor):  # torch's C++ registry: the README quotes this message
+        with pytest.raises(RuntimeError, match="^Could not resolve the process group registered under the name 0$"):
+            use()
 
 
 def test_a_backend_registered_during_a_run_is_kept_after_it():
