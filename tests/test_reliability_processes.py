@@ -120,6 +120,7 @@ def start_watchdog_and_a_group() -> tuple[subprocess.Popen, subprocess.Popen, su
     return watchdog, leader, child
 
 
+@pytest.mark.slow  # starts processes (0.2 s)
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
 @pytest.mark.parametrize("parent_ends", ["killed", "cleanly"])
 def test_the_watchdog_kills_the_groups_only_when_the_parent_dies(parent_ends):
