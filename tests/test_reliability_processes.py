@@ -174,3 +174,19 @@ def test_an_output_that_cannot_travel_back_from_a_worker_is_named():
     assert str(info.value).startswith(f"rank {info.value.rank} raised TypeError: fn returned list holding what "
                                       f"cannot be pickled to send it back to ts.run's process (cannot pickle "
                                       f"'_thread.lock' object)")
+
+
+@pytest.mark.slow  # starts processes (0.1 s)
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+def test_a_killed_watchdog_does_not_fail_the_run_it_guarded():
+    watchdog, leader, _ = start_watchdog_and_a_group()
+    try:
+        watchdog.kill()
+        watchdog.wait()
+        processes._tell(watchdog, "12345\n")  # the next worker's pid: a broken pipe, ignored
+        processes._release(watchdog)
+        assert leader.poll() is None  # a killed watchdog kills nothing
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
+        leader.stdout.close()

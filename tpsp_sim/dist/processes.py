@@ -121,9 +121,7 @@ def _start(work: Path, world_size: int, backend: str, port: int,
             with open(work / f"stdout{rank}", "wb") as out, open(work / f"stderr{rank}", "wb") as err:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, pass_fds=(read_end,),
                                               start_new_session=watchdog is not None))
-            if watchdog is not None:
-                watchdog.stdin.write(f"{procs[-1].pid}\n")  # the worker leads a group of that id
-                watchdog.stdin.flush()
+            _tell(watchdog, f"{procs[-1].pid}\n")  # the worker leads a group of that id
     except BaseException:
         _kill(procs)
         _release(watchdog)
@@ -235,15 +233,21 @@ def _kill(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def _tell(watchdog: subprocess.Popen | None, line: str) -> None:
+    """Send the watchdog a line; one that has ended (killed by someone) no longer guards the run, which goes on."""
+    if watchdog is not None:
+        try:
+            watchdog.stdin.write(line)
+            watchdog.stdin.flush()
+        except OSError:
+            pass
+
+
 def _release(watchdog: subprocess.Popen | None) -> None:
     """Tell the watchdog that the workers were ended here (it then exits without killing) and reap it."""
     if watchdog is None:
         return
-    try:
-        watchdog.stdin.write("done\n")
-        watchdog.stdin.flush()
-    except OSError:  # it has ended (killed by someone): nothing to tell
-        pass
+    _tell(watchdog, "done\n")
     try:
         watchdog.stdin.close()
     except OSError:
