@@ -115,6 +115,17 @@ def test_ranks_that_all_wait_for_each_other_blame_nobody(tmp_path, logs):
     assert book.stalled([0, 1])[0] == []
 
 
+def test_unmatched_messages_are_listed_sends_first_whichever_log_is_read_first(tmp_path, logs):
+    (a, b, c), book = logs(3)
+    with c.calling("recv", torch.ones(3), (1,), (0, 1, 2), "", pair=(1, 2)):  # logged (and read) first
+        pass
+    book.read()
+    with a.calling("send", torch.ones(2), (1,), (0, 1, 2), "early", pair=(0, 1)):
+        pass
+    book.read()
+    assert [(src, dst, sending) for src, dst, sending, *_ in book.unmatched()] == [(0, 1, True), (1, 2, False)]
+
+
 def test_a_dead_rank_is_named_with_its_signal_or_exit_code(tmp_path, logs):
     _, book = logs(1)
     (tmp_path / "stderr0").write_text("Segmentation fault\n")
@@ -142,12 +153,13 @@ def test_only_directories_of_dead_runs_are_removed(tmp_path, monkeypatch):
 # ---- real processes ------------------------------------------------------------------------------
 
 PARENT = textwrap.dedent("""
-    import os, sys, time
+    import os, subprocess, sys, time
     import tpsp_sim as ts
 
     def fn(comm, pids):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stays in the group
         with open(pids, "a") as f:
-            f.write(f"{os.getpid()}\\n")
+            f.write(f"{os.getpid()} {child.pid}\\n")
         time.sleep(600)
 
     ts.run(fn, sys.argv[1], world_size=2, backend="gloo")
@@ -167,7 +179,9 @@ def alive(pid: int) -> bool:
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_workers_die_with_their_parent_and_the_next_run_removes_its_directory(tmp_path, monkeypatch, sig):
+def test_workers_and_their_children_die_with_their_parent_and_the_next_run_removes_its_directory(
+        tmp_path, monkeypatch, sig):
+    """Each worker also starts a process; the parent (ts.run's process) is killed: none of the four may live."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     (tmp_path / "parent.py").write_text(PARENT)
@@ -177,16 +191,16 @@ def test_workers_die_with_their_parent_and_the_next_run_removes_its_directory(tm
     pids: list[int] = []
     try:
         deadline = time.monotonic() + 90
-        while len(pids) < 2 and time.monotonic() < deadline and parent.poll() is None:
+        while len(pids) < 4 and time.monotonic() < deadline and parent.poll() is None:
             time.sleep(0.1)
             pids = [int(p) for p in pids_file.read_text().split()] if pids_file.exists() else []
-        assert len(pids) == 2, "the workers did not start"
+        assert len(pids) == 4, "the workers did not start"
         parent.send_signal(sig)
         parent.wait()
         deadline = time.monotonic() + 3
         while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(alive(pid) for pid in pids), "a worker outlived its parent by 3 s"
+        assert not any(alive(pid) for pid in pids), "a worker or its child outlived the parent by 3 s"
     finally:
         parent.kill()
         parent.wait()

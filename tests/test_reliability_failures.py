@@ -100,6 +100,28 @@ def test_isends_and_irecvs_never_matched_are_an_error_when_the_run_ends():
     assert str(info.value) == UNMATCHED
 
 
+def posts_in_rank_order_reversed(comm):
+    comm.barrier()
+    if comm.rank == 2:
+        comm.irecv(torch.ones(1), 0)
+        comm.isend(torch.ones(1), 0)
+    comm.barrier()  # rank 2 has posted before rank 0
+    if comm.rank == 0:
+        comm.isend(torch.ones(3), 1)
+        comm.isend(torch.ones(2), 1)
+
+
+def test_unmatched_messages_are_listed_sends_first_by_ranks_whoever_posted_first():
+    """The same order as on gloo (dist/call_log.py), where it is the order no process can fix."""
+    with pytest.raises(ts.SimulationError) as info:
+        ts.run(posts_in_rank_order_reversed, world_size=3)
+    assert str(info.value).splitlines()[1:] == [
+        "  rank 0's isend to rank 1 was never received (shape (3,), torch.float32)",
+        "  rank 0's isend to rank 1 was never received (shape (2,), torch.float32)",
+        "  rank 2's isend to rank 0 was never received (shape (1,), torch.float32)",
+        "  rank 2's irecv from rank 0 was never sent (shape (1,), torch.float32)"]
+
+
 def test_an_isend_matched_but_never_waited_on_is_no_error():
     def fn(comm):
         if comm.rank == 0:

@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from helpers import child_processes
 from test_dist_reliability import alive
 
 import tpsp_sim as ts
+from tpsp_sim.dist import processes
 
 
 def rank0_returns_early(comm, how):
@@ -103,3 +106,87 @@ def test_an_isend_nobody_waits_on_is_the_unmatched_error_on_both_backends_not_a_
         ts.run(isends_to_a_returned_rank_and_computes_on, seconds, world_size=2, backend=backend, timeout=60)
     assert type(info.value) is ts.SimulationError
     assert str(info.value).endswith("\n  rank 1's isend to rank 0 was never received (shape (2,), torch.float32)")
+
+
+def start_watchdog_and_a_group() -> tuple[subprocess.Popen, subprocess.Popen, subprocess.Popen]:
+    """The run's watchdog told of one process group: a shell leading it and a sleeper the shell started."""
+    watchdog = subprocess.Popen([sys.executable, "-I", "-S", str(Path(processes.__file__).with_name("watchdog.py"))],
+                                stdin=subprocess.PIPE, text=True, start_new_session=True)
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    child = int(leader.stdout.readline())
+    watchdog.stdin.write(f"{leader.pid}\n")
+    watchdog.stdin.flush()
+    return watchdog, leader, child
+
+
+@pytest.mark.slow  # starts processes (0.2 s)
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+@pytest.mark.parametrize("parent_ends", ["killed", "cleanly"])
+def test_the_watchdog_kills_the_groups_only_when_the_parent_dies(parent_ends):
+    watchdog, leader, child = start_watchdog_and_a_group()
+    try:
+        if parent_ends == "cleanly":
+            watchdog.stdin.write("done\n")
+        watchdog.stdin.close()  # a dead parent's end of the pipe closes the same way
+        assert watchdog.wait(timeout=10) == 0
+        if parent_ends == "killed":
+            assert leader.wait(timeout=10) == -signal.SIGKILL
+            deadline = time.monotonic() + 2.0
+            while alive(child) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not alive(child)
+        else:
+            time.sleep(0.1)
+            assert leader.poll() is None and alive(child)
+    finally:
+        if leader.poll() is None:
+            os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
+        leader.stdout.close()
+
+
+def exits_on_rank_1(comm):
+    if comm.rank == 1:
+        sys.exit(0)
+    comm.barrier()
+
+
+@pytest.mark.parametrize("backend", ["sim", pytest.param("gloo", marks=[pytest.mark.real, pytest.mark.timeout(120)])])
+def test_sys_exit_in_a_rank_is_that_ranks_failure_on_both_backends(backend):
+    """On gloo the worker exited with code 0, and rank 0's "Connection closed by peer" was blamed."""
+    with pytest.raises(ts.RankFailedError) as info:
+        ts.run(exits_on_rank_1, world_size=2, backend=backend, timeout=60)
+    assert info.value.rank == 1 and str(info.value) == "rank 1 raised SystemExit (sys.exit with exit code 0)"
+
+
+def returns_a_lock(comm):
+    return [comm.rank, threading.Lock()]
+
+
+@pytest.mark.real
+@pytest.mark.timeout(120)
+def test_an_output_that_cannot_travel_back_from_a_worker_is_named():
+    """It was a raw traceback of the worker, blamed "before its first call"."""
+    with pytest.raises(TypeError) as info:
+        ts.run(returns_a_lock, world_size=2, backend="gloo", timeout=60)
+    assert isinstance(info.value, ts.RankFailedError)
+    assert str(info.value).startswith(f"rank {info.value.rank} raised TypeError: fn returned list holding what "
+                                      f"cannot be pickled to send it back to ts.run's process (cannot pickle "
+                                      f"'_thread.lock' object)")
+
+
+@pytest.mark.slow  # starts processes (0.1 s)
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+def test_a_killed_watchdog_does_not_fail_the_run_it_guarded():
+    watchdog, leader, _ = start_watchdog_and_a_group()
+    try:
+        watchdog.kill()
+        watchdog.wait()
+        processes._tell(watchdog, "12345\n")  # the next worker's pid: a broken pipe, ignored
+        processes._release(watchdog)
+        assert leader.poll() is None  # a killed watchdog kills nothing
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
+        leader.stdout.close()

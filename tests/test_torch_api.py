@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 import tpsp_sim as ts
 from tpsp_sim.core.ops import wire_bytes
@@ -246,21 +247,67 @@ def test_torch_state_is_restored_however_the_run_ends():
         while time.monotonic() < deadline:  # Python that never reaches a Comm call: stopped by an Aborted
             pass
 
-    for fn, p in ((failing, 3), (stopped_while_computing, 4)):
-        with pytest.raises(KeyError, match="boom"):
+    def deadlocked(comm):
+        dist.recv(torch.empty(1), src=1 - dist.get_rank())
+
+    for fn, p, error in ((failing, 3, KeyError), (stopped_while_computing, 4, KeyError),
+                         (deadlocked, 2, ts.DeadlockError)):
+        with pytest.raises(error):
             run(fn, p)
         assert _torch_state() == before and not dist.is_initialized()
-    with pytest.raises(ValueError, match="Default process group has not been initialized"):
-        dist.all_reduce(torch.ones(1))  # outside a run: torch's own message (nothing of ours is left to say more)
+    with pytest.raises(ValueError, match="^Default process group has not been initialized") as outside:
+        dist.all_reduce(torch.ones(1))  # outside a run: torch's own error, with a note of ours
+    assert outside.value.__notes__ == [NOT_A_RANK]
     res = run(lambda comm: dist.get_world_size(), 2)  # the next run starts clean
     assert res.outputs == [2, 2] and _torch_state() == before
     assert [t.name for t in threading.enumerate() if t.name.startswith("tpsp_sim")] == []
 
 
+NOT_A_RANK = ("tpsp_sim: not inside ts.run: this thread is no rank of a run; dist.* calls have a default group "
+              "only in the rank threads that ts.run(fn, world_size=N, torch_distributed=True) starts for fn (a "
+              "real process gets one from dist.init_process_group)")
+
+
 def test_without_the_flag_ranks_have_no_default_group_and_the_error_says_how_to_get_one():
     with pytest.raises(ValueError, match="Default process group has not been initialized") as caught:
         ts.run(lambda comm: dist.get_rank(), world_size=2)
-    assert "pass torch_distributed=True" in "".join(caught.value.__notes__)
+    assert caught.value.__notes__ == ["tpsp_sim: inside ts.run without torch_distributed=True: pass "
+                                      "torch_distributed=True, and every rank gets an initialised torch.distributed "
+                                      "default group for its dist.* calls"]
+    assert caught.value.__cause__.__notes__ == caught.value.__notes__  # the rank's own error got it first
+
+
+def test_a_thread_of_fn_or_a_destroyed_group_is_told_where_it_stands():
+    """A thread fn starts is no rank; a rank that destroyed its default group is told so."""
+    def fn(comm):
+        caught = []
+
+        def thread():
+            try:
+                dist.get_rank()
+            except ValueError as error:
+                caught.append(error.__notes__)
+
+        worker = threading.Thread(target=thread)
+        worker.start()
+        worker.join()
+        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        except ValueError as error:
+            caught.append(error.__notes__)
+        return caught
+
+    assert run(fn, 2).outputs == [[[NOT_A_RANK], ["tpsp_sim: this rank's default group was destroyed inside fn "
+                                                  "(dist.destroy_process_group)"]]] * 2
+    assert not dist.is_initialized()
+
+
+def test_the_note_leaves_torchs_function_and_an_existing_default_group_alone():
+    """The wrapper returns torch's group where one exists (a gloo process's is tested in test_torch_api_real)."""
+    assert c10d._get_default_group.__wrapped__ is c10d._get_default_group.tpsp_sim_wraps
+    assert c10d._get_default_group.tpsp_sim_wraps.__module__ == "torch.distributed.distributed_c10d"
+    assert run(lambda comm: c10d._get_default_group() is dist.group.WORLD, 2).outputs == [True, True]
 
 
 def test_mismatch_and_deadlock_are_the_simulators():
@@ -288,6 +335,16 @@ def test_mismatch_and_deadlock_are_the_simulators():
     (lambda: dist.send(torch.ones(2), dst=1 - dist.get_rank(), tag=7), "tag=7"),
     (lambda: dist.all_gather_into_tensor(torch.empty(5), torch.ones(2)), r"output of shape \(5,\).*input of shape \(2,\)"),
     (lambda: dist.reduce_scatter_tensor(torch.empty(1, dtype=torch.float64), torch.ones(2)), "torch.float64.*torch.float32"),
+    (lambda: dist.all_gather([torch.empty(3)], torch.ones(3)),  # silently gathered one rank's piece before
+     r"all_gather got 1 output tensor\(s\) of shapes \[\(3,\)\] \(torch.float32\); with an input of shape \(3,\) "
+     r"\(torch.float32\) on 2 ranks it needs 2 output tensors of that size and dtype"),
+    (lambda: dist.all_gather([torch.empty(2), torch.empty(2, dtype=torch.int64)], torch.ones(2)), r"int64"),
+    (lambda: dist.reduce_scatter(torch.empty(2), [torch.ones(2)] * 3), "reduce_scatter got 3 input tensor"),
+    (lambda: dist.all_to_all([torch.empty(1)] * 2, [torch.ones(1)]), "all_to_all got 1 input tensor"),
+    (lambda: dist.scatter(torch.empty(2), [torch.ones(2)] if dist.get_rank() == 0 else None, src=0),  # a deadlock
+     r"^rank 0 raised ValueError: rank 0 of group \(0, 1\): scatter got 1 input tensor"),
+    (lambda: dist.gather(torch.ones(2), [torch.empty(2)] * 3 if dist.get_rank() == 0 else None, dst=0),
+     r"^rank 0 raised ValueError: rank 0 of group \(0, 1\): gather got 3 output tensor"),
 ])
 def test_unsupported_or_misfitting_calls_are_named(call, message):
     with pytest.raises((ValueError, NotImplementedError), match=message):
@@ -315,6 +372,15 @@ def test_a_group_used_from_another_rank_or_after_its_run():
     kept = run(lambda comm: dist.group.WORLD, 2).outputs[0]
     with pytest.raises(ts.SimulationError, match="process group of rank 0"):
         kept.allreduce([torch.ones(1)])
+
+    def makes_a_dtensor(comm):
+        mesh = init_device_mesh("cpu", (2,))
+        return mesh, distribute_tensor(torch.arange(4.0), mesh, [Shard(0)])
+
+    mesh, dtensor = run(makes_a_dtensor, 2).outputs[0]
+    for use in (mesh.get_group, dtensor.full_tensor):  # torch's C++ registry: the README quotes this message
+        with pytest.raises(RuntimeError, match="^Could not resolve the process group registered under the name 0$"):
+            use()
 
 
 def test_a_backend_registered_during_a_run_is_kept_after_it():
@@ -378,3 +444,51 @@ def test_a_call_on_a_group_the_rank_is_not_in_is_torchs_warned_no_op():
         res = run(fn, 3)
     assert res.outputs == [2.0, 2.0, 1.0]
     assert [e.rank for e in res.trace.events] == [0, 1]
+
+
+def async_all_reduce_then_send(comm):
+    """Correct under plain torch gloo / NCCL (the all-reduce runs in the background while rank 0 sends)."""
+    x = torch.ones(1)
+    if dist.get_rank() == 0:
+        work = dist.all_reduce(x, async_op=True)
+        dist.send(torch.ones(1), 1)
+        work.wait()
+    else:
+        dist.recv(torch.empty(1), 0)
+        dist.all_reduce(x)
+
+
+def test_async_collectives_complete_inside_the_call_as_the_readme_says():
+    """The documented limit (README, torch_api): an async_op collective or functional collective is
+    recorded blocking, its handle complete on return, so the timeline charges it in full, and a program
+    that needs it to run in the background is a deadlock here."""
+    def fn(comm):
+        x = torch.ones(3)
+        work = dist.all_reduce(x, async_op=True)
+        completed = work.is_completed()
+        work.wait()
+        y = funcol.all_gather_tensor(x, 0, dist.group.WORLD)
+        return completed, x, y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else None
+
+    res = run(fn, 2)
+    assert [out[0] for out in res.outputs] == [True, True]
+    assert all(torch.equal(out[1], torch.full((3,), 2.0)) and torch.equal(out[2], torch.full((6,), 2.0))
+               for out in res.outputs)
+    assert [(e.op, e.blocking) for e in res.trace.events if e.rank == 0] == [("all_reduce", True), ("all_gather", True)]
+    assert res.trace.waits == []
+    with pytest.raises(ts.DeadlockError, match=r"rank 0: waits in all_reduce"):
+        run(async_all_reduce_then_send, 2)
+
+
+@pytest.mark.parametrize("p", [1, 3])
+def test_a_rank_that_makes_its_own_default_group_fails_the_run_and_leaves_none(p):
+    """Without the flag, a rank's own dist.init_process_group made a process-wide group that outlived the run
+    (3 ranks: the second to call it finds the first's and raises, or they race and all succeed)."""
+    def fn(comm):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    with pytest.raises(ts.SimulationError) as info:
+        ts.run(fn, world_size=p)
+    said = [str(info.value), *getattr(info.value, "__notes__", [])]
+    assert [s for s in said if s.startswith("fn called dist.init_process_group on a virtual rank")]
+    assert not dist.is_initialized()

@@ -113,3 +113,36 @@ def test_torchrun_runs_the_same_dist_script_recorded(tmp_path):
         sys.path.remove(str(tmp_path))
         sys.modules.pop("dist_job", None)
     assert result["trace"].events == sim.trace.events
+
+
+def comm_api_and_dist(comm):
+    """The package's own comm API beside dist.* in one fn: broadcast names a group rank, new_group splits."""
+    x = comm.broadcast(torch.full((2,), float(comm.rank)), comm.world_size - 1)
+    dist.all_reduce(y := torch.ones(2))
+    pair = comm.new_group([0, 1])
+    z = pair.all_gather(torch.ones(1) * comm.rank) if pair is not None else torch.empty(0)
+    w = comm.sendrecv(torch.ones(1) * comm.rank, (comm.rank + 1) % comm.world_size, (comm.rank - 1) % comm.world_size)
+    return x, y, z, w
+
+
+def test_the_comm_api_beside_dist_calls_on_gloo_gives_the_simulators_outputs_and_trace():
+    """It failed on gloo: the comm's calls ran in the rank's own c10d world, which knows none of the real groups."""
+    sim = ts.run(comm_api_and_dist, world_size=3, torch_distributed=True)
+    real = ts.run(comm_api_and_dist, world_size=3, backend="gloo", torch_distributed=True)
+    same_run(sim, real)
+
+
+def dist_without_the_flag(comm):
+    dist.all_reduce(x := torch.ones(2))
+    return x
+
+
+@pytest.mark.parametrize("backend", ["sim", "gloo"])
+def test_without_the_flag_dist_calls_fail_alike_on_both_backends(backend):
+    """gloo ran them on the worker's own group, unrecorded, where the simulator has no group: both raise now."""
+    with pytest.raises(ValueError, match="^rank [01] raised ValueError: Default process group has not been "
+                                         "initialized") as info:
+        ts.run(dist_without_the_flag, world_size=2, backend=backend, timeout=60)
+    assert info.value.__notes__ == ["tpsp_sim: inside ts.run without torch_distributed=True: pass "
+                                    "torch_distributed=True, and every rank gets an initialised torch.distributed "
+                                    "default group for its dist.* calls"]

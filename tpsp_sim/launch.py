@@ -38,18 +38,20 @@ def run(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "sim
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}"
                          + (" (a finite one, the same on every backend)" if timeout == math.inf else ""))
     _refuse_autograd_history((args, kwargs))
-    if backend == "sim":
-        with torch_api.installed() if torch_distributed else torch_api.hint_without_default_group():
-            return run_virtual(fn, args, kwargs, world_size, timeout=600.0 if timeout is None else timeout,
-                               count_flops=count_flops,
-                               rank_context=torch_api.default_group if torch_distributed else None)
-    if count_flops:
+    if backend != "sim" and count_flops:
         raise ValueError("count_flops is available on the simulator only (backend='sim')")
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ValueError(f"backend='nccl' needs one GPU per rank: world_size={world_size}, "
                          f"GPUs visible={torch.cuda.device_count()}")
-    return run_processes(torch_api.on_default_group(fn) if torch_distributed else fn, args, kwargs, world_size,
-                         backend, 120.0 if timeout is None else timeout)
+    with torch_api.failure_says_why_no_default_group():
+        if backend == "sim":
+            with torch_api.installed() if torch_distributed else torch_api.no_default_group_left():
+                return run_virtual(fn, args, kwargs, world_size, timeout=600.0 if timeout is None else timeout,
+                                   count_flops=count_flops,
+                                   rank_context=torch_api.default_group if torch_distributed else None)
+        # a worker's dist.* calls see the default group only with the flag, as on the simulator
+        return run_processes(fn, args, kwargs, world_size, backend, 120.0 if timeout is None else timeout,
+                             torch_api.on_default_group if torch_distributed else torch_api.without_default_group)
 
 
 def _refuse_autograd_history(obj: Any) -> None:

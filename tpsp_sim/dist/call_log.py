@@ -201,7 +201,8 @@ class CallBook:
                 [(rank, call)] = calls.items()
                 (shape, dtype), scope = call["shape"], call["scope"]
                 found.append((key[2], key[3], rank == key[2], tuple(shape), dtype, scope))
-        return found
+        # sends first, then receives, by ranks (as the simulator lists them), not in the order the logs were read
+        return sorted(found, key=lambda message: (not message[2], message[0], message[1]))
 
     def where(self, rank: int) -> str:
         """Where ``rank`` was, from its last logged call."""

@@ -8,7 +8,8 @@ runs with ``torchrun ... -m tpsp_sim.dist.worker MODULE:FN`` (see worker.py).
 Lifetime. No worker outlives its run: when the run ends, however it ends in this process (result,
 error, Ctrl-C), the workers still running are killed, and with them every process they started
 (each worker leads its own process group; POSIX); when this process itself dies (SIGTERM,
-SIGKILL), each worker ends within moments on its own (worker.py, ``_die_with_parent``). The
+SIGKILL), each worker ends within moments on its own (worker.py, ``_die_with_parent``) and a
+watchdog process kills the workers' groups, so the processes they started end too (watchdog.py). The
 directory is removed at the end of the run; a process killed before it could do that leaves it
 behind, unlocked, and the next real run (in any process) removes it (``_remove_abandoned_work_dirs``).
 
@@ -70,10 +71,10 @@ _LOCK = "owner.lock"
 
 
 def run_processes(fn: Callable, args: tuple, kwargs: dict, world_size: int, backend: str,
-                  timeout: float) -> RunResult:
-    """Run ``fn`` on ``world_size`` new processes of ``backend``; raise the failure to blame (module docstring)."""
+                  timeout: float, wrap: Callable[[Callable], Callable] = lambda fn: fn) -> RunResult:
+    """Run ``wrap(fn)`` on ``world_size`` new processes of ``backend``; raise the failure to blame (module docstring)."""
     try:
-        payload = cloudpickle.dumps((fn, args, kwargs))
+        payload = cloudpickle.dumps((wrap(fn), args, kwargs))
     except Exception as error:
         raise TypeError(f"ts.run(backend={backend!r}) could not serialize fn={fn!r} or its arguments to send them "
                         f"to the worker processes ({error}). Define fn at module level in an importable file, "
@@ -84,11 +85,12 @@ def run_processes(fn: Callable, args: tuple, kwargs: dict, world_size: int, back
     with _work_dir() as work:
         (work / "payload.pkl").write_bytes(payload)
         (work / "sys_path.json").write_text(json.dumps(sys.path))  # where fn's module is found
-        procs, parent_pipe = _start(work, world_size, backend, store.port, timeout)
+        procs, parent_pipe, watchdog = _start(work, world_size, backend, store.port, timeout)
         try:
             failure = _watch(procs, work, timeout)
         finally:
             _kill(procs)
+            _release(watchdog)
             os.close(parent_pipe)
         for rank in range(world_size):
             for line in (work / f"stdout{rank}").read_text(errors="replace").splitlines():
@@ -100,8 +102,13 @@ def run_processes(fn: Callable, args: tuple, kwargs: dict, world_size: int, back
 
 
 def _start(work: Path, world_size: int, backend: str, port: int,
-           timeout: float) -> tuple[list[subprocess.Popen], int]:
-    """Start one worker per rank; return them and the write end of the pipe they watch (close it to end them)."""
+           timeout: float) -> tuple[list[subprocess.Popen], int, subprocess.Popen | None]:
+    """Start the watchdog, then one worker per rank, each told to the watchdog; return the workers, the write
+    end of the pipe they watch (close it to end them) and the watchdog (None without process groups)."""
+    watchdog = None
+    if hasattr(os, "killpg"):
+        watchdog = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("watchdog.py"))],
+                                    stdin=subprocess.PIPE, text=True, start_new_session=True)
     read_end, write_end = os.pipe()  # only the workers inherit the read end; only this process holds the write end
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), OWNER_ENV: str(os.getpid())}
     procs: list[subprocess.Popen] = []
@@ -113,14 +120,16 @@ def _start(work: Path, world_size: int, backend: str, port: int,
                    "--parent-pid", str(os.getpid()), "--parent-pipe", str(read_end)]
             with open(work / f"stdout{rank}", "wb") as out, open(work / f"stderr{rank}", "wb") as err:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, pass_fds=(read_end,),
-                                              start_new_session=hasattr(os, "killpg")))
+                                              start_new_session=watchdog is not None))
+            _tell(watchdog, f"{procs[-1].pid}\n")  # the worker leads a group of that id
     except BaseException:
         _kill(procs)
+        _release(watchdog)
         os.close(write_end)
         raise
     finally:
         os.close(read_end)
-    return procs, write_end
+    return procs, write_end, watchdog
 
 
 def _watch(procs: list[subprocess.Popen], work: Path, timeout: float) -> BaseException | None:
@@ -222,6 +231,28 @@ def _kill(procs: list[subprocess.Popen]) -> None:
             p.kill()
     for p in procs:
         p.wait()
+
+
+def _tell(watchdog: subprocess.Popen | None, line: str) -> None:
+    """Send the watchdog a line; one that has ended (killed by someone) no longer guards the run, which goes on."""
+    if watchdog is not None:
+        try:
+            watchdog.stdin.write(line)
+            watchdog.stdin.flush()
+        except OSError:
+            pass
+
+
+def _release(watchdog: subprocess.Popen | None) -> None:
+    """Tell the watchdog that the workers were ended here (it then exits without killing) and reap it."""
+    if watchdog is None:
+        return
+    _tell(watchdog, "done\n")
+    try:
+        watchdog.stdin.close()
+    except OSError:
+        pass
+    watchdog.wait()
 
 
 @contextmanager

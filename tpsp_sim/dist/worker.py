@@ -119,10 +119,17 @@ def _worker(work: Path, rank: int, world_size: int, backend: str, port: int, tim
             calls.joined()
             outputs, recorder = _call_on_this_process(fn, args, kwargs, backend, calls)
             result = ("result", outputs, recorder)
-        except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
+        except BaseException as error:  # noqa: BLE001 - sys.exit too: reported to the parent, which raises it
             result = ("error", _picklable(error), calls.comm_failed)
     calls.close()
-    _write_atomically(work / f"{result[0]}{rank}.pkl", cloudpickle.dumps(result[1:]))
+    try:
+        data = cloudpickle.dumps(result[1:])
+    except Exception as error:  # noqa: BLE001 - fn's outputs (an error is made picklable above)
+        data = cloudpickle.dumps((TypeError(f"fn returned {type(result[1]).__name__} holding what cannot be pickled "
+                                            f"to send it back to ts.run's process ({error}); return tensors, numbers "
+                                            f"and lists, tuples or dicts of them"), False))
+        result = ("error",)
+    _write_atomically(work / f"{result[0]}{rank}.pkl", data)
     if dist.is_initialized():
         if result[0] == "result":
             dist.barrier()

@@ -41,6 +41,7 @@ from .world import RUNNERS, Aborted, SimWorld, _Message, copy_error, detached, f
 POLL = 0.05  # seconds between the supervisor's checks of the timeout and of stalled turns
 GRACE = 0.5  # seconds a failed run's ranks get to stop before the error is reported without them
 RESEND = 0.1  # seconds between two stops of a rank that swallowed the last one (a bare ``except:``)
+QUIET_RESEND = 1.0  # seconds after which a stop that never landed is sent again (world.py, ``Aborted``)
 STOP_POLL = 0.002  # seconds between two looks for ranks that left, while stopping them
 
 _current = threading.local()  # in a rank thread: .world and .rank, the run it belongs to and its rank
@@ -399,14 +400,17 @@ def _interrupt_computing_ranks(world: SimWorld) -> None:
     last one landed and the rank is still in fn (it swallowed it). Waiting ranks were woken and raise
     themselves; a rank supervising a nested run (failed with this one) stops its ranks and raises: an
     Aborted could land inside Thread.start there. A rank leaves ``thread_ids`` (under the lock) as it
-    leaves fn: from then on it gets none."""
+    leaves fn: from then on it gets none. One whose stop has not landed for QUIET_RESEND s gets another:
+    it may still be pending (in native code; the new one replaces it) or have been discarded by C code
+    before it was instantiated, which no ``landed`` records (and the rank would spin on)."""
+    now = time.monotonic()
     with world.lock:
         for rank, ident in world.thread_ids.items():
             if rank in world.blocked or rank in world.nesting:
                 continue
-            if rank not in world.aborted or ident in Aborted.landed:
+            if rank not in world.aborted or ident in Aborted.landed or now - world.aborted[rank] > QUIET_RESEND:
                 Aborted.landed.discard(ident)
-                world.aborted.add(rank)
+                world.aborted[rank] = now
                 _async_raise(ident, Aborted)
 
 

@@ -60,7 +60,10 @@ class Aborted(BaseException):
 
     Raised as a class, so CPython makes the instance in the rank's own thread when an ``except``
     catches it: ``landed`` then holds that thread's ident (the runtime clears it before each send).
-    A rank whose Aborted landed and that still runs fn has swallowed it (a bare ``except:``)."""
+    A rank whose Aborted landed and that still runs fn has swallowed it (a bare ``except:``). One
+    that C code discards before anything catches it (``PyObject_HasAttr`` and pybind11's ``hasattr``
+    clear every error raised in a Python ``__getattr__`` or property) is never instantiated, so it
+    leaves no trace here: the runtime sends those ranks another after a while (``QUIET_RESEND``)."""
 
     landed: set[int] = set()
 
@@ -166,7 +169,7 @@ class SimWorld:
         self.children: list[SimWorld] = []  # runs nested inside this run's ranks
         self.nesting: set[int] = set()  # ranks supervising a nested run (they stop when it stops)
         self.thread_ids: dict[int, int] = {}  # rank -> thread ident, while the rank is inside fn
-        self.aborted: set[int] = set()  # ranks sent an Aborted at least once (runtime.py)
+        self.aborted: dict[int, float] = {}  # rank -> when it was last sent an Aborted (runtime.py)
         self.error: SimulationError | None = None
         self.closed = False
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -424,6 +427,7 @@ class SimWorld:
                     for sending, channels in ((True, self.sends), (False, self.recvs))
                     for (_, src, dst), queue in channels.items() for m in queue
                     for x in [m.tensor if sending else m.like]]
+        messages.sort(key=lambda message: (not message[2], message[0], message[1]))  # as dist/call_log.py lists them
         return unmatched_messages(messages) if messages else None
 
     def post(self, comm: Any, peer: int, message: _Message, sending: bool) -> None:

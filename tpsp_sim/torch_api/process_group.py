@@ -10,7 +10,9 @@ the caller's output tensor as c10d's in-place signatures require (``detach`` hid
 autograd, as torch's own threaded group does).
 
 Work handles. Collectives complete inside the call (every rank of a group posts, the last
-computes) and return a completed ``Work``, also with ``async_op=True``; ``isend`` / ``irecv`` are
+computes) and return a completed ``Work``, also with ``async_op=True`` (a limit, README's torch_api
+section: recorded blocking, and a program that needs the call to run in the background deadlocks);
+``isend`` / ``irecv`` are
 asynchronous for real: their handle's ``wait`` completes the ``Comm``'s handle. ``dist.send`` is
 ``isend(...).wait()`` in c10d, so its event is recorded non-blocking, followed by its wait.
 
@@ -145,6 +147,16 @@ class CommProcessGroup(dist.ProcessGroup):
                              f"{tuple(output.shape)} ({output.dtype}) for an input of shape {tuple(x.shape)} "
                              f"({x.dtype}) on {self.comm.world_size} ranks")
 
+    def _pieces(self, op: str, pieces: Sequence[torch.Tensor], role: str, x: torch.Tensor, x_role: str) -> None:
+        """A ValueError unless ``pieces`` (a list argument) holds one tensor per rank, each of ``x``'s size and dtype
+        (c10d leaves this check to the backend; unchecked, ``zip`` would drop the missing ranks silently)."""
+        if len(pieces) != self.comm.world_size or any(t.numel() != x.numel() or t.dtype != x.dtype for t in pieces):
+            raise ValueError(f"rank {self.comm.rank} of group {self.comm.group}: {op} got {len(pieces)} {role} "
+                             f"tensor(s) of shapes {[tuple(t.shape) for t in pieces]} "
+                             f"({', '.join(sorted({str(t.dtype) for t in pieces}))}); with {x_role} of shape "
+                             f"{tuple(x.shape)} ({x.dtype}) on {self.comm.world_size} ranks it needs "
+                             f"{self.comm.world_size} {role} tensors of that size and dtype")
+
     # ---- collectives ----------------------------------------------------------------------------
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -167,6 +179,7 @@ class CommProcessGroup(dist.ProcessGroup):
 
     def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> dist.Work:
         for outs, x in zip(outputs, inputs):
+            self._pieces("all_gather", outs, "output", x, "an input")
             gathered = self.comm.all_gather(x if x.dim() else x.reshape(1), 0)
             for out, piece in zip(outs, gathered.chunk(self.comm.world_size)):
                 _fill(out, piece)
@@ -207,6 +220,7 @@ class CommProcessGroup(dist.ProcessGroup):
     def reduce_scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
         op = self._reduce_op(opts or dist.ReduceScatterOptions(), "reduce_scatter")
         for out, pieces in zip(outputs, inputs):
+            self._pieces("reduce_scatter", pieces, "input", out, "an output")
             _fill(out, self.comm.reduce_scatter(torch.stack(pieces), 0, op))
         return _done(outputs)
 
@@ -222,6 +236,8 @@ class CommProcessGroup(dist.ProcessGroup):
     alltoall_base = all_to_all_single
 
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        self._pieces("all_to_all", inputs, "input", inputs[0], "input 0")
+        self._pieces("all_to_all", outputs, "output", inputs[0], "input 0")
         received = self.comm.all_to_all(torch.stack(inputs), 0, 0)
         for out, piece in zip(outputs, received.unbind(0)):
             _fill(out, piece)
@@ -246,6 +262,7 @@ class CommProcessGroup(dist.ProcessGroup):
             _fill(out, self.comm.irecv(out, root).wait())
             return _done(outputs)
         pieces = inputs[0]
+        self._pieces("scatter", pieces, "input", out, "an output")
         sends = [self.comm.isend(piece, r) for r, piece in enumerate(pieces) if r != root]
         for work in sends:
             work.wait()
@@ -259,6 +276,7 @@ class CommProcessGroup(dist.ProcessGroup):
             self.comm.isend(x, root).wait()
             return _done(outputs)
         outs = outputs[0]
+        self._pieces("gather", outs, "output", x, "an input")
         recvs = {r: self.comm.irecv(out, r) for r, out in enumerate(outs) if r != root}
         for r, work in recvs.items():
             _fill(outs[r], work.wait())
