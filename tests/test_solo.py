@@ -11,6 +11,7 @@ import tpsp_sim as ts
 from tpsp_sim.analysis.layer import simulate_layer, symmetric_layer
 from tpsp_sim.analysis.models import Model
 from tpsp_sim.analysis.replay import timeline
+from tpsp_sim.core import flops
 from tpsp_sim.sim.solo import Symmetric, run_solo, run_symmetric
 
 LLAMA = Model("tiny-llama", 2, 96, 12, 4, 160, 100)  # GQA: 3 query heads per K/V head
@@ -53,10 +54,14 @@ def _calls(trace: ts.CommTrace, rank: int) -> list[tuple]:
 
 
 @pytest.mark.parametrize("m, cp, tp, attention, u", CASES, ids=lambda v: getattr(v, "name", str(v)))
-def test_one_rank_gives_every_ranks_trace_and_timeline(m, cp, tp, attention, u):
+def test_one_rank_gives_every_ranks_trace_and_timeline(m, cp, tp, attention, u, monkeypatch):
+    """Every rank simulated, each tile computed (``flops.SHAPES_ONLY`` off), against the planner's way: the
+    symmetric box simulated, repeated tiles answered from their first run."""
     seq = 2 * 3 * 4 * cp * tp
     one = simulate_layer(m, cp, tp, attention, seq, 2, u)
+    monkeypatch.setattr(flops, "SHAPES_ONLY", False)
     every = simulate_layer(m, cp, tp, attention, seq, 2, u, every_rank=True)
+    monkeypatch.setattr(flops, "SHAPES_ONLY", True)
     assert one.world_size == every.world_size == cp * tp
     assert one.compute == every.compute  # FLOPs between the same calls, rank by rank
     assert one.events and len(one.events) == len(every.events)
@@ -121,3 +126,18 @@ def test_groups_that_are_not_whole_axes_set_the_period_and_unmatched_sends_are_r
                                          r"rank 0 to rank 3"):
         run_symmetric(first_rank_talks_to_the_last, shape=(4,))
 
+
+
+def test_a_repeated_tile_gets_its_first_runs_layout_and_flops_and_values_are_always_computed():
+    q, k, v = (torch.empty(1, 2, 8, 4, device="meta") for _ in range(3))
+    with flops.FlopCounter() as counter:
+        first = ts.attention_block(q, k, v, causal=True)
+        again = ts.attention_block(q, k, v, causal=True)
+        other = ts.attention_block(q[:, :, :4], k, v)  # another shape: computed
+    assert [(t.shape, t.stride(), t.dtype) for t in again] == [(t.shape, t.stride(), t.dtype) for t in first]
+    assert again[0] is not first[0] and other[0].shape == (1, 2, 4, 4)
+    per_tile = 4 * 8 * 8 * 4 * 2  # Q Kᵀ and P V: 2 · 2 · n · m · d per head, 2 heads
+    assert [f for _, f in counter.take()] == [2 * per_tile + per_tile // 2]
+    real = torch.randn(1, 2, 8, 4)
+    with flops.FlopCounter():  # values: always computed
+        assert torch.equal(ts.attention_block(real, real, real)[0], ts.attention_block(real, real, real)[0])

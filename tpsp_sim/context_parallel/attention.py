@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.flops import shapes_only
 from ..models.attention import acc_dtype
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -56,6 +57,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
     return scores
 
 
+@shapes_only
 def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One tile: (out, lse) with out = softmax(S) v, lse = log Σ_j exp(S_ij), S = q kᵀ / sqrt(d).
@@ -72,6 +74,7 @@ def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return (probs @ v) / row_sum, (row_max + row_sum.log()).squeeze(-1)
 
 
+@shapes_only
 def attention_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
                              lse: torch.Tensor, delta: torch.Tensor, *,
                              causal: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,6 +95,7 @@ def attention_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return dq, dk.view(b, kv_heads, h // kv_heads, m, d).sum(2), dv.view(b, kv_heads, h // kv_heads, m, d).sum(2)
 
 
+@shapes_only
 def online_softmax_merge(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor,
                          block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a tile's (out, lse) into the running state; with no state yet (None) the tile becomes it."""
