@@ -2,7 +2,8 @@
 
 ``Comm`` checks arguments (a ``ValueError`` naming the rank, the op and the sizes), records a
 ``CommEvent`` per call, and hands the work to a backend: ``SimComm`` (virtual ranks, sim/runtime.py)
-or ``TorchComm`` (real ``torch.distributed``, dist/torch_comm.py). Collectives are functional: they
+and ``SoloComm`` (one rank alone, sim/solo.py), both ``OpTableComm``s computing what ops.py says, or
+``TorchComm`` (real ``torch.distributed``, dist/torch_comm.py). Collectives are functional: they
 return new tensors that no other rank shares, and never touch autograd (see
 core/mappings.py for the differentiable versions). Ranks (``rank``, ``src``, ``dst``,
 ``new_group``) are ranks *of this communicator's group*; ``CommEvent`` records global ranks. The
@@ -286,3 +287,30 @@ class Comm(ABC):
 
     @abstractmethod
     def _new_group(self, ranks: tuple[int, ...]) -> "Comm | None": ...
+
+
+class OpTableComm(Comm):
+    """A backend whose collectives are the op table's ``outputs`` of what the group's ranks post (ops.py): the
+    simulator, and one rank simulated alone (sim/). Each collective is one ``_collective`` call."""
+
+    @abstractmethod
+    def _collective(self, op: str, x: torch.Tensor | None, *params: Any) -> Any:
+        """This rank's part of ``OPS[op].outputs`` for ``x`` and ``params`` (None for a barrier)."""
+
+    def _all_gather(self, x, dim):
+        return self._collective("all_gather", x, dim)
+
+    def _all_reduce(self, x, op):
+        return self._collective("all_reduce", x, op)
+
+    def _reduce_scatter(self, x, dim, op):
+        return self._collective("reduce_scatter", x, dim, op)
+
+    def _broadcast(self, x, src):
+        return self._collective("broadcast", x, src)
+
+    def _all_to_all(self, x, scatter_dim, gather_dim):
+        return self._collective("all_to_all", x, scatter_dim, gather_dim)
+
+    def _barrier(self):
+        self._collective("barrier", None)

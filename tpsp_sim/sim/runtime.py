@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..core.comm import Comm
+from ..core.comm import Comm, OpTableComm
 from ..core.errors import SimulationError, rank_failed
 from ..core.ops import OPS
 from ..core.flops import FlopCounter
@@ -47,7 +47,7 @@ STOP_POLL = 0.002  # seconds between two looks for ranks that left, while stoppi
 _current = threading.local()  # in a rank thread: .world and .rank, the run it belongs to and its rank
 
 
-class SimComm(Comm):
+class SimComm(OpTableComm):
     """A virtual rank's communicator: the collectives run in-process, exactly."""
 
     backend = "sim"
@@ -60,24 +60,6 @@ class SimComm(Comm):
     def _record(self, *args: Any, **kwargs: Any):
         self.world.check_usable(self.global_rank)  # a comm of a failed or finished run records nothing
         return super()._record(*args, **kwargs)
-
-    def _all_gather(self, x, dim):
-        return self._collective("all_gather", x, dim)
-
-    def _all_reduce(self, x, op):
-        return self._collective("all_reduce", x, op)
-
-    def _reduce_scatter(self, x, dim, op):
-        return self._collective("reduce_scatter", x, dim, op)
-
-    def _broadcast(self, x, src):
-        return self._collective("broadcast", x, src)
-
-    def _all_to_all(self, x, scatter_dim, gather_dim):
-        return self._collective("all_to_all", x, scatter_dim, gather_dim)
-
-    def _barrier(self):
-        self._collective("barrier", None)
 
     def _collective(self, op: str, x: torch.Tensor | None, *params: Any) -> Any:
         """Post ``x``; once every rank of the group has, each gets its part of ``OPS[op].outputs`` (ops.py)."""

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..core.comm import Comm
+from ..core.comm import OpTableComm
 from ..core.flops import FlopCounter
 from ..core.ops import OPS
 from ..core.trace import CommEvent, CommTrace, ComputeSpan, Recorder, WaitMark
@@ -48,7 +48,7 @@ class _Done:
         return self.value
 
 
-class SoloComm(Comm):
+class SoloComm(OpTableComm):
     """One rank's communicator in a world that is not simulated: results have the shapes the whole
     world's would, on meta tensors (module docstring)."""
 
@@ -62,24 +62,6 @@ class SoloComm(Comm):
         if x is not None and x.device.type != "meta":
             raise ValueError(f"{self._where(op)}: run_solo simulates one rank on meta tensors only, got a tensor on "
                              f"{x.device} (shape {tuple(x.shape)}); use ts.run to simulate every rank with values")
-
-    def _all_gather(self, x, dim):
-        return self._collective("all_gather", x, dim)
-
-    def _all_reduce(self, x, op):
-        return self._collective("all_reduce", x, op)
-
-    def _reduce_scatter(self, x, dim, op):
-        return self._collective("reduce_scatter", x, dim, op)
-
-    def _broadcast(self, x, src):
-        return self._collective("broadcast", x, src)
-
-    def _all_to_all(self, x, scatter_dim, gather_dim):
-        return self._collective("all_to_all", x, scatter_dim, gather_dim)
-
-    def _barrier(self):
-        self._collective("barrier", None)
 
     def _isend(self, x, dst):
         self._meta("send", x)
