@@ -110,6 +110,25 @@ def image_src(page) -> str:
     return page.locator(".widget-image img, img.widget-image").first.get_attribute("src") or ""
 
 
+def run_all(page, url: str, finish_ms: int) -> None:
+    """Open the notebook at ``url`` (retrying while the server starts), Run All, wait for every cell, and
+    fail on any error output."""
+    for _ in range(120):  # the server takes a few seconds to listen
+        try:
+            page.goto(url)
+            break
+        except Exception:  # noqa: BLE001 - connection refused until it is up
+            time.sleep(0.5)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    kernel_idle(page)
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.locator("li[data-command='runmenu:run-all']").click()
+    page.wait_for_function(QUEUED, timeout=10_000)
+    page.wait_for_function(FINISHED, timeout=finish_ms)
+    errors = [e.text_content() for e in page.locator("[data-mime-type='application/vnd.jupyter.stderr']").all()]
+    assert not errors, f"error output after Run All:\n{errors[0][-2000:]}"
+
+
 def test_notebook_04_runs_in_jupyterlab_and_the_dashboard_responds(lab):
     from playwright.sync_api import sync_playwright
 
@@ -120,21 +139,8 @@ def test_notebook_04_runs_in_jupyterlab_and_the_dashboard_responds(lab):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
-        for _ in range(120):  # the server takes a few seconds to listen
-            try:
-                page.goto(url)
-                break
-            except Exception:  # noqa: BLE001 - connection refused until it is up
-                time.sleep(0.5)
-        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-        kernel_idle(page)
-        page.get_by_role("menuitem", name="Run", exact=True).click()
-        page.locator("li[data-command='runmenu:run-all']").click()
-        page.wait_for_function(QUEUED, timeout=10_000)
-        page.wait_for_function(FINISHED, timeout=120_000)
+        run_all(page, url, finish_ms=120_000)
         prompts = [e.text_content() for e in page.locator(".jp-CodeCell .jp-InputPrompt").all()]  # off-screen too
-        errors = [e.text_content() for e in page.locator("[data-mime-type='application/vnd.jupyter.stderr']").all()]
-        assert not errors, f"error output after Run All:\n{errors[0][-2000:]}"
         assert [p.strip() for p in prompts] == [f"[{n}]:" for n in range(1, len(prompts) + 1)], prompts
         page.screenshot(path=folder / "after_run_all.png")
 

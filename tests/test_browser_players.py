@@ -8,12 +8,11 @@ slider redraws it. Skipped without Chromium or Playwright, failed under CI: test
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
 import test_browser
-from test_browser import CHROMIUM, FINISHED, QUEUED, kernel_idle, lab  # noqa: F401 - lab is a fixture
+from test_browser import CHROMIUM, lab, run_all  # noqa: F401 - lab is a fixture
 
 pytestmark = pytest.mark.browser
 FRAME = "document.querySelector('.widget-image img, img.widget-image')"
@@ -34,20 +33,7 @@ def test_the_player_runs_and_is_readable(notebook, lab):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        for _ in range(120):  # the server takes a few seconds to listen
-            try:
-                page.goto(url)
-                break
-            except Exception:  # noqa: BLE001 - connection refused until it is up
-                time.sleep(0.5)
-        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-        kernel_idle(page)
-        page.get_by_role("menuitem", name="Run", exact=True).click()
-        page.locator("li[data-command='runmenu:run-all']").click()
-        page.wait_for_function(QUEUED, timeout=10_000)
-        page.wait_for_function(FINISHED, timeout=180_000)
-        errors = [e.text_content() for e in page.locator("[data-mime-type='application/vnd.jupyter.stderr']").all()]
-        assert not errors, f"error output after Run All:\n{errors[0][-2000:]}"
+        run_all(page, url, finish_ms=180_000)
         page.wait_for_function(f"() => !!{FRAME}", timeout=30_000)
         frame = page.locator(".widget-image img, img.widget-image").first
         frame.scroll_into_view_if_needed()
