@@ -78,6 +78,8 @@ def shapes_only(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         key = (tuple(_signature(a) for a in args), tuple((k, _signature(v)) for k, v in sorted(kwargs.items())))
         if key not in seen:
+            if len(seen) >= SHAPES_KEPT:  # a long session of many models: start again rather than grow
+                seen.clear()
             before = counter.counted()
             out = fn(*args, **kwargs)
             seen[key] = (_layout(out), counter.counted() - before)
@@ -90,6 +92,7 @@ def shapes_only(fn: Callable) -> Callable:
 
 
 SHAPES_ONLY = True  # tests switch it off to compare
+SHAPES_KEPT = 4096  # distinct calls remembered per function
 
 
 def _signature(x: Any) -> Hashable:
