@@ -206,3 +206,33 @@ def test_gloo_runs_async_collectives_with_torchs_own_async_op_and_records_the_sa
         for got, want in zip(real.outputs[r], sim.outputs[r]):
             assert torch.equal(got, want)
     assert real.trace.events == sim.trace.events and real.trace.waits == sim.trace.waits
+
+
+def all_reduce_in_flight_while_rank_0_sends(comm):
+    """Correct only if the all-reduce runs in the background: rank 1 receives before its own all-reduce."""
+    x = torch.full((3,), dist.get_rank() + 1.0)
+    if dist.get_rank() == 0:
+        work = dist.all_reduce(x, async_op=True)
+        dist.send(torch.ones(1), 1)
+        work.wait()
+    else:
+        dist.recv(torch.empty(1), 0)
+        dist.all_reduce(x)
+    return x
+
+
+def test_a_collective_in_flight_during_a_send_runs_on_virtual_ranks():
+    res = ts.run(all_reduce_in_flight_while_rank_0_sends, world_size=2, torch_distributed=True)
+    assert all(torch.equal(x, torch.full((3,), 3.0)) for x in res.outputs)
+    assert [(e.op, e.blocking) for e in res.trace.events if e.rank == 0] == [("all_reduce", False), ("send", False)]
+    assert [(e.op, e.blocking) for e in res.trace.events if e.rank == 1] == [("recv", False), ("all_reduce", True)]
+
+
+@pytest.mark.real
+@pytest.mark.timeout(180)
+def test_a_collective_in_flight_during_a_send_runs_on_gloo_with_the_same_trace():
+    sim = ts.run(all_reduce_in_flight_while_rank_0_sends, world_size=2, torch_distributed=True)
+    real = ts.run(all_reduce_in_flight_while_rank_0_sends, world_size=2, backend="gloo", torch_distributed=True,
+                  timeout=60)
+    assert all(torch.equal(x, torch.full((3,), 3.0)) for x in real.outputs)
+    assert real.trace.events == sim.trace.events and real.trace.waits == sim.trace.waits

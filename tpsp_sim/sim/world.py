@@ -24,9 +24,12 @@ rank whose message has already arrived is not stuck.
 A collective is a rendezvous: each rank of the group posts its input to the slot for that
 group's next call; the last to arrive checks that all ranks called the same thing (op, shape,
 dtype, device, arguments), computes every rank's output outside the lock (reducing in rank order,
-so runs are bitwise reproducible) and wakes the others. A ``send`` is matched with the next
-``recv`` on the same (group, src, dst) channel, in order, like NCCL; a blocking send returns only
-once matched, so ring-ordering deadlocks show up here.
+so runs are bitwise reproducible) and wakes the others. Posted with ``async_op=True``
+(``collective(..., wait=False)``) a rank posts and goes on; ``wait_collective`` later waits for the
+outputs like any other wait (so a wait for a call some rank has not posted takes part in deadlock
+detection), and a call still missing ranks when the run ends is reported then (``unmatched``). A
+``send`` is matched with the next ``recv`` on the same (group, src, dst) channel, in order, like
+NCCL; a blocking send returns only once matched, so ring-ordering deadlocks show up here.
 
 Failure: ``fail`` records the run's first error and gives every waiting rank a turn, in which it
 raises (and fails the runs nested inside this one's ranks); every later call into the world raises
