@@ -5,6 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tpsp_sim as ts
 from tpsp_sim import cost
@@ -85,6 +87,37 @@ def test_waits_in_any_order_once_every_member_has_posted():
     for gathered, summed in res.outputs:
         assert torch.equal(gathered, torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64))
         assert torch.equal(summed, torch.full((2,), 3.0, dtype=torch.float64))
+
+
+@settings(max_examples=20, deadline=None)
+@given(p=st.integers(1, 4), sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4), data=st.data())
+def test_property_any_wait_order_per_rank_gives_the_dense_sums(p, sizes, data):
+    """Every rank posts the same all-reduces, then waits for them in its own order (drawn per rank)."""
+    orders = [data.draw(st.permutations(range(len(sizes)))) for _ in range(p)]
+
+    def fn(comm):
+        xs = [torch.arange(n, dtype=torch.float64) * (comm.rank + 1) + k for k, n in enumerate(sizes)]
+        works = [comm.all_reduce(x, async_op=True) for x in xs]
+        got = {k: works[k].wait() for k in orders[comm.rank]}
+        return [got[k] for k in range(len(sizes))]
+
+    res = ts.run(fn, world_size=p)
+    for r in range(p):
+        for k, n in enumerate(sizes):  # sum over ranks q of (q+1)·i + k = p(p+1)/2 · i + p·k
+            want = torch.arange(n, dtype=torch.float64) * (p * (p + 1) // 2) + p * k
+            assert torch.equal(res.outputs[r][k], want)
+        assert [w.event_seq for w in res.trace.waits if w.rank == r] == list(orders[r])
+
+
+def test_a_rank_that_fails_releases_the_ranks_waiting_on_its_async_call():
+    def fn(comm):
+        work = comm.all_gather(torch.ones(2), async_op=True) if comm.rank else None
+        if comm.rank == 0:
+            raise ValueError("rank 0 gives up before posting")
+        work.wait()
+
+    with pytest.raises(ts.SimulationError, match="rank 0 gives up before posting"):
+        ts.run(fn, world_size=3, timeout=30)
 
 
 def test_a_mismatch_is_caught_when_the_last_rank_posts_though_nobody_waits():
