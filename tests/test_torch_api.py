@@ -165,7 +165,8 @@ def test_point_to_point_and_async_handles(p):
         torch.testing.assert_close(summed, sum(xs[1:], xs[0].clone()), rtol=1e-14, atol=1e-14)
     sends = [e for e in res.trace.events if e.op == "send" and e.rank == 0]
     assert [(e.peer, e.blocking, e.sent_bytes) for e in sends] == [(1 % p, False, 32), (p - 1, False, 32), (1, False, 32)]
-    assert len([w for w in res.trace.waits if w.rank == 0]) == 5  # every isend / irecv handle waited on
+    # every isend / irecv handle waited on, and the async all_reduce's
+    assert len([w for w in res.trace.waits if w.rank == 0]) == 6
 
 
 def test_functional_collectives_and_scopes():
@@ -446,38 +447,24 @@ def test_a_call_on_a_group_the_rank_is_not_in_is_torchs_warned_no_op():
     assert [e.rank for e in res.trace.events] == [0, 1]
 
 
-def async_all_reduce_then_send(comm):
-    """Correct under plain torch gloo / NCCL (the all-reduce runs in the background while rank 0 sends)."""
-    x = torch.ones(1)
-    if dist.get_rank() == 0:
-        work = dist.all_reduce(x, async_op=True)
-        dist.send(torch.ones(1), 1)
-        work.wait()
-    else:
-        dist.recv(torch.empty(1), 0)
-        dist.all_reduce(x)
-
-
-def test_async_collectives_complete_inside_the_call_as_the_readme_says():
-    """The documented limit (README, torch_api): an async_op collective or functional collective is
-    recorded blocking, its handle complete on return, so the timeline charges it in full, and a program
-    that needs it to run in the background is a deadlock here."""
+def test_async_collectives_run_in_the_background_until_their_wait():
+    """async_op=True and the functional collectives return a pending Work: recorded non-blocking, the output
+    filled (and the WaitMark recorded) at wait() (more in tests/test_async_collectives.py)."""
     def fn(comm):
-        x = torch.ones(3)
+        x = torch.ones(3, dtype=torch.float64) * (dist.get_rank() + 1)
         work = dist.all_reduce(x, async_op=True)
-        completed = work.is_completed()
+        before = (work.is_completed(), x.clone())
         work.wait()
         y = funcol.all_gather_tensor(x, 0, dist.group.WORLD)
-        return completed, x, y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else None
+        return before, work.is_completed(), x, y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else y
 
     res = run(fn, 2)
-    assert [out[0] for out in res.outputs] == [True, True]
-    assert all(torch.equal(out[1], torch.full((3,), 2.0)) and torch.equal(out[2], torch.full((6,), 2.0))
-               for out in res.outputs)
-    assert [(e.op, e.blocking) for e in res.trace.events if e.rank == 0] == [("all_reduce", True), ("all_gather", True)]
-    assert res.trace.waits == []
-    with pytest.raises(ts.DeadlockError, match=r"rank 0: waits in all_reduce"):
-        run(async_all_reduce_then_send, 2)
+    for r, (before, completed, x, y) in enumerate(res.outputs):
+        assert before[0] is False and torch.equal(before[1], torch.full((3,), r + 1.0, dtype=torch.float64))
+        assert completed and torch.equal(x, torch.full((3,), 3.0, dtype=torch.float64))
+        assert torch.equal(y, torch.full((6,), 3.0, dtype=torch.float64))
+    assert [(e.op, e.blocking) for e in res.trace.events if e.rank == 0] == [("all_reduce", False), ("all_gather", False)]
+    assert [(w.seq, w.event_seq) for w in res.trace.waits if w.rank == 0] == [(1, 0), (3, 2)]
 
 
 @pytest.mark.parametrize("p", [1, 3])

@@ -13,7 +13,11 @@ a one-link ``Hardware``; see ``cluster.py`` for which link prices a call):
   (links are full duplex; one rank's sends leave one after another, as posted), and takes α + n/B
   on the link between s and d. A blocking send or recv (or a sendrecv, whose two halves are
   posted together) returns when its transfer ends; isend/irecv return at once, so the transfer runs
-  while the rank computes, and the rank stalls at ``wait()`` only if the transfer has not ended by then.
+  while the rank computes, and the rank stalls at ``wait()`` only if the transfer has not ended by then;
+* a collective posted with ``async_op=True`` (recorded non-blocking) likewise starts when the last rank of
+  its group posts it and runs while each rank goes on computing; a rank stalls at its ``wait()`` (its
+  ``WaitMark``) only until the collective ends (one never waited on is laid out all the same: the
+  rank's end is then at least the collective's end).
 
 ``overlap_tp=True`` (off by default) models Megatron-LM's overlap of tensor parallelism's backward
 communication with its matmuls (``LinearWithGradAccumulationAndAsyncCommunication``, both halves). The
@@ -63,7 +67,7 @@ class Span:
     label: str  # "compute" or the op
     scope: str
     phase: str
-    blocking: bool = True  # False: an isend/irecv (or an overlapped TP reduction) in flight while the rank goes on
+    blocking: bool = True  # False: an isend/irecv, async collective or overlapped TP reduction in flight meanwhile
     axis: str | None = None  # the mesh axis of the call ("tp", "cp", "dp", "dp_cp"), None outside a mesh
 
 
@@ -158,6 +162,7 @@ class _Replay:
     def __init__(self, trace: CommTrace, hw: Cluster, mfu: float, overlap_tp: bool) -> None:
         self.hw, self.flops_per_second, self.overlap_tp = hw, mfu * hw.peak_flops, overlap_tp
         self.pending: dict[int, list[tuple[tuple, CommEvent]]] = defaultdict(list)  # overlapped TP reductions
+        self.unwaited: dict[int, dict[tuple, CommEvent]] = defaultdict(dict)  # async collectives not waited yet
         self.programs = trace.programs()
         self.at = {r: 0 for r in self.programs}  # index of each rank's next item
         self.clock = {r: 0.0 for r in self.programs}
@@ -196,8 +201,9 @@ class _Replay:
         while progress:
             moved = [self._advance(r) for r in self.programs]  # a list: every rank advances
             progress = any(moved) | self._start_transfers()
-        stuck = {r: (self.programs[r][i] if i < len(self.programs[r]) else self.pending[r][0][1])
-                 for r, i in self.at.items() if i < len(self.programs[r]) or self.pending[r]}
+        stuck = {r: (self.programs[r][i] if i < len(self.programs[r]) else
+                     self.pending[r][0][1] if self.pending[r] else next(iter(self.unwaited[r].values())))
+                 for r, i in self.at.items() if i < len(self.programs[r]) or self.pending[r] or self.unwaited[r]}
         if stuck:
             raise SimulationError("timeline: cannot lay out the trace (is it the whole trace of one run?); "
                                   + "; ".join(f"rank {r} waits at {item}" for r, item in stuck.items()))
@@ -221,10 +227,16 @@ class _Replay:
                 self.spans.append(Span(r, "compute", t, end, "compute", item.scope, item.phase))
                 self.clock[r], taken = end, 1
             elif isinstance(item, WaitMark):
-                key = self.call[r, item.event_seq][0]
-                if key not in self.done:
+                key, e = self.call[r, item.event_seq]
+                if key[0] == "collective":  # posted with async_op=True
+                    if not self._all_arrived(key, e):
+                        return moved
+                    del self.unwaited[r][key]
+                    self.clock[r], taken = max(t, self._collective_span(r, key, e, blocking=False)), 1
+                elif key not in self.done:
                     return moved
-                self.clock[r], taken = max(t, self.done[key][1]), 1
+                else:
+                    self.clock[r], taken = max(t, self.done[key][1]), 1
             elif item.op in ("send", "recv"):
                 batch = [item]
                 nxt = program[self.at[r] + 1] if self.at[r] + 1 < len(program) else None
@@ -247,6 +259,9 @@ class _Replay:
                 if self._overlapped(item):
                     self.pending[r].append((key, item))
                     taken = 1
+                elif not item.blocking:  # async_op=True: in flight until its WaitMark
+                    self.unwaited[r][key] = item
+                    taken = 1
                 else:
                     if not self._all_arrived(key, item):
                         return moved
@@ -255,11 +270,16 @@ class _Replay:
             moved = True
         if self.pending[r] and self._finish_overlapped(r):
             moved = True
+        if self.unwaited[r] and all(self._all_arrived(key, e) for key, e in self.unwaited[r].items()):
+            for key, e in self.unwaited[r].items():  # never waited on: laid out, ending after the rank's program
+                self._collective_span(r, key, e, blocking=False)
+            self.unwaited[r].clear()
+            moved = True
         return moved
 
     def _overlapped(self, e: CommEvent) -> bool:
         """A TP backward all-gather or reduce-scatter that ``overlap_tp`` runs under the compute after it."""
-        return (self.overlap_tp and e.phase == "backward" and e.op in ("all_gather", "reduce_scatter")
+        return (self.overlap_tp and e.blocking and e.phase == "backward" and e.op in ("all_gather", "reduce_scatter")
                 and e.axis in ("tp", None))
 
     def _finish_overlapped(self, r: int) -> bool:

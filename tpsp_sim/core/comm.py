@@ -56,8 +56,22 @@ def _short_repr(x: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+class Completed:
+    """The handle of a call that completed when it was made: ``wait()`` returns its result."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def wait(self) -> Any:
+        return self.value
+
+
 class Work:
-    """Handle of an asynchronous send or receive; ``wait()`` returns the received tensor (or None)."""
+    """Handle of an asynchronous call (isend, irecv, a collective with ``async_op=True``): ``wait()``
+    returns its result (the received tensor, the collective's output; None for a send) and records a
+    ``WaitMark`` the first time."""
 
     __slots__ = ("_wait_fn", "_recorder", "_event", "_result", "_done")
 
@@ -124,45 +138,63 @@ class Comm(ABC):
 
     # ---- collectives ----------------------------------------------------------------------------
 
-    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """Concatenate every rank's ``x`` along ``dim``, in rank order."""
+    def all_gather(self, x: torch.Tensor, dim: int = 0, async_op: bool = False) -> torch.Tensor | Work:
+        """Concatenate every rank's ``x`` along ``dim``, in rank order. ``async_op=True``: post it and return
+        a ``Work`` whose ``wait()`` returns the result (the same for every collective below)."""
         self._tensor("all_gather", x)
         dim = normalized_dim(x, dim, self._where("all_gather"))
+        if async_op:
+            return self._launch("all_gather", x, dim)
         self._record("all_gather", x)
         return self._all_gather(x, dim)
 
-    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: str = "sum", async_op: bool = False) -> torch.Tensor | Work:
         """Elementwise reduction of every rank's ``x`` (in rank order); ``op`` is one of ``REDUCE_OPS``
         ("avg": the sum divided by world_size). Every rank must pass the same ``op``."""
         self._tensor("all_reduce", x)
         self._check_op("all_reduce", op, x)
+        if async_op:
+            return self._launch("all_reduce", x, op)
         self._record("all_reduce", x)
         return self._all_reduce(x, op)
 
-    def reduce_scatter(self, x: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
+    def reduce_scatter(self, x: torch.Tensor, dim: int = 0, op: str = "sum",
+                       async_op: bool = False) -> torch.Tensor | Work:
         """Reduce every rank's ``x``, then keep this rank's chunk of ``dim``."""
         self._tensor("reduce_scatter", x)
         self._check_op("reduce_scatter", op, x)
         dim = normalized_dim(x, dim, self._where("reduce_scatter"))
         self._divisible("reduce_scatter", x, dim, "dim")
+        if async_op:
+            return self._launch("reduce_scatter", x, dim, op)
         self._record("reduce_scatter", x)
         return self._reduce_scatter(x, dim, op)
 
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False) -> torch.Tensor | Work:
         """Every rank gets a copy of rank ``src``'s ``x`` (the other ranks' ``x`` gives shape and dtype)."""
         self._tensor("broadcast", x)
         src = self._peer("broadcast", src, "src", allow_self=True)
+        if async_op:
+            return self._launch("broadcast", x, src, root=src)
         self._record("broadcast", x, root=src)
         return self._broadcast(x, src)
 
-    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int,
+                   async_op: bool = False) -> torch.Tensor | Work:
         """Chunk ``scatter_dim`` into world_size pieces, send piece j to rank j, concatenate what arrives along ``gather_dim``."""
         self._tensor("all_to_all", x)
         scatter_dim = normalized_dim(x, scatter_dim, self._where("all_to_all"), "scatter_dim")
         gather_dim = normalized_dim(x, gather_dim, self._where("all_to_all"), "gather_dim")
         self._divisible("all_to_all", x, scatter_dim, "scatter_dim")
+        if async_op:
+            return self._launch("all_to_all", x, scatter_dim, gather_dim)
         self._record("all_to_all", x)
         return self._all_to_all(x, scatter_dim, gather_dim)
+
+    def _launch(self, op: str, x: torch.Tensor, *params: Any, root: int = 0) -> Work:
+        """Record collective ``op`` as non-blocking and post it; its ``Work.wait()`` records the WaitMark."""
+        event = self._record(op, x, root=root, blocking=False)
+        return Work(self._post_collective(op, x, *params).wait, self.recorder, event)
 
     def barrier(self) -> None:
         self._record("barrier", torch.empty(0))
@@ -275,6 +307,12 @@ class Comm(ABC):
 
     @abstractmethod
     def _barrier(self) -> None: ...
+
+    def _post_collective(self, op: str, x: torch.Tensor, *params: Any) -> Any:
+        """Start collective ``op`` (``all_gather``, ...: the primitive ``_<op>``'s arguments) and return a handle
+        whose ``wait()`` returns its result. By default it runs to completion here: a backend that can overlap
+        it (the simulator, torch.distributed) overrides this."""
+        return Completed(getattr(self, "_" + op)(x, *params))
 
     @abstractmethod
     def _isend(self, x: torch.Tensor, dst: int): ...

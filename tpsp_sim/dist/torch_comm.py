@@ -10,6 +10,7 @@ The calls are recorded exactly as the simulator records them, so traces can be c
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -57,40 +58,58 @@ class TorchComm(Comm):
         failure inside it as caused by communication."""
         return nullcontext() if self._calls is None else self._calls.waiting(list(keys))
 
-    def _all_gather(self, x, dim):
-        with self._calling("all_gather", x, (dim,)):
+    # Each collective takes ``async_op`` (``_post_collective`` passes True): with it, torch's own
+    # async_op=True work is returned in a handle whose ``wait`` finishes the result.
+
+    def _all_gather(self, x, dim, async_op=False):
+        with self._calling("all_gather", x, (dim,)) as key:
             x = x.detach().movedim(dim, 0).contiguous()
             out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
-            _all_gather_single(out, x, group=self.pg)
-        return out.movedim(0, dim).contiguous()
+            work = _all_gather_single(out, x, group=self.pg, async_op=async_op)
+        return self._result(work, key, lambda: out.movedim(0, dim).contiguous())
 
-    def _all_reduce(self, x, op):
+    def _all_reduce(self, x, op, async_op=False):
         out = x.detach().clone()
-        with self._calling("all_reduce", x, (op,)):
-            dist.all_reduce(out, op=_OPS["sum" if op == "avg" else op], group=self.pg)
-        return out / self.world_size if op == "avg" else out  # gloo has no AVG; sum, then divide as the simulator
+        with self._calling("all_reduce", x, (op,)) as key:
+            work = dist.all_reduce(out, op=_OPS["sum" if op == "avg" else op], group=self.pg, async_op=async_op)
+        # gloo has no AVG; sum, then divide as the simulator
+        return self._result(work, key, lambda: out / self.world_size if op == "avg" else out)
 
-    def _reduce_scatter(self, x, dim, op):
-        with self._calling("reduce_scatter", x, (dim, op)):
+    def _reduce_scatter(self, x, dim, op, async_op=False):
+        with self._calling("reduce_scatter", x, (dim, op)) as key:
             x = x.detach().movedim(dim, 0).contiguous()
             out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
-            _reduce_scatter_single(out, x, op=_OPS["sum" if op == "avg" else op], group=self.pg)
-        out = out.movedim(0, dim).contiguous()
-        return out / self.world_size if op == "avg" else out
+            work = _reduce_scatter_single(out, x, op=_OPS["sum" if op == "avg" else op], group=self.pg,
+                                          async_op=async_op)
 
-    def _broadcast(self, x, src):
+        def result():
+            moved = out.movedim(0, dim).contiguous()
+            return moved / self.world_size if op == "avg" else moved
+        return self._result(work, key, result)
+
+    def _broadcast(self, x, src, async_op=False):
         out = x.detach().clone()
-        with self._calling("broadcast", x, (src,)):
-            dist.broadcast(out, src=self.group[src], group=self.pg)
-        return out
+        with self._calling("broadcast", x, (src,)) as key:
+            work = dist.broadcast(out, src=self.group[src], group=self.pg, async_op=async_op)
+        return self._result(work, key, lambda: out)
 
-    def _all_to_all(self, x, scatter_dim, gather_dim):
+    def _all_to_all(self, x, scatter_dim, gather_dim, async_op=False):
         p = self.world_size
         pieces = torch.stack(x.detach().chunk(p, scatter_dim)).contiguous()  # pieces[j] goes to rank j
         out = torch.empty_like(pieces)
-        with self._calling("all_to_all", x, (scatter_dim, gather_dim)):
-            dist.all_to_all_single(out, pieces, group=self.pg)
-        return torch.cat(out.unbind(0), gather_dim)
+        with self._calling("all_to_all", x, (scatter_dim, gather_dim)) as key:
+            work = dist.all_to_all_single(out, pieces, group=self.pg, async_op=async_op)
+        return self._result(work, key, lambda: torch.cat(out.unbind(0), gather_dim))
+
+    def _post_collective(self, op, x, *params):
+        return getattr(self, "_" + op)(x, *params, async_op=True)
+
+    def _result(self, work, key, result):
+        """The result now (a blocking call: ``work`` is None), or a handle whose ``wait`` logs that it waits
+        for call ``key`` and finishes it."""
+        if work is None:
+            return result()
+        return _Pending(work, result, lambda: self._waiting(key))
 
     def _barrier(self):
         with self._calling("barrier", None):
@@ -100,13 +119,13 @@ class TorchComm(Comm):
         pair = (self.global_rank, self.group[dst])
         with self._calling("send", x, (dst,), pair) as key:
             work = dist.isend(x.detach().contiguous(), dst=self.group[dst], group=self.pg)
-        return _Pending(work, None, lambda: self._waiting(key))
+        return _Pending(work, lambda: None, lambda: self._waiting(key))
 
     def _irecv(self, like, src):
         out = torch.empty_like(like, memory_format=torch.contiguous_format)
         with self._calling("recv", like, (src,), (self.group[src], self.global_rank)) as key:
             work = dist.irecv(out, src=self.group[src], group=self.pg)
-        return _Pending(work, out, lambda: self._waiting(key))
+        return _Pending(work, lambda: out, lambda: self._waiting(key))
 
     def _sendrecv(self, x, dst, src):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -132,12 +151,13 @@ class TorchComm(Comm):
 
 
 class _Pending:
-    """An isend's or irecv's work handle; ``wait`` hands back the buffer it filled (None for a send)."""
+    """An isend's, irecv's or async collective's work handle; ``wait`` hands back ``result()`` (the buffer
+    the call filled, None for a send) once torch's work is done."""
 
-    def __init__(self, work, out: torch.Tensor | None, waiting) -> None:
-        self.work, self.out, self._waiting = work, out, waiting
+    def __init__(self, work, result: Callable[[], torch.Tensor | None], waiting) -> None:
+        self.work, self.result, self._waiting = work, result, waiting
 
     def wait(self) -> torch.Tensor | None:
         with self._waiting():
             self.work.wait()
-        return self.out
+        return self.result()

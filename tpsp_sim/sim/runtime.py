@@ -36,7 +36,7 @@ from ..core.ops import OPS
 from ..core.flops import FlopCounter
 from ..core.result import RunResult
 from ..core.trace import CommTrace, Recorder
-from .world import RUNNERS, Aborted, SimWorld, _Message, copy_error, detached, format_ranks
+from .world import RUNNERS, Aborted, PostedCall, SimWorld, _Message, copy_error, detached, format_ranks
 
 POLL = 0.05  # seconds between the supervisor's checks of the timeout and of stalled turns
 GRACE = 0.5  # seconds a failed run's ranks get to stop before the error is reported without them
@@ -66,6 +66,14 @@ class SimComm(OpTableComm):
         outputs = OPS[op].outputs
         return self.world.collective(self, op, x, params, lambda xs: outputs(xs, *params))
 
+    def _post_collective(self, op: str, x: torch.Tensor, *params: Any) -> "_PostedWork":
+        """Post ``x`` (a copy: the rank may change ``x`` before it waits) and return at once; ``wait()``
+        returns this rank's output once every rank of the group has posted (world.py)."""
+        outputs = OPS[op].outputs
+        posted = self.world.collective(self, op, detached(x).clone(), params, lambda xs: outputs(xs, *params),
+                                       wait=False)
+        return _PostedWork(self, posted)
+
     def _isend(self, x, dst):
         message = _Message(self.recorder.scope, tensor=detached(x).clone())
         self.world.post(self, dst, message, sending=True)
@@ -91,6 +99,16 @@ class SimComm(OpTableComm):
         if self.rank not in ranks:
             return None
         return SimComm(self.world, ranks.index(self.rank), self.world.groups[group_id], group_id, self.recorder)
+
+
+class _PostedWork:
+    __slots__ = ("comm", "posted")
+
+    def __init__(self, comm: SimComm, posted: PostedCall) -> None:
+        self.comm, self.posted = comm, posted
+
+    def wait(self) -> Any:
+        return self.comm.world.wait_collective(self.comm, self.posted)
 
 
 class _SimWork:

@@ -30,22 +30,10 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..core.comm import OpTableComm
+from ..core.comm import Completed, OpTableComm
 from ..core.flops import FlopCounter
 from ..core.ops import OPS
 from ..core.trace import CommEvent, CommTrace, ComputeSpan, Recorder, WaitMark
-
-
-class _Done:
-    """The handle of a send or receive that has nothing to wait for."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: torch.Tensor | None) -> None:
-        self.value = value
-
-    def wait(self) -> torch.Tensor | None:
-        return self.value
 
 
 class SoloComm(OpTableComm):
@@ -65,11 +53,11 @@ class SoloComm(OpTableComm):
 
     def _isend(self, x, dst):
         self._meta("send", x)
-        return _Done(None)
+        return Completed(None)
 
     def _irecv(self, like, src):
         self._meta("recv", like)
-        return _Done(torch.empty_like(like))
+        return Completed(torch.empty_like(like))
 
     def _sendrecv(self, x, dst, src):
         self._meta("sendrecv", x)

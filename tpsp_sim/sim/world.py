@@ -24,9 +24,12 @@ rank whose message has already arrived is not stuck.
 A collective is a rendezvous: each rank of the group posts its input to the slot for that
 group's next call; the last to arrive checks that all ranks called the same thing (op, shape,
 dtype, device, arguments), computes every rank's output outside the lock (reducing in rank order,
-so runs are bitwise reproducible) and wakes the others. A ``send`` is matched with the next
-``recv`` on the same (group, src, dst) channel, in order, like NCCL; a blocking send returns only
-once matched, so ring-ordering deadlocks show up here.
+so runs are bitwise reproducible) and wakes the others. Posted with ``async_op=True``
+(``collective(..., wait=False)``) a rank posts and goes on; ``wait_collective`` later waits for the
+outputs like any other wait (so a wait for a call some rank has not posted takes part in deadlock
+detection), and a call still missing ranks when the run ends is reported then (``unmatched``). A
+``send`` is matched with the next ``recv`` on the same (group, src, dst) channel, in order, like
+NCCL; a blocking send returns only once matched, so ring-ordering deadlocks show up here.
 
 Failure: ``fail`` records the run's first error and gives every waiting rank a turn, in which it
 raises (and fails the runs nested inside this one's ranks); every later call into the world raises
@@ -112,6 +115,16 @@ class _Slot:
         self.waiters: list[int] = []  # global ranks asleep on this slot
         self.outputs: list[Any] | None = None
         self.missing: tuple[int, str] = (-1, "")  # (ranks posted, the ranks that have not) when last described
+
+
+class PostedCall:
+    """A collective this rank posted without waiting (``SimWorld.collective(..., wait=False)``)."""
+
+    __slots__ = ("slot", "call")
+
+    def __init__(self, slot: _Slot, call: int, op: str, x: torch.Tensor | None, params: tuple) -> None:
+        self.slot = slot
+        self.call = (call, op, x, params)  # what ``_describe_slot`` names, should its wait deadlock
 
 
 class _Message:
@@ -360,8 +373,12 @@ class SimWorld:
     # ---- collectives ----------------------------------------------------------------------------
 
     def collective(self, comm: Any, op: str, x: torch.Tensor | None, params: tuple,
-                   compute: Callable[[list], list]) -> Any:
-        """Post this rank's input for the group's next call and return this rank's output."""
+                   compute: Callable[[list], list], wait: bool = True) -> Any:
+        """Post this rank's input for the group's next call and return this rank's output; with
+        ``wait=False`` return at once a ``PostedCall``, whose output ``wait_collective`` returns.
+
+        Posting is what orders the calls of a group (a mismatch is caught when the last rank posts); the
+        outputs are computed once, by the last rank to post, whether or not the others wait yet."""
         me, gid, size = comm.global_rank, comm.group_id, comm.world_size
         with self.lock:
             self._raise_if_failed(me)
@@ -375,11 +392,13 @@ class SimWorld:
             if last:
                 self._check_signatures(comm, slot, call)
                 del self.slots[gid, call]  # every rank has posted: nobody looks it up again
-            else:
+            elif wait:
                 slot.waiters.append(me)
                 self._block(me, lambda: slot.outputs is not None,
                             lambda: self._describe_slot(comm, slot, call, op, x, params))
         if not last:
+            if not wait:
+                return PostedCall(slot, call, op, x, params)
             self._sleep(me)
             return slot.outputs[comm.rank]
         inputs = [slot.posted[r][1] for r in range(size)]  # detached: no autograd graph is built
@@ -393,7 +412,27 @@ class SimWorld:
             slot.outputs = outputs
             for rank in slot.waiters:
                 self._wake(rank)
-        return outputs[comm.rank]
+        return outputs[comm.rank] if wait else PostedCall(slot, call, op, x, params)
+
+    def wait_collective(self, comm: Any, posted: "PostedCall") -> Any:
+        """This rank's output of a call it posted with ``wait=False``, once every rank of the group has posted
+        it (a rank waiting for a call that some rank never posts is part of a deadlock, reported as one)."""
+        me, slot = comm.global_rank, posted.slot
+        if slot.outputs is not None:  # set under the lock, never reset
+            self.check_usable(me)
+            return slot.outputs[comm.rank]
+        with self.lock:
+            self._raise_if_failed(me)
+            if slot.outputs is None:
+                slot.waiters.append(me)
+                self._block(me, lambda: slot.outputs is not None,
+                            lambda: "wait() of " + self._describe_slot(comm, slot, *posted.call))
+                asleep = True
+            else:
+                asleep = False
+        if asleep:
+            self._sleep(me)
+        return slot.outputs[comm.rank]
 
     def _check_signatures(self, comm: Any, slot: _Slot, call: int) -> None:
         """Every rank of the group must have called the same op on the same shape, dtype, device. Lock held."""
@@ -428,7 +467,28 @@ class SimWorld:
                     for (_, src, dst), queue in channels.items() for m in queue
                     for x in [m.tensor if sending else m.like]]
         messages.sort(key=lambda message: (not message[2], message[0], message[1]))  # as dist/call_log.py lists them
-        return unmatched_messages(messages) if messages else None
+        if messages:
+            return unmatched_messages(messages)
+        return self._uncompleted_collectives()
+
+    def _uncompleted_collectives(self) -> SimulationError | None:
+        """After every rank returned: the calls posted with async_op=True (and not waited on: that would have
+        deadlocked) that some rank of their group never made, as an error naming both; None if there are none.
+        A call every rank posted is complete, waited on or not (its result is simply never read)."""
+        if not self.slots:
+            return None
+        lines = {}
+        for (gid, call), slot in sorted(self.slots.items()):
+            group = self.groups[gid]
+            missing = format_ranks(group[r] for r in range(len(group)) if r not in slot.posted)
+            for r, (op, x, params, scope) in slot.posted.items():
+                lines[group[r]] = lines.get(group[r], "") and lines[group[r]] + "; "
+                lines[group[r]] += (f"posted {describe_call(op, x, params)} (async_op=True), collective #{call} of "
+                                   f"group {self.group_label(gid)}, which ranks [{missing}] never called"
+                                   f"{scope_text(scope)}")
+        return CollectiveMismatchError(f"the run ended with {len(self.slots)} asynchronous collective(s) that not "
+                                       f"every rank of the group called (and nobody waited on: that would have "
+                                       f"deadlocked):\n{summarise(lines)}")
 
     def post(self, comm: Any, peer: int, message: _Message, sending: bool) -> None:
         """Post a send (to ``peer``) or a receive (from ``peer``) and match it if the other side is there."""

@@ -93,9 +93,9 @@ class _RealTorchComm(TorchComm):
 
 
 def _in_real_world(method: Callable) -> Callable:
-    def call(self, *args: Any) -> Any:
+    def call(self, *args: Any, **kwargs: Any) -> Any:
         with dist.distributed_c10d._world.real_world():
-            return method(self, *args)
+            return method(self, *args, **kwargs)
     return call
 
 

@@ -9,12 +9,15 @@ mismatch detection, or on real torch.distributed through ``TorchComm``. The resu
 the caller's output tensor as c10d's in-place signatures require (``detach`` hides the copy from
 autograd, as torch's own threaded group does).
 
-Work handles. Collectives complete inside the call (every rank of a group posts, the last
-computes) and return a completed ``Work``, also with ``async_op=True`` (a limit, README's torch_api
-section: recorded blocking, and a program that needs the call to run in the background deadlocks);
-``isend`` / ``irecv`` are
-asynchronous for real: their handle's ``wait`` completes the ``Comm``'s handle. ``dist.send`` is
-``isend(...).wait()`` in c10d, so its event is recorded non-blocking, followed by its wait.
+Work handles. A blocking call (c10d's options say ``asyncOp=False``) completes inside the call and
+returns a completed ``Work``. With ``async_op=True``, and for the functional collectives (DTensor's,
+FSDP2's; C++ passes them ``asyncOp=True`` or no options at all), each collective is posted to the
+``Comm`` with ``async_op=True`` (recorded non-blocking) and a pending ``Work`` comes back: its ``wait``
+(or ``wait_tensor`` on an ``AsyncCollectiveTensor``) is where the rank waits, records the
+``WaitMark`` and fills the caller's output tensors, which hold their old values until then (on NCCL
+they are undefined until then). ``isend`` / ``irecv`` are asynchronous the same way: their handle's
+``wait`` completes the ``Comm``'s handle. ``dist.send`` is ``isend(...).wait()`` in c10d, so its event
+is recorded non-blocking, followed by its wait.
 
 ``scatter`` and ``gather`` (``distribute_tensor`` scatters from rank 0) are the root's sends and
 the other ranks' receives, as gloo runs them.
@@ -27,7 +30,8 @@ and the reduce ops the ``Comm`` has not (``BAND``, ``BOR``, ``BXOR``, ``PREMUL_S
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,6 +54,37 @@ def _done(result: Any) -> dist.Work:
 
 def _fill(out: torch.Tensor, value: torch.Tensor) -> None:
     out.detach().copy_(value.reshape(out.shape))
+
+
+def _asynchronous(opts: Any) -> bool:
+    """Whether c10d asked for the call in the background: ``async_op`` in the options (set by every dist.*
+    call); no options at all come from the functional collectives' C++ (c10d's default is ``asyncOp=True``)."""
+    return True if opts is None else bool(getattr(opts, "asyncOp", True))
+
+
+class _Posted(dist.Work):
+    """The handle of collectives posted with async_op=True: ``wait`` waits for each Comm handle in turn and
+    fills the caller's outputs with its result."""
+
+    def __init__(self, posted: list[tuple[Any, Callable[[Any], None]]], result: Any) -> None:
+        super().__init__()
+        self.posted, self.result, self.done = posted, result, False
+
+    def wait(self, timeout: Any = None) -> bool:
+        if not self.done:
+            for handle, fill in self.posted:
+                fill(handle.wait())
+            self.done = True
+        return True
+
+    def is_completed(self) -> bool:
+        return self.done
+
+    def get_future(self) -> Future:
+        self.wait()
+        future: Future = Future()
+        future.set_result(self.result)
+        return future
 
 
 class _PointToPoint(dist.Work):
@@ -159,44 +194,50 @@ class CommProcessGroup(dist.ProcessGroup):
 
     # ---- collectives ----------------------------------------------------------------------------
 
+    def _run(self, opts: Any, calls: list[tuple[Callable[..., Any], Callable[[Any], None]]], result: Any) -> dist.Work:
+        """Each (call, fill): ``call(async_op=...)`` runs one Comm collective, ``fill`` copies its result into the
+        caller's outputs. Blocking: filled now, a completed handle returned; asynchronous (``_asynchronous``):
+        every call posted now, filled at the returned handle's ``wait``."""
+        if not _asynchronous(opts):
+            for call, fill in calls:
+                fill(call())
+            return _done(result)
+        return _Posted([(call(async_op=True), fill) for call, fill in calls], result)
+
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         op = self._reduce_op(opts or dist.AllreduceOptions(), "all_reduce")
-        for t in tensors:
-            _fill(t, self.comm.all_reduce(t, op))
-        return _done(tensors)
+        return self._run(opts, [(partial(self.comm.all_reduce, t, op), partial(_fill, t)) for t in tensors], tensors)
 
     allreduce_coalesced = allreduce
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         root = (opts or dist.BroadcastOptions()).rootRank
-        for t in tensors:
-            _fill(t, self.comm.broadcast(t, root))
-        return _done(tensors)
+        return self._run(opts, [(partial(self.comm.broadcast, t, root), partial(_fill, t)) for t in tensors], tensors)
 
     def barrier(self, opts: Any = None) -> dist.Work:
         self.comm.barrier()
         return _done(None)
 
     def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        for outs, x in zip(outputs, inputs):
-            self._pieces("all_gather", outs, "output", x, "an input")
-            gathered = self.comm.all_gather(x if x.dim() else x.reshape(1), 0)
+        def fill(outs: list[torch.Tensor], gathered: torch.Tensor) -> None:
             for out, piece in zip(outs, gathered.chunk(self.comm.world_size)):
                 _fill(out, piece)
-        return _done(outputs)
+        for outs, x in zip(outputs, inputs):
+            self._pieces("all_gather", outs, "output", x, "an input")
+        return self._run(opts, [(partial(self.comm.all_gather, x if x.dim() else x.reshape(1), 0), partial(fill, outs))
+                                for outs, x in zip(outputs, inputs)], outputs)
 
     def all_gather_single(self, output: torch.Tensor, x: torch.Tensor, opts: Any = None) -> dist.Work:
         self._sizes("all_gather_into_tensor", output, x, output.numel() == x.numel() * self.comm.world_size)
-        _fill(output, self.comm.all_gather(x if x.dim() else x.reshape(1), 0))
-        return _done([output])
+        return self._run(opts, [(partial(self.comm.all_gather, x if x.dim() else x.reshape(1), 0),
+                                 partial(_fill, output))], [output])
 
     _allgather_base = all_gather_single
 
     def allgather_into_tensor_coalesced(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
                                         opts: Any = None) -> dist.Work:
-        for output, x in zip(outputs, inputs):
-            self.all_gather_single(output, x)
-        return _done(list(outputs))
+        works = [self.all_gather_single(output, x, opts) for output, x in zip(outputs, inputs)]
+        return self._joined(works, list(outputs))
 
     all_gather_single_coalesced = allgather_into_tensor_coalesced
 
@@ -204,16 +245,15 @@ class CommProcessGroup(dist.ProcessGroup):
         p = self.comm.world_size
         op = self._reduce_op(opts or dist.ReduceScatterOptions(), "reduce_scatter_tensor")
         self._sizes("reduce_scatter_tensor", output, x, output.numel() * p == x.numel())
-        _fill(output, self.comm.reduce_scatter(x if x.dim() and x.shape[0] % p == 0 else x.reshape(p, -1), 0, op))
-        return _done([output])
+        x = x if x.dim() and x.shape[0] % p == 0 else x.reshape(p, -1)
+        return self._run(opts, [(partial(self.comm.reduce_scatter, x, 0, op), partial(_fill, output))], [output])
 
     _reduce_scatter_base = reduce_scatter_single
 
     def reduce_scatter_tensor_coalesced(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
                                         opts: Any = None) -> dist.Work:
-        for output, x in zip(outputs, inputs):
-            self.reduce_scatter_single(output, x, opts)
-        return _done(list(outputs))
+        works = [self.reduce_scatter_single(output, x, opts) for output, x in zip(outputs, inputs)]
+        return self._joined(works, list(outputs))
 
     reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced
 
@@ -221,8 +261,8 @@ class CommProcessGroup(dist.ProcessGroup):
         op = self._reduce_op(opts or dist.ReduceScatterOptions(), "reduce_scatter")
         for out, pieces in zip(outputs, inputs):
             self._pieces("reduce_scatter", pieces, "input", out, "an output")
-            _fill(out, self.comm.reduce_scatter(torch.stack(pieces), 0, op))
-        return _done(outputs)
+        return self._run(opts, [(partial(self.comm.reduce_scatter, torch.stack(pieces), 0, op), partial(_fill, out))
+                                for out, pieces in zip(outputs, inputs)], outputs)
 
     def all_to_all_single(self, output: torch.Tensor, x: torch.Tensor, output_split_sizes: list[int] | None,
                           input_split_sizes: list[int] | None, opts: Any = None) -> dist.Work:
@@ -230,18 +270,24 @@ class CommProcessGroup(dist.ProcessGroup):
             if splits and len(set(splits)) > 1:
                 raise self._unsupported("all_to_all_single", f" with uneven split sizes {list(splits)}")
         self._sizes("all_to_all_single", output, x, output.numel() == x.numel())
-        _fill(output, self.comm.all_to_all(x, 0, 0))
-        return _done([output])
+        return self._run(opts, [(partial(self.comm.all_to_all, x, 0, 0), partial(_fill, output))], [output])
 
     alltoall_base = all_to_all_single
 
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> dist.Work:
         self._pieces("all_to_all", inputs, "input", inputs[0], "input 0")
         self._pieces("all_to_all", outputs, "output", inputs[0], "input 0")
-        received = self.comm.all_to_all(torch.stack(inputs), 0, 0)
-        for out, piece in zip(outputs, received.unbind(0)):
-            _fill(out, piece)
-        return _done(outputs)
+
+        def fill(received: torch.Tensor) -> None:
+            for out, piece in zip(outputs, received.unbind(0)):
+                _fill(out, piece)
+        return self._run(opts, [(partial(self.comm.all_to_all, torch.stack(inputs), 0, 0), fill)], outputs)
+
+    def _joined(self, works: list[dist.Work], result: Any) -> dist.Work:
+        """One handle for the handles of a coalesced call's pieces (all complete, or all posted)."""
+        if all(isinstance(work, _Posted) for work in works) and works:
+            return _Posted([pair for work in works for pair in work.posted], result)
+        return _done(result)
 
     # ---- point to point -------------------------------------------------------------------------
 
