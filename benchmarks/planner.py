@@ -1,6 +1,7 @@
 """How long ``ts.plan`` takes, in one run: the whole search cold with every rank of each layer simulated
-and replayed (as before ``ts.sim.solo``), the same search cold as ``ts.plan`` runs it (the few ranks the
-layer's symmetry needs simulated, the few the cluster's nodes tell apart replayed), the same case re-planned with other memory settings (layers from
+and replayed and every attention tile computed (as before ``ts.sim.solo`` and ``flops.shapes_only``), the
+same search cold as ``ts.plan`` runs it (the few ranks the layer's symmetry needs simulated, repeated tiles
+answered from their first run, the few ranks the cluster's nodes tell apart replayed), the same case re-planned with other memory settings (layers from
 the cache), and the search narrowed to TP inside a node. Ratios are to the first row, measured beside it.
 
     python benchmarks/planner.py [--model llama3-8b] [--seq 131072] [--gpus 64] [--cluster dgx-h100]
@@ -20,6 +21,7 @@ from functools import partial
 
 import tpsp_sim as ts
 from tpsp_sim.analysis import layer, planner
+from tpsp_sim.core import flops
 from tpsp_sim.context_parallel.registry import ATTENTIONS
 
 
@@ -46,9 +48,10 @@ def main() -> None:
     if not a.skip_every_rank:
         symmetric = layer.symmetric_layer
         layer.symmetric_layer = partial(layer.simulate_layer, every_rank=True)  # every rank, replayed whole
+        flops.SHAPES_ONLY = False  # and every tile computed
         planner.clear_cache()
         every, before = timed(lambda: ts.plan(**case))
-        layer.symmetric_layer = symmetric
+        layer.symmetric_layer, flops.SHAPES_ONLY = symmetric, True
         rows.append(("cold, every rank", every))
     planner.clear_cache()
     cold, plans = timed(lambda: ts.plan(**case))
