@@ -219,3 +219,37 @@ def test_attention_at_its_own_efficiency(tiny_plans):
     assert round(FLASH_ATTENTION_3_H100, 3) == 0.748
     with pytest.raises(ValueError, match="attention_efficiency must be in"):
         plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=0)
+
+
+def test_overlap_tp_searched_both_ways(tiny_plans):
+    """overlap_tp=(False, True) prices every split both ways, each plan recording which: its off half is the
+    default plans exactly, its on half the overlap_tp=True plans; the table shows the column only then."""
+    both = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, overlap_tp=(False, True))
+    on = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, overlap_tp=True)
+    runs = lambda plans: [p for p in plans if p.runs]
+    assert [p for p in runs(both) if not p.overlap_tp] == runs(tiny_plans)
+    assert [p for p in runs(both) if p.overlap_tp] == runs(on) and all(p.overlap_tp for p in on)
+    assert "overlap tp" in table(both).splitlines()[0] and "overlap tp" not in table(tiny_plans).splitlines()[0]
+    assert both == plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, overlap_tp=[False, True])
+    for bad in ((), "yes", (True, 1), None):
+        with pytest.raises(ValueError, match="overlap_tp must be a bool"):
+            plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, overlap_tp=bad)
+
+
+def test_micro_batches_searched():
+    """micro_batch=(1, 2) on 4 sequences, dp = 2: m = 4 / (2·1) = 2 micro-batches of one sequence, or
+    4 / (2·2) = 1 of two; dp = 4 does not split into micro-batches of 2 (one row saying so). Each size's plans
+    are the plans of that size alone, and one micro-batch of 2 sequences computes as much per step as two of 1."""
+    sizes = dict(global_batch_tokens=4 * 256, reserve=0, pp=1, attentions=("ring",), recompute=("selective",))
+    both = plan(TINY, 256, 4, PAIRS, micro_batch=(1, 2), **sizes)
+    ones, twos = (plan(TINY, 256, 4, PAIRS, micro_batch=b, **sizes) for b in (1, 2))
+    assert sorted(both, key=repr) == sorted(ones + twos, key=repr)
+    assert {p.micro_batch for p in ones} == {1} and {p.micro_batch for p in twos} == {2}
+    by = {(p.micro_batch, p.dp, p.cp, p.tp): p for p in both}
+    assert by[1, 2, 2, 1].microbatches == 2 and by[2, 2, 2, 1].microbatches == 1
+    assert by[2, 4, 1, 1].why == "the batch of 4 sequences does not split into dp=4 × micro_batch=2"
+    assert by[2, 2, 1, 2].compute == pytest.approx(by[1, 2, 1, 2].compute, rel=1e-9)
+    assert "| b |" in table(both) and "| b |" not in table(ones)
+    assert both == plan(TINY, 256, 4, PAIRS, micro_batch=[1, 2], **sizes)  # deterministic
+    with pytest.raises(ValueError, match="micro_batch must be an int"):
+        plan(TINY, 256, 4, PAIRS, micro_batch=(1, 0), **sizes)

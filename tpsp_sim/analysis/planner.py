@@ -100,6 +100,8 @@ class Plan:
     microbatches: int = 0  # per step and dp replica: global batch / (dp · micro_batch)
     zero: int = 1
     bubble: float = 0.0  # seconds the busiest pipeline rank idles in the pipeline's fill and drain
+    overlap_tp: bool = False  # TP's communication overlapped with its GEMMs (Megatron's --tp-comm-overlap)
+    micro_batch: int = 1  # sequences per micro-batch and dp replica
 
     @property
     def runs(self) -> bool:
@@ -159,10 +161,10 @@ def _split(n_layers: int, stages: int, balance: str) -> list[int] | None:
         return None
 
 
-def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int = 1,
+def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int | Iterable[int] = 1,
          global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = tuple(ATTENTIONS),
          recompute: Iterable[str] = PLANNED_RECOMPUTE, zero: int | Iterable[int] = 1, grad_dtype: str = "fp32",
-         reserve: float = RESERVE_BYTES, overlap_tp: bool = False, max_tp: int | None = None,
+         reserve: float = RESERVE_BYTES, overlap_tp: bool | Iterable[bool] = False, max_tp: int | None = None,
          tp_within_node: bool = False, dp: int | None = None, cp: int | None = None, tp: int | None = None,
          pp: int | None = None, max_pp: int | None = None, virtual_stages: Iterable[int] = (1, 2),
          attention_efficiency: float | None = None, progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
@@ -176,9 +178,12 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     rank to try (v > 1: interleaved 1F1B); ``zero``: one ZeRO stage or several to try, e.g. ``(1, 2, 3)``.
     ``evaluate`` prices one split. A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
     seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica (m = sequences / (dp ·
-    micro_batch) micro-batches go through each pipeline). ``overlap_tp``: hide
-    TP's backward reduce-scatters behind the weight-gradient matmuls (``ts.timeline``). ``cluster``: a
-    ``Cluster`` or a key of ``ts.cost.CLUSTERS``, as ``ts.timeline`` takes.
+    micro_batch) micro-batches go through each pipeline); ``micro_batch`` may be several sizes to try, e.g.
+    ``(1, 2)`` (each is simulated: a layer's time is not linear in it). ``overlap_tp``: overlap TP's
+    communication with its GEMMs as Megatron's ``--tp-comm-overlap`` does (``ts.timeline``); True, False or
+    both to try, ``(False, True)``. Default False: Megatron's own default (the flag is opt-in, it needs
+    Transformer Engine's userbuffers), and one simulation per split instead of two; each plan records it
+    (``Plan.overlap_tp``). ``cluster``: a ``Cluster`` or a key of ``ts.cost.CLUSTERS``, as ``ts.timeline`` takes.
 
     ``grad_dtype`` and ``reserve`` are ``ts.memory.budget``'s (the same defaults). One layer is
     simulated per distinct (cp, tp, attention), shared by every pp, dp, ZeRO stage and recompute mode (pp and dp
@@ -191,6 +196,9 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     if sequences < 1:
         raise ValueError(f"global_batch_tokens={global_batch_tokens} is less than one sequence of {seq} tokens")
     attentions, modes = tuple(attentions), tuple(recompute)
+    overlaps = _choices("overlap_tp", overlap_tp, bool, lambda v: isinstance(v, bool))
+    micro_batches = _choices("micro_batch", micro_batch, int,
+                             lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
     zeros, stages = ((zero,) if isinstance(zero, int) else tuple(zero)), tuple(virtual_stages)
     unknown = [a for a in attentions if a not in ATTENTIONS] + [r for r in modes if r not in PLANNED_RECOMPUTE]
     if unknown:
@@ -203,16 +211,18 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     candidates: list[tuple] = []
     plans: list[Plan] = []
     fixed = {"pp": pp, "dp": dp, "cp": cp, "tp": tp}
-    for pp, tp, cp, dp in _meshes(gpus, c, fixed, max_tp, max_pp, tp_within_node):
+    meshes = _meshes(gpus, c, fixed, max_tp, max_pp, tp_within_node)
+    for micro_batch, (pp, tp, cp, dp) in ((b, mesh) for b in micro_batches for mesh in meshes):
         reason = _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp)
         if reason:  # one row for the mesh, whatever the attention and recompute
-            plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, reason, pp=pp))
+            plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, reason, pp=pp,
+                              micro_batch=micro_batch))
             continue
         count = sequences // (dp * micro_batch)
         for v, layers in _pipelines(m, pp, count, stages):
             if isinstance(layers, str):
                 plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, layers, pp=pp,
-                                  microbatches=count))
+                                  microbatches=count, micro_batch=micro_batch))
                 continue
             pipeline = dict(pp=pp, virtual_stages=v, schedule="1f1b" if v == 1 else "interleaved_1f1b",
                             n_microbatches=count, layers_per_stage=None if pp == 1 else layers)
@@ -221,23 +231,27 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
                     for z in zeros:
                         mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode, zero=z, grad_dtype=grad_dtype,
                                      reserve=reserve, attention=kind, ulysses=u, **pipeline)
-                        shape = dict(pp=pp, v=v, microbatches=count, zero=z)
+                        shape = dict(pp=pp, v=v, microbatches=count, zero=z, micro_batch=micro_batch)
                         if mem.total > c.memory_bytes:
                             why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
                                    f"(weights+grads+optimizer {mem.states / GIB:.1f}, "
                                    f"activations {mem.activations / GIB:.1f}, reserve {mem.reserve / GIB:.1f})")
-                            plans.append(Plan(dp, cp, tp, label, mode, mem, False, why, **shape))
+                            plans.append(Plan(dp, cp, tp, label, mode, mem, False, why, overlap_tp=overlaps[0],
+                                              **shape))
                         else:
-                            candidates.append((dp, cp, tp, label, kind, u, mode, mem, layers, shape))
-    jobs = sorted({(cp, tp, kind, u) for _, cp, tp, _, kind, u, *_ in candidates},
-                  key=lambda job: (-job[0] * job[1], job))  # the biggest meshes first: they take longest
-    layer_job = partial(price_layer, m, c, seq, micro_batch, mfu, overlap_tp)
-    key = (m, c, seq, micro_batch, mfu, overlap_tp)
+                            candidates += [(dp, cp, tp, label, kind, u, mode, mem, layers, {**shape, "overlap_tp": o})
+                                           for o in overlaps]
+    jobs = sorted({(shape["micro_batch"], shape["overlap_tp"], cp, tp, kind, u)
+                   for _, cp, tp, _, kind, u, *_, shape in candidates},
+                  key=lambda job: (-job[2] * job[3], job))  # the biggest meshes first: they take longest
+    layer_job = partial(_price_layer, m, c, seq, mfu)
+    key = (m, c, seq, mfu)
     missing = [job for job in jobs if (key, job) not in _LAYERS]
     _LAYERS.update({(key, job): layer for job, layer in _run_jobs(layer_job, missing, workers, progress).items()})
     layers_priced = {job: _LAYERS[key, job] for job in jobs}
     for dp, cp, tp, label, kind, u, mode, mem, layers, shape in candidates:
-        layer = layers_priced[cp, tp, kind, u]
+        micro_batch = shape["micro_batch"]
+        layer = layers_priced[micro_batch, shape["overlap_tp"], cp, tp, kind, u]
         if isinstance(layer, str):
             plans.append(Plan(dp, cp, tp, label, mode, mem, False, layer, **shape))
             continue
@@ -265,6 +279,22 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
         why = f"uses {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB"
         plans.append(Plan(dp, cp, tp, label, mode, mem, True, why, step, compute, exposed, idle, bubble=bubble, **shape))
     return sorted(plans, key=_rank)
+
+
+def _choices(name: str, value, kind: type, valid: Callable[[object], bool]) -> tuple:
+    """``value`` as a tuple of the values to try: one ``kind`` or an iterable of them, each ``valid``, in the order
+    given (duplicates dropped)."""
+    values = (value,) if isinstance(value, kind) else tuple(value) \
+        if isinstance(value, Iterable) and not isinstance(value, str) else ()
+    if not values or not all(valid(v) for v in values):
+        raise ValueError(f"{name} must be {'an' if kind is int else 'a'} {kind.__name__} or several to try, got {value!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def _price_layer(m: Model, c: Cluster, seq: int, mfu: float, job: tuple) -> LayerTime | str:
+    """``price_layer`` of ``job`` = (micro_batch, overlap_tp, cp, tp, attention, ulysses)."""
+    micro_batch, overlap, *mesh = job
+    return price_layer(m, c, seq, micro_batch, mfu, overlap, tuple(mesh))
 
 
 def fewest_gpus(model: Model | str, seq: int, cluster: Cluster | str, *, gpus: int = 1, micro_batch: int = 1,
@@ -308,7 +338,7 @@ def _bubble_share(pp: int, m: int, v: int) -> float:
     return f / (1 - f)
 
 
-# One simulated layer per (model, cluster, seq, micro-batch, mfu, overlap, mesh, attention): a second plan()
+# One simulated layer per (model, cluster, seq, mfu) and (micro-batch, overlap, mesh, attention): a second plan()
 # of the same case (other memory settings, batch, recompute or search space) simulates nothing again.
 _LAYERS: dict[tuple, "LayerTime | str"] = {}
 
@@ -463,18 +493,24 @@ def _cannot_split(m: Model, seq: int, sequences: int, micro_batch: int, dp: int,
 
 def _rank(p: Plan) -> tuple:
     return (not p.fits, p.step_time if p.fits else p.memory.total or float("inf"), p.tp, p.cp, p.attention, p.recompute,
-            p.pp, p.v, p.zero, p.dp)
+            p.pp, p.v, p.zero, p.dp, p.micro_batch, p.overlap_tp)
 
 
 def table(plans: list[Plan], top: int | None = None) -> str:
-    """A Markdown table of ``plans`` (the first ``top``), best first."""
-    head = ("#", "pp", "dp", "cp", "tp", "v", "m", "zero", "attention", "recompute", "step time", "compute",
-            "exposed tp", "exposed cp", "exposed pp", "exposed dp×cp", "bubble", "memory/GPU", "fits")
+    """A Markdown table of ``plans`` (the first ``top``), best first. Columns "b" (sequences per micro-batch) and
+    "overlap tp" appear when some plan has micro_batch > 1 or overlap_tp on."""
+    shown = plans[:top]
+    extra = [(name, value) for name, value, show in (
+        ("b", lambda p: str(p.micro_batch), any(p.micro_batch != 1 for p in shown)),
+        ("overlap tp", lambda p: "yes" if p.overlap_tp else "no", any(p.overlap_tp for p in shown))) if show]
+    head = ("#", "pp", "dp", "cp", "tp", "v", "m", *(name for name, _ in extra), "zero", "attention", "recompute",
+            "step time", "compute", "exposed tp", "exposed cp", "exposed pp", "exposed dp×cp", "bubble", "memory/GPU",
+            "fits")
     rows = []
-    for i, p in enumerate(plans[:top], start=1):
+    for i, p in enumerate(shown, start=1):
         times = ([format_seconds(p.step_time), format_seconds(p.compute)]
                  + [format_seconds(p.exposed[a]) for a in EXPOSED] + [format_seconds(p.bubble)]) if p.runs else ["-"] * 7
         memory = f"{p.memory.total / GIB:.1f} GiB" if p.memory.total else "-"
         rows.append((str(i), str(p.pp), str(p.dp), str(p.cp), str(p.tp), str(p.v), str(p.microbatches or "-"),
-                     str(p.zero), p.attention, p.recompute, *times, memory, ("yes: " if p.fits else "no: ") + p.why))
-    return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits"}).render("markdown")
+                     *(value(p) for _, value in extra), str(p.zero), p.attention, p.recompute, *times, memory, ("yes: " if p.fits else "no: ") + p.why))
+    return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits", "overlap tp"}).render("markdown")
