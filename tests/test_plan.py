@@ -206,7 +206,7 @@ def test_attention_at_its_own_efficiency(tiny_plans):
     """dp = 4, cp = tp = 1: the causal attention core is 2·256²·16·4 = 8,388,608 FLOPs forward and 2.5× that
     backward per layer and sequence; at 1.0 of peak instead of mfu 0.5 each of the 2 layer passes saves
     29,360,128 · (2e-12 − 1e-12) s. Default (None): the same plans as one MFU for all compute."""
-    from tpsp_sim.analysis.layer import FLASH_ATTENTION_3_H100, causal_attention_flops
+    from tpsp_sim.analysis.layer import causal_attention_flops
     assert causal_attention_flops(TINY, 256, 1, 1) == (8_388_608, 2.5 * 8_388_608)
     assert causal_attention_flops(TINY, 256, 2, 2) == (8_388_608 / 4, 2.5 * 8_388_608 / 4)
     faster = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=1.0)
@@ -216,9 +216,29 @@ def test_attention_at_its_own_efficiency(tiny_plans):
         p = next(p for p in faster if key(p) == (4, 1, 1, "-", mode))
         saved = passes * (1 if mode == "selective" else 8_388_608 / 29_360_128 + 1) * 29_360_128 * 1e-12
         assert before[key(p)].compute - p.compute == pytest.approx(saved, rel=1e-9)
-    assert round(FLASH_ATTENTION_3_H100, 3) == 0.748
-    with pytest.raises(ValueError, match="attention_efficiency must be in"):
-        plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=0)
+    for bad in (0, 2.5, (0.5,), (0.5, -1), "fa9-h100", True):
+        with pytest.raises(ValueError, match="attention_efficiency"):
+            plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=bad)
+
+
+def test_attention_forward_and_backward_at_their_own_speeds(tiny_plans):
+    """A (forward, backward) pair prices them apart: dp = 4, cp = tp = 1, selective, 2 layer passes; forward
+    8,388,608 FLOPs at 0.25 instead of 0.5 of 1e12 costs 2 · 8,388,608 · (4e-12 − 2e-12) s more, backward
+    20,971,520 at 1.0 saves 2 · 20,971,520 · (2e-12 − 1e-12) s. A published kernel is its two shares:
+    FlashAttention-3 on H100, 616 and 561 TFLOP/s of 989; the FP8 kernel's backward is taken at its forward's."""
+    from tpsp_sim.analysis.kernels import ATTENTION_KERNELS
+    split = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=(0.25, 1.0),
+                 recompute=("selective",))
+    p = next(p for p in split if (p.dp, p.cp, p.tp) == (4, 1, 1))
+    q = next(q for q in tiny_plans if (q.dp, q.cp, q.tp, q.recompute) == (4, 1, 1, "selective"))
+    assert p.compute - q.compute == pytest.approx(2 * 8_388_608 * 2e-12 - 2 * 20_971_520 * 1e-12, rel=1e-9)
+    fa3 = ATTENTION_KERNELS["fa3-h100-bf16"]
+    assert (fa3.forward, fa3.backward) == (616 / 989, 561 / 989)
+    fp8 = ATTENTION_KERNELS["fa3-h100-fp8"]
+    assert fp8.forward == fp8.backward == 1171 / 989 > 1
+    by_key = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency="fa3-h100-bf16")
+    assert by_key == plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1,
+                          attention_efficiency=(616 / 989, 561 / 989))
 
 
 def test_overlap_tp_searched_both_ways(tiny_plans):

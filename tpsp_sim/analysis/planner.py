@@ -54,6 +54,7 @@ from ..context_parallel.registry import ATTENTIONS, attention_kind
 from ..core.table import Table
 from .cluster import Cluster, Link, cluster as as_cluster
 from .cost import collective_time, format_seconds
+from .kernels import AttentionKernel, attention_shares
 from .layer import LayerTime, causal_attention_flops, price_layer
 from ..pipeline.interleaved import round_size
 from ..pipeline.registry import bubble_fraction
@@ -68,8 +69,8 @@ IGNORES = ("the zero-bubble and GPipe schedules (1F1B and interleaved 1F1B are p
            "overlap of the pipeline's point-to-point transfers with compute (counted fully exposed) and the tied "
            "embedding's all-reduce between the first and last stage; the embedding "
            "and output layer's compute (their memory is counted); kernel efficiency beyond one MFU for all compute "
-           "unless attention_efficiency is given (FlashAttention-3 reaches 0.75 of peak, so attention-bound long-context "
-           "steps are priced slow by default; its backward is taken at the forward's efficiency); overlap of the "
+           "unless attention_efficiency is given (FlashAttention-3 runs causal attention at 0.62 of peak forward and "
+           "0.57 backward, ts.analysis.kernels); FP8 GEMMs; overlap of the "
            "gradient synchronisation with backward (counted fully exposed; ZeRO 3's weight gathers are prefetched "
            "behind the previous layer's compute); "
            "Megatron's overlap of TP's all-gathers (overlap_tp hides its reduce-scatters only); the sequence-parallel "
@@ -167,12 +168,17 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
          reserve: float = RESERVE_BYTES, overlap_tp: bool | Iterable[bool] = False, max_tp: int | None = None,
          tp_within_node: bool = False, dp: int | None = None, cp: int | None = None, tp: int | None = None,
          pp: int | None = None, max_pp: int | None = None, virtual_stages: Iterable[int] = (1, 2),
-         attention_efficiency: float | None = None, progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
+         attention_efficiency: float | tuple[float, float] | AttentionKernel | str | None = None, progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
     """Every (pp, dp, cp, tp) × virtual stages × attention × recompute × ZeRO plan for ``model`` at ``seq`` tokens
     on ``gpus`` GPUs of ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
 
-    ``attention_efficiency``: the attention core's share of peak when it differs from ``mfu`` (GEMMs and the
-    rest stay at ``mfu``), e.g. ``FLASH_ATTENTION_3_H100``; None (default): one ``mfu`` for all compute.
+    ``attention_efficiency``: the causal attention core's speed when it differs from ``mfu`` (GEMMs and the rest
+    stay at ``mfu``): a share of peak, a (forward, backward) pair, or a published kernel (``ts.analysis.kernels``:
+    an ``AttentionKernel`` or its key, e.g. "fa3-h100-bf16": FlashAttention-3's 616 / 561 TFLOP/s of 989).
+    None (default): one ``mfu`` for all compute. The default stays one MFU on purpose: ``mfu`` is an end-to-end
+    figure (whole steps measured at 0.4-0.5), while the kernels' numbers are one kernel alone on the GPU at
+    16K tokens, an upper bound in a step whose communication kernels take SMs; and it keeps every published
+    plan's number. Pass the cluster's kernel to price long-context steps at FlashAttention's speed.
     Search space: ``pp``, ``dp``, ``cp``, ``tp`` fix an axis; ``max_tp`` and ``max_pp`` cap tp and pp;
     ``tp_within_node`` keeps each tp group on one node; ``virtual_stages``: the model chunks per pipeline
     rank to try (v > 1: interleaved 1F1B); ``zero``: one ZeRO stage or several to try, e.g. ``(1, 2, 3)``.
@@ -196,6 +202,8 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     if sequences < 1:
         raise ValueError(f"global_batch_tokens={global_batch_tokens} is less than one sequence of {seq} tokens")
     attentions, modes = tuple(attentions), tuple(recompute)
+    if attention_efficiency is not None:
+        attention_shares(attention_efficiency)  # a clear error before anything is simulated
     overlaps = _choices("overlap_tp", overlap_tp, bool, lambda v: isinstance(v, bool))
     micro_batches = _choices("micro_batch", micro_batch, int,
                              lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
@@ -399,17 +407,28 @@ def evaluate(model: Model | str, seq: int, cluster: Cluster | str, dp: int, cp: 
     return exact[0]
 
 
+def attention_core_time(m: Model, c: Cluster, seq: int, micro_batch: int, cp: int, tp: int,
+                        efficiency: float | tuple[float, float] | AttentionKernel | str) -> tuple[float, float]:
+    """(forward, backward) seconds of one layer's causal attention core per rank at ``efficiency``
+    (``attention_shares``: forward share f, backward share g of ``c.peak_flops``):
+
+        b · F / (f · peak),  b · 2.5 F / (g · peak),   F = 2 · s² · head_dim · H / (cp · tp)  (``causal_attention_flops``).
+    """
+    shares = attention_shares(efficiency)
+    return tuple(micro_batch * flops / (share * c.peak_flops)
+                 for flops, share in zip(causal_attention_flops(m, seq, cp, tp), shares))
+
+
 def _attention_repriced(m: Model, c: Cluster, seq: int, micro_batch: int, cp: int, tp: int, mfu: float,
-                        efficiency: float | None) -> tuple[float, float]:
+                        efficiency: float | tuple[float, float] | AttentionKernel | str | None) -> tuple[float, float]:
     """Seconds to add to a layer's (forward, backward) compute when its causal attention core runs at
-    ``efficiency`` of peak instead of ``mfu`` (None: no change). A correction of the busiest rank's
+    ``efficiency`` instead of ``mfu`` (None: no change). A correction of the busiest rank's
     compute, as ``causal_overcount`` is: the timeline is not laid out again."""
     if efficiency is None:
         return 0.0, 0.0
-    if not 0 < efficiency <= 1:
-        raise ValueError(f"attention_efficiency must be in (0, 1], got {efficiency}")
-    scale = 1 / (efficiency * c.peak_flops) - 1 / (mfu * c.peak_flops)
-    return tuple(micro_batch * flops * scale for flops in causal_attention_flops(m, seq, cp, tp))
+    at_kernel = attention_core_time(m, c, seq, micro_batch, cp, tp, efficiency)
+    at_mfu = attention_core_time(m, c, seq, micro_batch, cp, tp, mfu)
+    return tuple(k - g for k, g in zip(at_kernel, at_mfu))
 
 
 def gradient_sync_time(parameters: float, zero: int, grad_bytes: int, replicas: int, link: Link,
