@@ -273,3 +273,18 @@ def test_micro_batches_searched():
     assert both == plan(TINY, 256, 4, PAIRS, micro_batch=[1, 2], **sizes)  # deterministic
     with pytest.raises(ValueError, match="micro_batch must be an int"):
         plan(TINY, 256, 4, PAIRS, micro_batch=(1, 0), **sizes)
+
+
+def test_automatic_workers_spawn_only_for_large_searches(monkeypatch):
+    """workers=None runs a small search in this process (spawning processes that import torch costs more than
+    the simulations); from PROCESSES_FROM simulations on, one process per CPU. Bad counts are named."""
+    from tpsp_sim.analysis import planner as plan_module
+    assert plan_module._workers(None, plan_module.PROCESSES_FROM - 1) == 1
+    monkeypatch.setattr(plan_module, "default_workers", lambda: 7)
+    assert plan_module._workers(None, plan_module.PROCESSES_FROM) == 7 and plan_module._workers(3, 1) == 3
+    plan_module.clear_cache()
+    monkeypatch.setattr(plan_module, "ProcessPoolExecutor", lambda *a, **k: pytest.fail("spawned processes"))
+    assert len(plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, workers=None)) > 0
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be a positive int or None"):
+            plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, workers=bad)

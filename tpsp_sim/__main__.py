@@ -21,7 +21,8 @@ from .analysis.cluster import CLUSTERS, Cluster, Link, cluster
 from .analysis.cost import estimate, format_seconds
 from .analysis.memory import RESERVE_BYTES, ZERO_STAGES
 from .analysis.models import MODELS, Model
-from .analysis.planner import IGNORES, PLANNED_RECOMPUTE, default_workers, fewest_gpus, plan, table as plan_table
+from .analysis.planner import (IGNORES, PLANNED_RECOMPUTE, PROCESSES_FROM, default_workers, fewest_gpus, plan,
+                               table as plan_table)
 from .context_parallel.registry import ATTENTIONS
 from .viz.plan_plot import plot_plans
 from .viz.plot import plot_comm, plot_scaling, plot_shards, plot_timeline
@@ -184,8 +185,9 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
                      help="context-parallel attentions to try (default: all)")
     cmd.add_argument("--recompute", nargs="+", default=list(PLANNED_RECOMPUTE), choices=PLANNED_RECOMPUTE,
                      help="recompute modes to try (default: all)")
-    cmd.add_argument("--workers", type=POSITIVE, default=default_workers(),
-                     help="processes for the layer simulations (default: one per CPU)")
+    cmd.add_argument("--workers", type=POSITIVE, default=None,
+                     help=f"processes for the layer simulations (default: one per CPU ({default_workers()}) when "
+                          f"{PROCESSES_FROM} or more are to run, else 1: spawning costs more than a small search)")
     cmd.add_argument("--zero", type=int, nargs="+", default=[1], choices=ZERO_STAGES,
                      help="ZeRO stages over dp x cp to try (default 1: Megatron's distributed optimizer)")
     for axis in ("pp", "dp", "cp", "tp"):
