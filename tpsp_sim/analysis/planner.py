@@ -191,10 +191,9 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     Transformer Engine's userbuffers), and one simulation per split instead of two; each plan records it
     (``Plan.overlap_tp``). ``cluster``: a ``Cluster`` or a key of ``ts.cost.CLUSTERS``, as ``ts.timeline`` takes.
 
-    ``grad_dtype`` and ``reserve`` are ``ts.memory.budget``'s (the same defaults). One layer is
-    simulated per distinct (cp, tp, attention), shared by every pp, dp, ZeRO stage and recompute mode (pp and dp
-    add only closed forms); ``workers`` > 1 runs these simulations
-    in that many processes (the plans are the same); None: one per CPU when at least ``PROCESSES_FROM``
+    ``grad_dtype`` and ``reserve`` are ``ts.memory.budget``'s (the same defaults). One layer is simulated per
+    distinct (cp, tp, attention, micro_batch, overlap_tp), shared by every pp, dp, ZeRO stage and recompute mode
+    (pp and dp add only closed forms); ``workers`` > 1 runs these simulations in that many processes (the plans are the same); None: one per CPU when at least ``PROCESSES_FROM``
     simulations are to run, else none (a spawned process that imports torch costs more than a small search). ``progress`` wraps the simulations as they finish,
     a sized iterable (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
     """
