@@ -168,7 +168,8 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
          reserve: float = RESERVE_BYTES, overlap_tp: bool | Iterable[bool] = False, max_tp: int | None = None,
          tp_within_node: bool = False, dp: int | None = None, cp: int | None = None, tp: int | None = None,
          pp: int | None = None, max_pp: int | None = None, virtual_stages: Iterable[int] = (1, 2),
-         attention_efficiency: float | tuple[float, float] | AttentionKernel | str | None = None, progress: Callable[[Iterable], Iterable] = iter, workers: int | None = 1) -> list[Plan]:
+         attention_efficiency: float | tuple[float, float] | AttentionKernel | str | None = None,
+         progress: Callable[[Iterable], Iterable] = iter, workers: int | None = 1) -> list[Plan]:
     """Every (pp, dp, cp, tp) × virtual stages × attention × recompute × ZeRO plan for ``model`` at ``seq`` tokens
     on ``gpus`` GPUs of ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
 
@@ -193,9 +194,10 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
 
     ``grad_dtype`` and ``reserve`` are ``ts.memory.budget``'s (the same defaults). One layer is simulated per
     distinct (cp, tp, attention, micro_batch, overlap_tp), shared by every pp, dp, ZeRO stage and recompute mode
-    (pp and dp add only closed forms); ``workers`` > 1 runs these simulations in that many processes (the plans are the same); None: one per CPU when at least ``PROCESSES_FROM``
-    simulations are to run, else none (a spawned process that imports torch costs more than a small search). ``progress`` wraps the simulations as they finish,
-    a sized iterable (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
+    (pp and dp add only closed forms); ``workers`` > 1 runs these simulations in that many processes (the plans
+    are the same); None: one per CPU when at least ``PROCESSES_FROM`` simulations are to run, else none (a
+    spawned process that imports torch costs more than a small search). ``progress`` wraps the simulations as
+    they finish, a sized iterable (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
     """
     m, c = as_model(model), as_cluster(cluster)
     sequences = global_batch_tokens // seq
@@ -257,7 +259,8 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     layer_job = partial(_price_layer, m, c, seq, mfu)
     key = (m, c, seq, mfu)
     missing = [job for job in jobs if (key, job) not in _LAYERS]
-    _LAYERS.update({(key, job): layer for job, layer in _run_jobs(layer_job, missing, _workers(workers, len(missing)), progress).items()})
+    simulated = _run_jobs(layer_job, missing, _workers(workers, len(missing)), progress)
+    _LAYERS.update({(key, job): layer for job, layer in simulated.items()})
     layers_priced = {job: _LAYERS[key, job] for job in jobs}
     for dp, cp, tp, label, kind, u, mode, mem, layers, shape in candidates:
         micro_batch = shape["micro_batch"]
@@ -546,5 +549,6 @@ def table(plans: list[Plan], top: int | None = None) -> str:
                  + [format_seconds(p.exposed[a]) for a in EXPOSED] + [format_seconds(p.bubble)]) if p.runs else ["-"] * 7
         memory = f"{p.memory.total / GIB:.1f} GiB" if p.memory.total else "-"
         rows.append((str(i), str(p.pp), str(p.dp), str(p.cp), str(p.tp), str(p.v), str(p.microbatches or "-"),
-                     *(value(p) for _, value in extra), str(p.zero), p.attention, p.recompute, *times, memory, ("yes: " if p.fits else "no: ") + p.why))
+                     *(value(p) for _, value in extra), str(p.zero), p.attention, p.recompute, *times, memory,
+                     ("yes: " if p.fits else "no: ") + p.why))
     return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits", "overlap tp"}).render("markdown")
