@@ -29,6 +29,7 @@ MEGATRON = "https://github.com/NVIDIA/Megatron-LM/blob/main/megatron/training/th
 KORTHIKANTI = "https://arxiv.org/abs/2205.05198"
 LIU = "https://arxiv.org/abs/2310.01889"
 FLASH3 = "https://arxiv.org/abs/2407.08608"
+FLASH2 = "https://arxiv.org/abs/2307.08691"
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,15 @@ def _activations(m: Model | str, dp: int, cp: int, tp: int, seq: int) -> Callabl
     return lambda: ts.memory.budget(m, (dp, cp, tp), seq, 1, recompute="selective").activations
 
 
+def attention_tflops(cluster: str, kernel: str, direction: int) -> float:
+    """TFLOP/s at which ``ts.plan(attention_efficiency=kernel)`` runs Llama 3 8B's causal attention core (head dim
+    128) at 16K tokens on one GPU of ``cluster``: its FLOPs over the seconds ``attention_core_time`` charges,
+    forward (``direction`` 0) or backward (1)."""
+    m, c = MODELS["llama3-8b"], ts.cost.CLUSTERS[cluster]
+    flops = ts.analysis.layer.causal_attention_flops(m, 16384, 1, 1)[direction]
+    return flops / ts.analysis.planner.attention_core_time(m, c, 16384, 1, 1, 1, kernel)[direction] / 1e12
+
+
 GPT_8K = Model("GPT, h 4096, f 4h", 32, 4096, 32, 32, 4 * 4096, 51200, mlp="gelu")
 
 ROWS: list[Row] = [
@@ -158,7 +168,21 @@ ROWS: list[Row] = [
     Row("FlashAttention-3 forward, BF16, H100 SXM (peak of the paper's sweeps)", FLASH3, 740, "TFLOP/s", 0.35,
         lambda: 0.5 * ts.cost.CLUSTERS["dgx-h100"].peak_flops / 1e12,
         "off by a third: the planner runs all compute at one MFU (0.5 of peak); attention kernels reach 75% "
-        "at long sequences, so long-context steps are priced slower than FA3 runs them (plan.IGNORES)"),
+        "at long sequences, so long-context steps are priced slower than FA3 runs them (plan.IGNORES) unless "
+        "attention_efficiency prices them at the rows below"),
+    # ---- compute: the attention core at a published kernel's speed, plan(attention_efficiency=...) ----
+    Row("FlashAttention-3 forward, causal, BF16, head dim 128, 16K tokens, H100 SXM5", FLASH3, 616, "TFLOP/s", 0.01,
+        lambda: attention_tflops("dgx-h100", "fa3-h100-bf16", 0),
+        "read from the paper's bar label; the planner charges the causal half of the FLOPs at this speed"),
+    Row("FlashAttention-3 backward, BF16, head dim 128, 16K tokens, H100 SXM5 (the paper: without causal mask)",
+        FLASH3, 561, "TFLOP/s", 0.01, lambda: attention_tflops("dgx-h100", "fa3-h100-bf16", 1),
+        "the paper reports no causal backward; the planner takes the non-causal speed for the causal backward"),
+    Row("FlashAttention-3 forward, FP8, head dim 256, 16K tokens, H100 SXM5 (without causal mask)", FLASH3, 1171,
+        "TFLOP/s", 0.01, lambda: attention_tflops("dgx-h100", "fa3-h100-fp8", 0),
+        "the abstract's 'close to 1.2 PFLOPs/s'; head dim 256 and no mask, so an upper bound for Llama's head dim 128"),
+    Row("FlashAttention-2 forward, A100 SXM4: up to 73% of the theoretical maximum", FLASH2, 0.73 * 312, "TFLOP/s",
+        0.01, lambda: attention_tflops("dgx-a100", "fa2-a100-bf16", 0),
+        "the abstract's best case (the paper's range is 50-73%); its backward is taken at this speed"),
 ]
 
 

@@ -133,3 +133,25 @@ def test_an_interrupted_figure_write_leaves_no_file(tmp_path):
     save_figure(Figure(), tmp_path / "comm.png")
     assert [p.name for p in tmp_path.iterdir()] == ["comm.png"]
     assert (tmp_path / "comm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_searches_overlap_and_micro_batches_from_the_shell(tmp_path, capsys, monkeypatch):
+    """--overlap-tp alone is on, 'both' tries off and on; --micro-batch takes several sizes: each reaches plan()
+    as the iterable it searches, and the headline says which the best plan uses."""
+    import tpsp_sim.__main__ as cli
+    seen = {}
+    real = cli.plan
+
+    def spy(*args, **kwargs):
+        seen.update(overlap_tp=kwargs["overlap_tp"], micro_batch=kwargs["micro_batch"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "plan", spy)
+    for flags, overlap in ((["--overlap-tp"], (True,)), (["--overlap-tp", "both"], (False, True)), ([], (False,))):
+        main(["plan", *TINY, "--gpus", "2", "--micro-batch", "1", "2", "--attentions", "ring", "--recompute",
+              "selective", "--workers", "1", "--reserve-gib", "0", *flags, "--out", str(tmp_path)])
+        headline = capsys.readouterr().out.splitlines()[0]
+        assert seen == {"overlap_tp": overlap, "micro_batch": [1, 2]}
+        assert ", micro-batch " in headline and (", TP overlap " in headline) == bool(flags), headline
+    fails_to_parse(["plan", *TINY, "--gpus", "2", "--overlap-tp", "maybe", "--out", str(tmp_path)], capsys,
+                   "--overlap-tp: invalid choice: 'maybe'")

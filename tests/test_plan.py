@@ -207,7 +207,7 @@ def test_attention_at_its_own_efficiency(tiny_plans):
     """dp = 4, cp = tp = 1: the causal attention core is 2·256²·16·4 = 8,388,608 FLOPs forward and 2.5× that
     backward per layer and sequence; at 1.0 of peak instead of mfu 0.5 each of the 2 layer passes saves
     29,360,128 · (2e-12 − 1e-12) s. Default (None): the same plans as one MFU for all compute."""
-    from tpsp_sim.analysis.layer import FLASH_ATTENTION_3_H100, causal_attention_flops
+    from tpsp_sim.analysis.layer import causal_attention_flops
     assert causal_attention_flops(TINY, 256, 1, 1) == (8_388_608, 2.5 * 8_388_608)
     assert causal_attention_flops(TINY, 256, 2, 2) == (8_388_608 / 4, 2.5 * 8_388_608 / 4)
     faster = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=1.0)
@@ -217,6 +217,75 @@ def test_attention_at_its_own_efficiency(tiny_plans):
         p = next(p for p in faster if key(p) == (4, 1, 1, "-", mode))
         saved = passes * (1 if mode == "selective" else 8_388_608 / 29_360_128 + 1) * 29_360_128 * 1e-12
         assert before[key(p)].compute - p.compute == pytest.approx(saved, rel=1e-9)
-    assert round(FLASH_ATTENTION_3_H100, 3) == 0.748
-    with pytest.raises(ValueError, match="attention_efficiency must be in"):
-        plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=0)
+    for bad in (0, 2.5, (0.5,), (0.5, -1), "fa9-h100", True):
+        with pytest.raises(ValueError, match="attention_efficiency"):
+            plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=bad)
+
+
+def test_attention_forward_and_backward_at_their_own_speeds(tiny_plans):
+    """A (forward, backward) pair prices them apart: dp = 4, cp = tp = 1, selective, 2 layer passes; forward
+    8,388,608 FLOPs at 0.25 instead of 0.5 of 1e12 costs 2 · 8,388,608 · (4e-12 − 2e-12) s more, backward
+    20,971,520 at 1.0 saves 2 · 20,971,520 · (2e-12 − 1e-12) s. A published kernel is its two shares:
+    FlashAttention-3 on H100, 616 and 561 TFLOP/s of 989; the FP8 kernel's backward is taken at its forward's."""
+    from tpsp_sim.analysis.kernels import ATTENTION_KERNELS
+    split = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency=(0.25, 1.0),
+                 recompute=("selective",))
+    p = next(p for p in split if (p.dp, p.cp, p.tp) == (4, 1, 1))
+    q = next(q for q in tiny_plans if (q.dp, q.cp, q.tp, q.recompute) == (4, 1, 1, "selective"))
+    assert p.compute - q.compute == pytest.approx(2 * 8_388_608 * 2e-12 - 2 * 20_971_520 * 1e-12, rel=1e-9)
+    fa3 = ATTENTION_KERNELS["fa3-h100-bf16"]
+    assert (fa3.forward, fa3.backward) == (616 / 989, 561 / 989)
+    fp8 = ATTENTION_KERNELS["fa3-h100-fp8"]
+    assert fp8.forward == fp8.backward == 1171 / 989 > 1
+    by_key = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, attention_efficiency="fa3-h100-bf16")
+    assert by_key == plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1,
+                          attention_efficiency=(616 / 989, 561 / 989))
+
+
+def test_overlap_tp_searched_both_ways(tiny_plans):
+    """overlap_tp=(False, True) prices every split both ways, each plan recording which: its off half is the
+    default plans exactly, its on half the overlap_tp=True plans; the table shows the column only then."""
+    both = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, overlap_tp=(False, True))
+    on = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, overlap_tp=True)
+    runs = lambda plans: [p for p in plans if p.runs]
+    assert [p for p in runs(both) if not p.overlap_tp] == runs(tiny_plans)
+    assert [p for p in runs(both) if p.overlap_tp] == runs(on) and all(p.overlap_tp for p in on)
+    assert "overlap tp" in table(both).splitlines()[0] and "overlap tp" not in table(tiny_plans).splitlines()[0]
+    assert both == plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, overlap_tp=[False, True])
+    for bad in ((), "yes", (True, 1), None):
+        with pytest.raises(ValueError, match="overlap_tp must be a bool"):
+            plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, overlap_tp=bad)
+
+
+def test_micro_batches_searched():
+    """micro_batch=(1, 2) on 4 sequences, dp = 2: m = 4 / (2·1) = 2 micro-batches of one sequence, or
+    4 / (2·2) = 1 of two; dp = 4 does not split into micro-batches of 2 (one row saying so). Each size's plans
+    are the plans of that size alone, and one micro-batch of 2 sequences computes as much per step as two of 1."""
+    sizes = dict(global_batch_tokens=4 * 256, reserve=0, pp=1, attentions=("ring",), recompute=("selective",))
+    both = plan(TINY, 256, 4, PAIRS, micro_batch=(1, 2), **sizes)
+    ones, twos = (plan(TINY, 256, 4, PAIRS, micro_batch=b, **sizes) for b in (1, 2))
+    assert sorted(both, key=repr) == sorted(ones + twos, key=repr)
+    assert {p.micro_batch for p in ones} == {1} and {p.micro_batch for p in twos} == {2}
+    by = {(p.micro_batch, p.dp, p.cp, p.tp): p for p in both}
+    assert by[1, 2, 2, 1].microbatches == 2 and by[2, 2, 2, 1].microbatches == 1
+    assert by[2, 4, 1, 1].why == "the batch of 4 sequences does not split into dp=4 × micro_batch=2"
+    assert by[2, 2, 1, 2].compute == pytest.approx(by[1, 2, 1, 2].compute, rel=1e-9)
+    assert "| b |" in table(both) and "| b |" not in table(ones)
+    assert both == plan(TINY, 256, 4, PAIRS, micro_batch=[1, 2], **sizes)  # deterministic
+    with pytest.raises(ValueError, match="micro_batch must be an int"):
+        plan(TINY, 256, 4, PAIRS, micro_batch=(1, 0), **sizes)
+
+
+def test_automatic_workers_spawn_only_for_large_searches(monkeypatch):
+    """workers=None runs a small search in this process (spawning processes that import torch costs more than
+    the simulations); from PROCESSES_FROM simulations on, one process per CPU. Bad counts are named."""
+    from tpsp_sim.analysis import planner as plan_module
+    assert plan_module._workers(None, plan_module.PROCESSES_FROM - 1) == 1
+    monkeypatch.setattr(plan_module, "default_workers", lambda: 7)
+    assert plan_module._workers(None, plan_module.PROCESSES_FROM) == 7 and plan_module._workers(3, 1) == 3
+    plan_module.clear_cache()
+    monkeypatch.setattr(plan_module, "ProcessPoolExecutor", lambda *a, **k: pytest.fail("spawned processes"))
+    assert len(plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, workers=None)) > 0
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be a positive int or None"):
+            plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, workers=bad)

@@ -21,7 +21,8 @@ from .analysis.cluster import CLUSTERS, Cluster, Link, cluster
 from .analysis.cost import estimate, format_seconds
 from .analysis.memory import RESERVE_BYTES, ZERO_STAGES
 from .analysis.models import MODELS, Model
-from .analysis.planner import IGNORES, PLANNED_RECOMPUTE, default_workers, fewest_gpus, plan, table as plan_table
+from .analysis.planner import (IGNORES, PLANNED_RECOMPUTE, PROCESSES_FROM, default_workers, fewest_gpus, plan,
+                               table as plan_table)
 from .context_parallel.registry import ATTENTIONS
 from .viz.plan_plot import plot_plans
 from .viz.plot import plot_comm, plot_scaling, plot_shards, plot_timeline
@@ -156,6 +157,7 @@ PP x DP x CP x TP split, attention kind, recompute mode and ZeRO stage by predic
 (ts.plan); print a Markdown table and save a stacked bar plot."""
 
 
+OVERLAP_TP = {"off": (False,), "on": (True,), "both": (False, True)}  # --overlap-tp: plan(overlap_tp=...)
 MODEL_FLAGS = {"layers": "n_layers", "d_model": "d_model", "heads": "n_heads", "kv_heads": "n_kv_heads",
                "ffn": "d_ff", "vocab": "vocab", "head_dim": "head_dim"}  # flag (as argparse names it): Model field
 
@@ -175,15 +177,17 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
     clusters = cmd.add_mutually_exclusive_group()
     clusters.add_argument("--cluster", default="dgx-h100", choices=sorted(CLUSTERS))
     clusters.add_argument("--cluster-file", type=Path, help="a TOML file of Cluster fields (instead of --cluster)")
-    cmd.add_argument("--micro-batch", type=POSITIVE, default=1, help="sequences per micro-batch (default 1)")
+    cmd.add_argument("--micro-batch", type=POSITIVE, nargs="+", default=[1],
+                     help="sequences per micro-batch, one or several sizes to try (default 1)")
     cmd.add_argument("--global-batch-tokens", type=POSITIVE, default=16 * 2**20, help="tokens per step (default 16M)")
     cmd.add_argument("--mfu", type=FRACTION, default=0.5, help="fraction of peak FLOP/s for all compute (default 0.5)")
     cmd.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=tuple(ATTENTIONS),
                      help="context-parallel attentions to try (default: all)")
     cmd.add_argument("--recompute", nargs="+", default=list(PLANNED_RECOMPUTE), choices=PLANNED_RECOMPUTE,
                      help="recompute modes to try (default: all)")
-    cmd.add_argument("--workers", type=POSITIVE, default=default_workers(),
-                     help="processes for the layer simulations (default: one per CPU)")
+    cmd.add_argument("--workers", type=POSITIVE, default=None,
+                     help=f"processes for the layer simulations (default: one per CPU ({default_workers()}) when "
+                          f"{PROCESSES_FROM} or more are to run, else 1: spawning costs more than a small search)")
     cmd.add_argument("--zero", type=int, nargs="+", default=[1], choices=ZERO_STAGES,
                      help="ZeRO stages over dp x cp to try (default 1: Megatron's distributed optimizer)")
     for axis in ("pp", "dp", "cp", "tp"):
@@ -197,8 +201,9 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
                      help="gradient bytes (default fp32: Megatron's main gradients)")
     cmd.add_argument("--reserve-gib", type=_number(float, 0.0), default=RESERVE_BYTES / 2**30,
                      help=f"GiB per GPU kept for the CUDA context and NCCL (default {RESERVE_BYTES / 2**30:g})")
-    cmd.add_argument("--overlap-tp", action="store_true",
-                     help="hide TP's backward reduce-scatters behind the weight-gradient matmuls (Megatron)")
+    cmd.add_argument("--overlap-tp", nargs="?", const="on", default="off", choices=tuple(OVERLAP_TP),
+                     help="overlap TP's communication with its GEMMs (Megatron's --tp-comm-overlap): off (default), "
+                          "on (the flag alone) or both to try")
     cmd.add_argument("--top", type=POSITIVE, default=20, help="rows of the table (default 20)")
     cmd.add_argument("--out", type=Path, default=Path("plan"), help="directory for plans.png (default ./plan)")
 
@@ -242,7 +247,7 @@ def plan_command(a: argparse.Namespace, parser: argparse.ArgumentParser | None =
     _writable_directory(parser, a.out)  # before the simulations, not after
     try:
         plans = plan(model, a.seq, a.gpus, hw, micro_batch=a.micro_batch, global_batch_tokens=a.global_batch_tokens,
-                     mfu=a.mfu, attentions=a.attentions, recompute=a.recompute, overlap_tp=a.overlap_tp,
+                     mfu=a.mfu, attentions=a.attentions, recompute=a.recompute, overlap_tp=OVERLAP_TP[a.overlap_tp],
                      zero=a.zero, grad_dtype=a.grad_dtype, reserve=a.reserve_gib * 2**30, pp=a.pp, dp=a.dp,
                      cp=a.cp, tp=a.tp, max_pp=a.max_pp, max_tp=a.max_tp, tp_within_node=a.tp_within_node,
                      virtual_stages=a.virtual_stages,
@@ -252,7 +257,7 @@ def plan_command(a: argparse.Namespace, parser: argparse.ArgumentParser | None =
     heading = f"{model.name}, {a.seq} tokens, {a.gpus} GPUs of {hw.name}"
     lines = [plan_table(plans, a.top), "", f"Ignored: {IGNORES}", ""]
     if not any(p.fits for p in plans):
-        fewest = fewest_gpus(model, a.seq, hw, gpus=a.gpus, micro_batch=a.micro_batch,
+        fewest = fewest_gpus(model, a.seq, hw, gpus=a.gpus, micro_batch=min(a.micro_batch),
                              global_batch_tokens=a.global_batch_tokens, grad_dtype=a.grad_dtype,
                              reserve=a.reserve_gib * 2**30)
         would = (f"What would fit: {fewest.why}." if fewest else
@@ -262,8 +267,10 @@ def plan_command(a: argparse.Namespace, parser: argparse.ArgumentParser | None =
     save_figure(plot_plans(plans, title=heading), figure)
     best = plans[0]
     pipeline = f"pp={best.pp} " + (f"(v={best.v}) " if best.v > 1 else "") if best.pp > 1 else ""
+    knobs = (f", micro-batch {best.micro_batch}" if a.micro_batch != [1] else "") + \
+        (f", TP overlap {'on' if best.overlap_tp else 'off'}" if a.overlap_tp != "off" else "")
     headline = (f"Best: {pipeline}dp={best.dp} cp={best.cp} tp={best.tp} {best.attention}, recompute {best.recompute}, "
-                f"ZeRO {best.zero}: "
+                f"ZeRO {best.zero}{knobs}: "
                 f"{format_seconds(best.step_time)} per step, {best.memory.total / 2**30:.1f} GiB per GPU ({heading})")
     return [headline, ""] + lines + [str(figure)], 0
 

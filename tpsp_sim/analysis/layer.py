@@ -91,13 +91,6 @@ class LayerTime:
     idle: float
 
 
-# Attention kernels' share of peak, forward, BF16, long sequences (pass as ``plan(attention_efficiency=...)``):
-# FlashAttention-3 on H100 SXM: up to 740 of 989 TFLOP/s (Shah et al. 2024, https://arxiv.org/abs/2407.08608);
-# FlashAttention-2 on A100: up to 73% of peak (Dao 2023, https://arxiv.org/abs/2307.08691).
-FLASH_ATTENTION_3_H100 = 740 / 989
-FLASH_ATTENTION_2_A100 = 0.73
-
-
 def causal_attention_flops(m: Model, seq: int, cp: int, tp: int) -> tuple[float, float]:
     """(forward, backward) FLOPs of one sequence's causal attention core per rank and layer, as a causal
     flash kernel computes them: Q Kᵀ and P V over the unmasked half, 2 · seq² · head_dim · n_heads in all,

@@ -54,6 +54,7 @@ from ..context_parallel.registry import ATTENTIONS, attention_kind
 from ..core.table import Table
 from .cluster import Cluster, Link, cluster as as_cluster
 from .cost import collective_time, format_seconds
+from .kernels import AttentionKernel, attention_shares
 from .layer import LayerTime, causal_attention_flops, price_layer
 from ..pipeline.interleaved import round_size
 from ..pipeline.registry import bubble_fraction
@@ -68,8 +69,8 @@ IGNORES = ("the zero-bubble and GPipe schedules (1F1B and interleaved 1F1B are p
            "overlap of the pipeline's point-to-point transfers with compute (counted fully exposed) and the tied "
            "embedding's all-reduce between the first and last stage; the embedding "
            "and output layer's compute (their memory is counted); kernel efficiency beyond one MFU for all compute "
-           "unless attention_efficiency is given (FlashAttention-3 reaches 0.75 of peak, so attention-bound long-context "
-           "steps are priced slow by default; its backward is taken at the forward's efficiency); overlap of the "
+           "unless attention_efficiency is given (FlashAttention-3 runs causal attention at 0.62 of peak forward and "
+           "0.57 backward, ts.analysis.kernels); FP8 GEMMs; overlap of the "
            "gradient synchronisation with backward (counted fully exposed; ZeRO 3's weight gathers are prefetched "
            "behind the previous layer's compute); "
            "the overlap of TP's forward all-gathers and reduce-scatters (Transformer Engine's chunked GEMMs; overlap_tp hides the backward's); the sequence-parallel "
@@ -100,6 +101,8 @@ class Plan:
     microbatches: int = 0  # per step and dp replica: global batch / (dp · micro_batch)
     zero: int = 1
     bubble: float = 0.0  # seconds the busiest pipeline rank idles in the pipeline's fill and drain
+    overlap_tp: bool = False  # TP's communication overlapped with its GEMMs (Megatron's --tp-comm-overlap)
+    micro_batch: int = 1  # sequences per micro-batch and dp replica
 
     @property
     def runs(self) -> bool:
@@ -159,38 +162,55 @@ def _split(n_layers: int, stages: int, balance: str) -> list[int] | None:
         return None
 
 
-def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int = 1,
+def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, micro_batch: int | Iterable[int] = 1,
          global_batch_tokens: int = 16 * 2**20, mfu: float = 0.5, attentions: Iterable[str] = tuple(ATTENTIONS),
          recompute: Iterable[str] = PLANNED_RECOMPUTE, zero: int | Iterable[int] = 1, grad_dtype: str = "fp32",
-         reserve: float = RESERVE_BYTES, overlap_tp: bool = False, max_tp: int | None = None,
+         reserve: float = RESERVE_BYTES, overlap_tp: bool | Iterable[bool] = False, max_tp: int | None = None,
          tp_within_node: bool = False, dp: int | None = None, cp: int | None = None, tp: int | None = None,
          pp: int | None = None, max_pp: int | None = None, virtual_stages: Iterable[int] = (1, 2),
-         attention_efficiency: float | None = None, progress: Callable[[Iterable], Iterable] = iter, workers: int = 1) -> list[Plan]:
+         attention_efficiency: float | tuple[float, float] | AttentionKernel | str | None = None,
+         progress: Callable[[Iterable], Iterable] = iter, workers: int | None = 1) -> list[Plan]:
     """Every (pp, dp, cp, tp) × virtual stages × attention × recompute × ZeRO plan for ``model`` at ``seq`` tokens
     on ``gpus`` GPUs of ``cluster``, best first: the plans that fit by step time, then the rest (module docstring).
 
-    ``attention_efficiency``: the attention core's share of peak when it differs from ``mfu`` (GEMMs and the
-    rest stay at ``mfu``), e.g. ``FLASH_ATTENTION_3_H100``; None (default): one ``mfu`` for all compute.
+    ``attention_efficiency``: the causal attention core's speed when it differs from ``mfu`` (GEMMs and the rest
+    stay at ``mfu``): a share of peak, a (forward, backward) pair, or a published kernel (``ts.analysis.kernels``:
+    an ``AttentionKernel`` or its key, e.g. "fa3-h100-bf16": FlashAttention-3's 616 / 561 TFLOP/s of 989).
+    None (default): one ``mfu`` for all compute. The default stays one MFU on purpose: ``mfu`` is an end-to-end
+    figure (whole steps measured at 0.4-0.5), while the kernels' numbers are one kernel alone on the GPU at
+    16K tokens, an upper bound in a step whose communication kernels take SMs; and it keeps every published
+    plan's number. Pass the cluster's kernel to price long-context steps at FlashAttention's speed.
     Search space: ``pp``, ``dp``, ``cp``, ``tp`` fix an axis; ``max_tp`` and ``max_pp`` cap tp and pp;
     ``tp_within_node`` keeps each tp group on one node; ``virtual_stages``: the model chunks per pipeline
     rank to try (v > 1: interleaved 1F1B); ``zero``: one ZeRO stage or several to try, e.g. ``(1, 2, 3)``.
     ``evaluate`` prices one split. A step trains ``global_batch_tokens`` tokens (default 16M, Llama 3's batch): global_batch_tokens /
     seq sequences, in micro-batches of ``micro_batch`` sequences per dp replica (m = sequences / (dp ·
-    micro_batch) micro-batches go through each pipeline). ``overlap_tp``: hide
-    TP's backward reduce-scatters behind the weight-gradient matmuls (``ts.timeline``). ``cluster``: a
-    ``Cluster`` or a key of ``ts.cost.CLUSTERS``, as ``ts.timeline`` takes.
+    micro_batch) micro-batches go through each pipeline); ``micro_batch`` may be several sizes to try, e.g.
+    ``(1, 2)`` (each is simulated: a layer's time is not linear in it). ``overlap_tp``: overlap TP's
+    communication with its GEMMs as Megatron's ``--tp-comm-overlap`` does (``ts.timeline``); True, False or
+    both to try, ``(False, True)``. Default False: Megatron's own default (the flag is opt-in, it needs
+    Transformer Engine's userbuffers), and one simulation per split instead of two; each plan records it
+    (``Plan.overlap_tp``). ``cluster``: a ``Cluster`` or a key of ``ts.cost.CLUSTERS``, as ``ts.timeline`` takes.
 
-    ``grad_dtype`` and ``reserve`` are ``ts.memory.budget``'s (the same defaults). One layer is
-    simulated per distinct (cp, tp, attention), shared by every pp, dp, ZeRO stage and recompute mode (pp and dp
-    add only closed forms); ``workers`` > 1 runs these simulations
-    in that many processes (the plans are the same). ``progress`` wraps the simulations as they finish,
-    a sized iterable (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
+    ``grad_dtype`` and ``reserve`` are ``ts.memory.budget``'s (the same defaults). One layer is simulated per
+    distinct (cp, tp, attention, micro_batch, overlap_tp), shared by every pp, dp, ZeRO stage and recompute mode
+    (pp and dp add only closed forms); ``workers`` > 1 runs these simulations in that many processes (the plans
+    are the same); None: one per CPU when at least ``PROCESSES_FROM`` simulations are to run, else none (a
+    spawned process that imports torch costs more than a small search). ``progress`` wraps the simulations as
+    they finish, a sized iterable (e.g. ``tqdm.tqdm``). Deterministic: the same arguments give the same plans.
     """
     m, c = as_model(model), as_cluster(cluster)
     sequences = global_batch_tokens // seq
     if sequences < 1:
         raise ValueError(f"global_batch_tokens={global_batch_tokens} is less than one sequence of {seq} tokens")
     attentions, modes = tuple(attentions), tuple(recompute)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None (automatic), got {workers!r}")
+    if attention_efficiency is not None:
+        attention_shares(attention_efficiency)  # a clear error before anything is simulated
+    overlaps = _choices("overlap_tp", overlap_tp, bool, lambda v: isinstance(v, bool))
+    micro_batches = _choices("micro_batch", micro_batch, int,
+                             lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
     zeros, stages = ((zero,) if isinstance(zero, int) else tuple(zero)), tuple(virtual_stages)
     unknown = [a for a in attentions if a not in ATTENTIONS] + [r for r in modes if r not in PLANNED_RECOMPUTE]
     if unknown:
@@ -203,16 +223,18 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
     candidates: list[tuple] = []
     plans: list[Plan] = []
     fixed = {"pp": pp, "dp": dp, "cp": cp, "tp": tp}
-    for pp, tp, cp, dp in _meshes(gpus, c, fixed, max_tp, max_pp, tp_within_node):
+    meshes = _meshes(gpus, c, fixed, max_tp, max_pp, tp_within_node)
+    for micro_batch, (pp, tp, cp, dp) in ((b, mesh) for b in micro_batches for mesh in meshes):
         reason = _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp)
         if reason:  # one row for the mesh, whatever the attention and recompute
-            plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, reason, pp=pp))
+            plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, reason, pp=pp,
+                              micro_batch=micro_batch))
             continue
         count = sequences // (dp * micro_batch)
         for v, layers in _pipelines(m, pp, count, stages):
             if isinstance(layers, str):
                 plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, layers, pp=pp,
-                                  microbatches=count))
+                                  microbatches=count, micro_batch=micro_batch))
                 continue
             pipeline = dict(pp=pp, virtual_stages=v, schedule="1f1b" if v == 1 else "interleaved_1f1b",
                             n_microbatches=count, layers_per_stage=None if pp == 1 else layers)
@@ -221,23 +243,28 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
                     for z in zeros:
                         mem = budget(m, (dp, cp, tp), seq, micro_batch, recompute=mode, zero=z, grad_dtype=grad_dtype,
                                      reserve=reserve, attention=kind, ulysses=u, **pipeline)
-                        shape = dict(pp=pp, v=v, microbatches=count, zero=z)
+                        shape = dict(pp=pp, v=v, microbatches=count, zero=z, micro_batch=micro_batch)
                         if mem.total > c.memory_bytes:
                             why = (f"needs {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB "
                                    f"(weights+grads+optimizer {mem.states / GIB:.1f}, "
                                    f"activations {mem.activations / GIB:.1f}, reserve {mem.reserve / GIB:.1f})")
-                            plans.append(Plan(dp, cp, tp, label, mode, mem, False, why, **shape))
+                            plans.append(Plan(dp, cp, tp, label, mode, mem, False, why, overlap_tp=overlaps[0],
+                                              **shape))
                         else:
-                            candidates.append((dp, cp, tp, label, kind, u, mode, mem, layers, shape))
-    jobs = sorted({(cp, tp, kind, u) for _, cp, tp, _, kind, u, *_ in candidates},
-                  key=lambda job: (-job[0] * job[1], job))  # the biggest meshes first: they take longest
-    layer_job = partial(price_layer, m, c, seq, micro_batch, mfu, overlap_tp)
-    key = (m, c, seq, micro_batch, mfu, overlap_tp)
+                            candidates += [(dp, cp, tp, label, kind, u, mode, mem, layers, {**shape, "overlap_tp": o})
+                                           for o in overlaps]
+    jobs = sorted({(shape["micro_batch"], shape["overlap_tp"], cp, tp, kind, u)
+                   for _, cp, tp, _, kind, u, *_, shape in candidates},
+                  key=lambda job: (-job[2] * job[3], job))  # the biggest meshes first: they take longest
+    layer_job = partial(_price_layer, m, c, seq, mfu)
+    key = (m, c, seq, mfu)
     missing = [job for job in jobs if (key, job) not in _LAYERS]
-    _LAYERS.update({(key, job): layer for job, layer in _run_jobs(layer_job, missing, workers, progress).items()})
+    simulated = _run_jobs(layer_job, missing, _workers(workers, len(missing)), progress)
+    _LAYERS.update({(key, job): layer for job, layer in simulated.items()})
     layers_priced = {job: _LAYERS[key, job] for job in jobs}
     for dp, cp, tp, label, kind, u, mode, mem, layers, shape in candidates:
-        layer = layers_priced[cp, tp, kind, u]
+        micro_batch = shape["micro_batch"]
+        layer = layers_priced[micro_batch, shape["overlap_tp"], cp, tp, kind, u]
         if isinstance(layer, str):
             plans.append(Plan(dp, cp, tp, label, mode, mem, False, layer, **shape))
             continue
@@ -265,6 +292,22 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
         why = f"uses {mem.total / GIB:.1f} GiB of {c.memory_bytes / GIB:.0f} GiB"
         plans.append(Plan(dp, cp, tp, label, mode, mem, True, why, step, compute, exposed, idle, bubble=bubble, **shape))
     return sorted(plans, key=_rank)
+
+
+def _choices(name: str, value, kind: type, valid: Callable[[object], bool]) -> tuple:
+    """``value`` as a tuple of the values to try: one ``kind`` or an iterable of them, each ``valid``, in the order
+    given (duplicates dropped)."""
+    values = (value,) if isinstance(value, kind) else tuple(value) \
+        if isinstance(value, Iterable) and not isinstance(value, str) else ()
+    if not values or not all(valid(v) for v in values):
+        raise ValueError(f"{name} must be {'an' if kind is int else 'a'} {kind.__name__} or several to try, got {value!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def _price_layer(m: Model, c: Cluster, seq: int, mfu: float, job: tuple) -> LayerTime | str:
+    """``price_layer`` of ``job`` = (micro_batch, overlap_tp, cp, tp, attention, ulysses)."""
+    micro_batch, overlap, *mesh = job
+    return price_layer(m, c, seq, micro_batch, mfu, overlap, tuple(mesh))
 
 
 def fewest_gpus(model: Model | str, seq: int, cluster: Cluster | str, *, gpus: int = 1, micro_batch: int = 1,
@@ -308,7 +351,7 @@ def _bubble_share(pp: int, m: int, v: int) -> float:
     return f / (1 - f)
 
 
-# One simulated layer per (model, cluster, seq, micro-batch, mfu, overlap, mesh, attention): a second plan()
+# One simulated layer per (model, cluster, seq, mfu) and (micro-batch, overlap, mesh, attention): a second plan()
 # of the same case (other memory settings, batch, recompute or search space) simulates nothing again.
 _LAYERS: dict[tuple, "LayerTime | str"] = {}
 
@@ -369,17 +412,28 @@ def evaluate(model: Model | str, seq: int, cluster: Cluster | str, dp: int, cp: 
     return exact[0]
 
 
+def attention_core_time(m: Model, c: Cluster, seq: int, micro_batch: int, cp: int, tp: int,
+                        efficiency: float | tuple[float, float] | AttentionKernel | str) -> tuple[float, float]:
+    """(forward, backward) seconds of one layer's causal attention core per rank at ``efficiency``
+    (``attention_shares``: forward share f, backward share g of ``c.peak_flops``):
+
+        b · F / (f · peak),  b · 2.5 F / (g · peak),   F = 2 · s² · head_dim · H / (cp · tp)  (``causal_attention_flops``).
+    """
+    shares = attention_shares(efficiency)
+    return tuple(micro_batch * flops / (share * c.peak_flops)
+                 for flops, share in zip(causal_attention_flops(m, seq, cp, tp), shares))
+
+
 def _attention_repriced(m: Model, c: Cluster, seq: int, micro_batch: int, cp: int, tp: int, mfu: float,
-                        efficiency: float | None) -> tuple[float, float]:
+                        efficiency: float | tuple[float, float] | AttentionKernel | str | None) -> tuple[float, float]:
     """Seconds to add to a layer's (forward, backward) compute when its causal attention core runs at
-    ``efficiency`` of peak instead of ``mfu`` (None: no change). A correction of the busiest rank's
+    ``efficiency`` instead of ``mfu`` (None: no change). A correction of the busiest rank's
     compute, as ``causal_overcount`` is: the timeline is not laid out again."""
     if efficiency is None:
         return 0.0, 0.0
-    if not 0 < efficiency <= 1:
-        raise ValueError(f"attention_efficiency must be in (0, 1], got {efficiency}")
-    scale = 1 / (efficiency * c.peak_flops) - 1 / (mfu * c.peak_flops)
-    return tuple(micro_batch * flops * scale for flops in causal_attention_flops(m, seq, cp, tp))
+    at_kernel = attention_core_time(m, c, seq, micro_batch, cp, tp, efficiency)
+    at_mfu = attention_core_time(m, c, seq, micro_batch, cp, tp, mfu)
+    return tuple(k - g for k, g in zip(at_kernel, at_mfu))
 
 
 def gradient_sync_time(parameters: float, zero: int, grad_bytes: int, replicas: int, link: Link,
@@ -446,6 +500,19 @@ def _run_jobs(job_fn: Callable, jobs: list, workers: int, progress: Callable[[It
         return {job: f.result() for f, job in futures.items()}
 
 
+# Fewest layer simulations worth spawning processes for (workers=None). Measured on 2 cores at load ~9, Llama 3 8B
+# on dgx-h100: 2 workers took 9.9x, 4.1x and 3.0x the time of 1 for 26, 45 and 104 simulations (8, 16, 64 GPUs):
+# spawning and importing torch outweighs simulations of ~0.1 s each until a few hundred of them.
+PROCESSES_FROM = 256
+
+
+def _workers(workers: int | None, jobs: int) -> int:
+    """The processes to run ``jobs`` simulations in: ``workers``, or for None one per CPU from ``PROCESSES_FROM``."""
+    if workers is not None:
+        return workers
+    return default_workers() if jobs >= PROCESSES_FROM else 1
+
+
 def default_workers() -> int:
     """One process per CPU this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -463,18 +530,25 @@ def _cannot_split(m: Model, seq: int, sequences: int, micro_batch: int, dp: int,
 
 def _rank(p: Plan) -> tuple:
     return (not p.fits, p.step_time if p.fits else p.memory.total or float("inf"), p.tp, p.cp, p.attention, p.recompute,
-            p.pp, p.v, p.zero, p.dp)
+            p.pp, p.v, p.zero, p.dp, p.micro_batch, p.overlap_tp)
 
 
 def table(plans: list[Plan], top: int | None = None) -> str:
-    """A Markdown table of ``plans`` (the first ``top``), best first."""
-    head = ("#", "pp", "dp", "cp", "tp", "v", "m", "zero", "attention", "recompute", "step time", "compute",
-            "exposed tp", "exposed cp", "exposed pp", "exposed dp×cp", "bubble", "memory/GPU", "fits")
+    """A Markdown table of ``plans`` (the first ``top``), best first. Columns "b" (sequences per micro-batch) and
+    "overlap tp" appear when some plan has micro_batch > 1 or overlap_tp on."""
+    shown = plans[:top]
+    extra = [(name, value) for name, value, show in (
+        ("b", lambda p: str(p.micro_batch), any(p.micro_batch != 1 for p in shown)),
+        ("overlap tp", lambda p: "yes" if p.overlap_tp else "no", any(p.overlap_tp for p in shown))) if show]
+    head = ("#", "pp", "dp", "cp", "tp", "v", "m", *(name for name, _ in extra), "zero", "attention", "recompute",
+            "step time", "compute", "exposed tp", "exposed cp", "exposed pp", "exposed dp×cp", "bubble", "memory/GPU",
+            "fits")
     rows = []
-    for i, p in enumerate(plans[:top], start=1):
+    for i, p in enumerate(shown, start=1):
         times = ([format_seconds(p.step_time), format_seconds(p.compute)]
                  + [format_seconds(p.exposed[a]) for a in EXPOSED] + [format_seconds(p.bubble)]) if p.runs else ["-"] * 7
         memory = f"{p.memory.total / GIB:.1f} GiB" if p.memory.total else "-"
         rows.append((str(i), str(p.pp), str(p.dp), str(p.cp), str(p.tp), str(p.v), str(p.microbatches or "-"),
-                     str(p.zero), p.attention, p.recompute, *times, memory, ("yes: " if p.fits else "no: ") + p.why))
-    return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits"}).render("markdown")
+                     *(value(p) for _, value in extra), str(p.zero), p.attention, p.recompute, *times, memory,
+                     ("yes: " if p.fits else "no: ") + p.why))
+    return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits", "overlap tp"}).render("markdown")

@@ -23,8 +23,9 @@ gradients locally (in the bucket views); the first forward and backward outside 
 As in torch, whether a backward reduces is decided by its *forward* (the forward must run inside
 ``no_sync``). Misuse fails loudly: a second forward before the previous one's gradients were
 reduced, or an optimizer step on gradients that were never reduced (every backward since the last
-reduction ran under ``no_sync``: the parameters changed, which the next forward notices), raise
-``SimulationError``. Each rank's loss should be the mean over its own batch (divided by the number of
+reduction ran under ``no_sync``), raise ``SimulationError`` naming the rank and a parameter: a
+``torch.optim`` optimizer's step at once (unreduced.py), an update made by hand at the next forward
+(the parameters' version counters). Each rank's loss should be the mean over its own batch (divided by the number of
 accumulated micro-batches): the averaged gradient is then the dense model's gradient of the global mean.
 
 ZeRO-1 and ZeRO-2 (zero.py) replace the all-reduce by a reduce-scatter through ``ZeroOptimizer``.
@@ -42,6 +43,7 @@ from ..core.comm import Comm
 from ..core.errors import SimulationError
 from .buckets import Bucket, build_buckets
 from .group import data_parallel_group
+from . import unreduced
 
 
 class BucketReducer(Protocol):
@@ -179,7 +181,13 @@ class DistributedDataParallel(nn.Module):
         if not self._this_backward_syncs:
             self._index = {id(p): k for k, p in enumerate(self.parameters_in_buckets)}
             self._unreduced_versions = [p._version for p in self.parameters_in_buckets]
+            unreduced.mark(((n, p) for b in self.buckets for n, p in zip(b.names, b.params)),
+                           f"rank {self.comm.rank}: optimizer step on {{name}}, whose gradient was never reduced: every "
+                           f"backward since the last reduction ran under no_sync(), so the step would use this rank's "
+                           f"local gradients and the replicas would drift apart; run the last micro-batch outside "
+                           f"no_sync()")
             return
+        unreduced.clear(self.parameters_in_buckets)
         missing = [n for b in self.buckets for n, p in zip(b.names, b.params) if id(p) not in b.ready]
         for b in self.buckets:
             b.ready.clear()

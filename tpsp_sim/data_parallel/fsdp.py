@@ -27,8 +27,10 @@ Bytes per rank and step for a block sharded with ``reshard_after_forward=True``:
 and in backward, Ψ(p−1)/p each, and the reduce-scatter, Ψ(p−1)/p: 3Ψ(p−1)/p (ZeRO paper §7), with Ψ the
 padded parameter bytes p·c·rest·(element size); 2Ψ(p−1)/p for the root and for ``reshard_after_forward=
 False``. ``set_requires_gradient_sync(False)`` (gradient accumulation) keeps the unsharded gradients and
-skips the reduce-scatter until a backward with it True (forgetting the final backward with it True
-is not caught, as in FSDP2: the optimizer then skips the parameters, whose sharded gradients are None).
+skips the reduce-scatter until a backward with it True. Forgetting that final backward is an error
+naming the rank and parameter (FSDP2 lets the optimizer skip the parameters, whose sharded gradients
+are None: a wrong model): a ``torch.optim`` optimizer's step raises at once (unreduced.py), an update by
+hand at the next forward (the sharded parameters' version counters).
 Prefetching the next module's all-gather is not run (the simulator's collectives are synchronous) but
 priced from a recorded step by ``ts.fsdp_prefetch_overlap`` (overlap.py). Not modelled: mixed
 precision, HSDP (a 2-D mesh: pass the flattened group, e.g. ``mesh["dp", "cp"]``, as torchtitan's FSDP
@@ -46,7 +48,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..core.autograd import CommFunction
 from ..core.comm import Comm
+from ..core.errors import SimulationError
 from .group import data_parallel_group
+from . import unreduced
 
 
 @dataclass(eq=False)
@@ -54,6 +58,7 @@ class _ShardedParam:
     """One parameter under FSDP: its padded shard, the sharded ``nn.Parameter`` (a view) and the unsharded one."""
 
     owners: list[tuple[nn.Module, str]]
+    name: str  # its name in the module given to fully_shard
     shape: torch.Size
     rows: int  # c = ceil(d0 / p): rows of every padded shard
     local_rows: int  # rows this rank really holds (c, fewer, or 0 at the end)
@@ -92,6 +97,7 @@ class FSDPState:
         self.backward_pending = False
         self.final_callback_queued = False
         self.ready: set[int] = set()
+        self.unreduced_versions: list[int] | None = None  # the shards' versions after a backward without sync
         for sp in self.params:
             if sp.unsharded.requires_grad:  # a frozen parameter gets no gradient to wait for
                 sp.unsharded.register_post_accumulate_grad_hook(self._grad_ready)
@@ -138,7 +144,17 @@ class FSDPState:
 
     def pre_forward(self, module: nn.Module, args: Any) -> None:
         self.lazy_init(module)
+        if self.unreduced_versions is not None and torch.is_grad_enabled():
+            changed = [sp.name for sp, v in zip(self.params, self.unreduced_versions) if sp.sharded._version != v]
+            if changed:
+                raise SimulationError(
+                    f"rank {self.comm.rank}: parameter {self._qualified(changed[0])} changed while its gradient was "
+                    f"never reduced (the last backward ran with set_requires_gradient_sync(False)); call "
+                    f"set_requires_gradient_sync(True) before the last micro-batch's backward")
         self.unshard()
+
+    def _qualified(self, name: str) -> str:
+        return name if self.is_root else f"{self.label}.{name}"
 
     def post_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self.reshard_after_forward and not self.is_root:
@@ -188,6 +204,15 @@ class FSDPState:
                 else:
                     sp.sharded.grad.add_(grad)
                 sp.unsharded.grad = None
+            unreduced.clear(sp.sharded for sp in self.params)
+            self.unreduced_versions = None
+        elif self.params:
+            held = [sp for sp in self.params if sp.unsharded.grad is not None]
+            unreduced.mark(((self._qualified(sp.name), sp.sharded) for sp in held),
+                           f"rank {self.comm.rank}: optimizer step on {{name}}, whose gradient was never reduced: the "
+                           f"last backward ran with set_requires_gradient_sync(False), so the sharded .grad does not "
+                           f"hold it; call set_requires_gradient_sync(True) before the last micro-batch's backward")
+            self.unreduced_versions = [sp.sharded._version for sp in self.params]
         self.reshard()
 
     def _end_of_backward(self) -> None:
@@ -222,19 +247,19 @@ def _shard_parameters(module: nn.Module, comm: Comm) -> list[_ShardedParam]:
     """Replace the parameters ``module`` manages (not those of sharded submodules) by this rank's shards."""
     p, r = comm.world_size, comm.rank
     skip = [name + "." for name, m in module.named_modules() if m is not module and isinstance(m, FSDPModule)]
-    owners: dict[int, tuple[nn.Parameter, list[tuple[nn.Module, str]]]] = {}
+    owners: dict[int, tuple[nn.Parameter, list[tuple[nn.Module, str]], str]] = {}
     for name, m in module.named_modules():
         if any((name + ".").startswith(s) for s in skip):
             continue
         for pname, param in m._parameters.items():
             if param is not None:
-                owners.setdefault(id(param), (param, []))[1].append((m, pname))
-    dtypes = {param.dtype for param, _ in owners.values()}
+                owners.setdefault(id(param), (param, [], f"{name}.{pname}" if name else pname))[1].append((m, pname))
+    dtypes = {param.dtype for param, *_ in owners.values()}
     if len(dtypes) > 1:
         raise ValueError(f"rank {r}: fully_shard flattens one dtype per module, got {sorted(map(str, dtypes))} in "
                          f"{type(module).__name__}")
     sharded = []
-    for param, where in owners.values():
+    for param, where, qualified in owners.values():
         if param.dim() == 0:
             raise ValueError(f"rank {r}: fully_shard shards along dim 0; {where[0][1]} of {type(module).__name__} is 0-d")
         d0, rest = param.shape[0], param.shape[1:]
@@ -247,7 +272,7 @@ def _shard_parameters(module: nn.Module, comm: Comm) -> list[_ShardedParam]:
         for new in (shard, whole):
             new.__dict__.update(param.__dict__)  # partition_dim, sequence_parallel, ... travel with it
         _free(whole)
-        sp = _ShardedParam(where, param.shape, rows, local, padded, shard, whole)
+        sp = _ShardedParam(where, qualified, param.shape, rows, local, padded, shard, whole)
         sp.swap_in(shard)
         sharded.append(sp)
     return sharded
