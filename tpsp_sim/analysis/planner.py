@@ -466,8 +466,8 @@ def _rank(p: Plan) -> tuple:
             p.pp, p.v, p.zero, p.dp)
 
 
-def table(plans: list[Plan], top: int | None = None) -> str:
-    """A Markdown table of ``plans`` (the first ``top``), best first."""
+def table(plans: list[Plan], top: int | None = None, fmt: str = "markdown") -> str:
+    """A table of ``plans`` (the first ``top``), best first: "markdown" (default), "text" or "html"."""
     head = ("#", "pp", "dp", "cp", "tp", "v", "m", "zero", "attention", "recompute", "step time", "compute",
             "exposed tp", "exposed cp", "exposed pp", "exposed dp×cp", "bubble", "memory/GPU", "fits")
     rows = []
@@ -477,4 +477,4 @@ def table(plans: list[Plan], top: int | None = None) -> str:
         memory = f"{p.memory.total / GIB:.1f} GiB" if p.memory.total else "-"
         rows.append((str(i), str(p.pp), str(p.dp), str(p.cp), str(p.tp), str(p.v), str(p.microbatches or "-"),
                      str(p.zero), p.attention, p.recompute, *times, memory, ("yes: " if p.fits else "no: ") + p.why))
-    return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits"}).render("markdown")
+    return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits"}).render(fmt)
