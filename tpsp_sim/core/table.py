@@ -33,6 +33,10 @@ class Table:
                 raise ValueError(f"a row of {len(row)} cells under a header of {len(self.header)}: {row}")
         return {"text": self._text, "markdown": self._markdown, "html": self._html}[fmt]()
 
+    def _repr_html_(self) -> str:
+        """Jupyter shows a ``Table`` as its HTML rendering (``display(table)``)."""
+        return self.render("html")
+
     def _is_right(self, column: int) -> bool:
         return self.header[column] in self.right
 
