@@ -186,3 +186,32 @@ def test_plan_command_with_a_fixed_pipeline(tmp_path, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert rows and all(line.split("|")[2].strip() == "2" for line in rows)
     assert (tmp_path / "plans.png").exists()
+
+
+def test_the_plot_leaves_room_for_its_bars_and_its_legend(tiny_plans):
+    """The x axis runs past the longest bar, and the legend sits outside the axes, over no bar (issue 22 §4)."""
+    from tpsp_sim.viz.plan_plot import MARGIN, plot_plans
+    fig = plot_plans(tiny_plans, top=6)
+    ax = fig.axes[0]
+    longest = max(p.step_time for p in [p for p in tiny_plans if p.runs][:6])
+    assert ax.get_xlim()[1] == pytest.approx((1 + MARGIN) * longest, rel=1e-12)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert legend.x0 >= ax.get_window_extent(renderer).x1  # right of the axes: it covers no bar
+    assert all(fig.bbox.contains(x, y) for x, y in legend.corners())  # and inside the figure
+
+
+def test_the_plan_table_renders_as_html_with_the_markdown_cells(tiny_plans):
+    """table(fmt="html"): one <tr> per plan under the header, the same cells as the Markdown (one renderer)."""
+    import html
+    import re
+    from tpsp_sim.analysis.planner import table
+    markdown = table(tiny_plans, top=3).splitlines()
+    page = table(tiny_plans, top=3, fmt="html")
+    cells = [html.unescape(c) for c in re.findall(r"<t[hd] [^>]*>(.*?)</t[hd]>", page)]
+    expected = [c.strip() for line in markdown[:1] + markdown[2:] for c in line.strip("|").split(" | ")]
+    assert page.startswith("<table>") and page.count("<tr>") == 4 and cells == expected
+    with pytest.raises(ValueError, match="unknown table format"):
+        table(tiny_plans, fmt="pdf")

@@ -533,9 +533,9 @@ def _rank(p: Plan) -> tuple:
             p.pp, p.v, p.zero, p.dp, p.micro_batch, p.overlap_tp)
 
 
-def table(plans: list[Plan], top: int | None = None) -> str:
-    """A Markdown table of ``plans`` (the first ``top``), best first. Columns "b" (sequences per micro-batch) and
-    "overlap tp" appear when some plan has micro_batch > 1 or overlap_tp on."""
+def table(plans: list[Plan], top: int | None = None, fmt: str = "markdown") -> str:
+    """A table of ``plans`` (the first ``top``), best first: "markdown" (default), "text" or "html". Columns "b"
+    (sequences per micro-batch) and "overlap tp" appear when some plan has micro_batch > 1 or overlap_tp on."""
     shown = plans[:top]
     extra = [(name, value) for name, value, show in (
         ("b", lambda p: str(p.micro_batch), any(p.micro_batch != 1 for p in shown)),
@@ -551,4 +551,4 @@ def table(plans: list[Plan], top: int | None = None) -> str:
         rows.append((str(i), str(p.pp), str(p.dp), str(p.cp), str(p.tp), str(p.v), str(p.microbatches or "-"),
                      *(value(p) for _, value in extra), str(p.zero), p.attention, p.recompute, *times, memory,
                      ("yes: " if p.fits else "no: ") + p.why))
-    return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits", "overlap tp"}).render("markdown")
+    return Table(head, rows, frozenset(head) - {"attention", "recompute", "fits", "overlap tp"}).render(fmt)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 FORMATS = ("text", "markdown", "html")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Table:
     """Rows of cells under a header; ``right`` names the columns aligned right (numbers);
     ``footer`` rows (e.g. a total) are set apart from the body; ``title`` is printed above."""
@@ -32,6 +32,14 @@ class Table:
             if len(row) != len(self.header):
                 raise ValueError(f"a row of {len(row)} cells under a header of {len(self.header)}: {row}")
         return {"text": self._text, "markdown": self._markdown, "html": self._html}[fmt]()
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows a ``Table`` as its HTML rendering (``display(table)``)."""
+        return self.render("html")
+
+    def __repr__(self) -> str:
+        """The text rendering, as a DataFrame's repr is: what a terminal, or a notebook saved without its HTML, shows."""
+        return self.render("text")
 
     def _is_right(self, column: int) -> bool:
         return self.header[column] in self.right

@@ -10,6 +10,7 @@ from .plot import SECONDS
 
 PARTS = (("compute", "tab:blue"), ("tp", "tab:orange"), ("cp", "tab:green"), ("pp", "tab:purple"),
          ("dp_cp", "tab:red"), ("idle", "lightgrey"), ("bubble", "white"))
+MARGIN = 0.05  # the x axis runs 5% past the longest bar
 
 
 def label(p: Plan) -> str:
@@ -24,7 +25,7 @@ def plot_plans(plans: list[Plan], top: int = 10, title: str = "") -> Figure:
     shown = [p for p in plans if p.runs][:top]
     if not shown:
         raise ValueError("no plan runs: nothing to plot (every plan does not fit or cannot run; see their .why)")
-    fig = Figure(figsize=(9, 0.45 * len(shown) + 1.4))
+    fig = Figure(figsize=(10, 0.45 * len(shown) + 1.4), layout="constrained")
     ax = fig.subplots()
     for i, p in enumerate(shown):
         y, left = len(shown) - 1 - i, 0.0
@@ -34,9 +35,9 @@ def plot_plans(plans: list[Plan], top: int = 10, title: str = "") -> Figure:
                     label=(f"exposed {name}" if name in EXPOSED else name) if i == 0 else None)
             left += values[name]
     ax.set_yticks(range(len(shown)), [label(p) for p in reversed(shown)], fontsize=8)
+    ax.set_xlim(0, (1 + MARGIN) * max(p.step_time for p in shown))  # room right of the longest bar
     ax.xaxis.set_major_formatter(SECONDS)
     ax.set_xlabel("predicted step time")
-    ax.legend(fontsize=7, loc="lower right")
+    fig.legend(fontsize=7, loc="outside right upper")  # beside the axes: it covers no bar
     ax.set_title(title or "plans, best first", fontsize=10)
-    fig.tight_layout()
     return fig
