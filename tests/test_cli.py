@@ -98,6 +98,24 @@ def test_cluster_and_model_files(tmp_path, capsys):
                     str(tmp_path)], capsys, "--cluster-file")
 
 
+def test_report_takes_a_cluster_file(tmp_path, capsys):
+    """The report prices its calls on the file's cluster (its name heads report.md); --hardware is the other way
+    to name one, not both; a file that is not a cluster is a usage error naming the flag."""
+    (tmp_path / "cluster.toml").write_text(
+        'name = "toml quads"\npeak_flops = 1e12\ngpus_per_node = 4\nmemory_bytes = 1e9\n'
+        '[intra_node]\nname = "fast"\nbandwidth = 1e9\nlatency = 1e-6\n'
+        '[inter_node]\nname = "slow"\nbandwidth = 1e8\nlatency = 1e-5\n')
+    out = tmp_path / "out"
+    main(["report", "--world-size", "2", "--seq", "256", "--hidden", "64", "--heads", "4", "--methods", "tp",
+          "--cluster-file", str(tmp_path / "cluster.toml"), "--out", str(out)])
+    assert (out / "report.md").read_text().startswith("# Communication report: toml quads")
+    fails_to_parse(["report", "--hardware", "h100-nvlink", "--cluster-file", str(tmp_path / "cluster.toml"),
+                    "--out", str(out)], capsys, "not allowed with argument --hardware")
+    (tmp_path / "bad.toml").write_text('name = "x"\npeak_flops = 1e12\nbandwidth = 3\n')
+    fails_to_parse(["report", "--cluster-file", str(tmp_path / "bad.toml"), "--out", str(out)], capsys,
+                   "--cluster-file")
+
+
 def test_nothing_fits_is_a_headline_and_exit_status_one_without_a_figure(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["plan", "--gpus", "2", "--cluster", "dgx-a100-40gb", "--model", "llama3-70b",

@@ -33,7 +33,8 @@ class NothingRuns(Exception):
     """Every configuration of a report was skipped (its sizes do not divide)."""
 
 
-def report(out: Path, cfg: Config, world_sizes: list[int], seqs: list[int], hw: str, methods: list[str]) -> list[Path]:
+def report(out: Path, cfg: Config, world_sizes: list[int], seqs: list[int], hw: Cluster | str,
+           methods: list[str]) -> list[Path]:
     """Write the report's files into ``out``: bars and timelines for ``cfg``, and the scaling of
     every method with ``world_sizes`` (at ``cfg.seq``) and ``seqs`` (at ``cfg.world_size``)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,16 @@ def _load_toml(parser: argparse.ArgumentParser, flag: str, path: Path) -> dict:
             return tomllib.load(file)
     except (OSError, tomllib.TOMLDecodeError) as error:
         parser.error(f"{flag} {path}: {error}")
+
+
+def _cluster_arg(parser: argparse.ArgumentParser, path: Path | None, preset: str) -> Cluster:
+    """The cluster of ``--cluster-file`` if given (a usage error if it is not one), else the preset's."""
+    if path is None:
+        return CLUSTERS[preset]
+    try:
+        return cluster_from_toml(_load_toml(parser, "--cluster-file", path))
+    except (TypeError, ValueError) as error:
+        parser.error(f"--cluster-file {path}: {error}")
 
 
 def cluster_from_toml(table: dict) -> Cluster:
@@ -237,13 +248,7 @@ def plan_command(a: argparse.Namespace, parser: argparse.ArgumentParser | None =
     plan fits, 1 if none does)."""
     parser = parser or argparse.ArgumentParser(prog="python -m tpsp_sim plan")
     model = _plan_model(parser, a)
-    if a.cluster_file is not None:
-        try:
-            hw = cluster_from_toml(_load_toml(parser, "--cluster-file", a.cluster_file))
-        except (TypeError, ValueError) as error:
-            parser.error(f"--cluster-file {a.cluster_file}: {error}")
-    else:
-        hw = CLUSTERS[a.cluster]
+    hw = _cluster_arg(parser, a.cluster_file, a.cluster)
     _writable_directory(parser, a.out)  # before the simulations, not after
     try:
         plans = plan(model, a.seq, a.gpus, hw, micro_batch=a.micro_batch, global_batch_tokens=a.global_batch_tokens,
@@ -286,8 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("--batch", type=POSITIVE, default=1)
     cmd.add_argument("--hidden", type=POSITIVE, default=1024)
     cmd.add_argument("--heads", type=POSITIVE, default=16)
-    cmd.add_argument("--hardware", default="h100-nvlink", choices=sorted(CLUSTERS),
-                     help="a one-link preset or a cluster (groups spanning nodes use its inter-node link)")
+    hardware = cmd.add_mutually_exclusive_group()
+    hardware.add_argument("--hardware", default="h100-nvlink", choices=sorted(CLUSTERS),
+                          help="a one-link preset or a cluster (groups spanning nodes use its inter-node link)")
+    hardware.add_argument("--cluster-file", type=Path, help="a TOML file of Cluster fields (instead of --hardware)")
     cmd.add_argument("--methods", nargs="+", default=list(all_methods()), choices=all_methods())
     cmd.add_argument("--device", default="meta", choices=("meta", "cpu"),
                      help="meta: shapes only, nothing computed (fast at any size); cpu: real tensors")
@@ -301,11 +308,12 @@ def main(argv: list[str] | None = None) -> None:
         if status:
             sys.exit(status)
         return
+    hw = _cluster_arg(commands.choices["report"], a.cluster_file, a.hardware)
     _writable_directory(commands.choices["report"], a.out)
     cfg = Config(world_size=a.world_size[0], seq=a.seq[0], batch=a.batch, hidden=a.hidden, heads=a.heads,
                  device=a.device)
     try:
-        paths = report(a.out, cfg, a.world_size, a.seq, a.hardware, a.methods)
+        paths = report(a.out, cfg, a.world_size, a.seq, hw, a.methods)
     except NothingRuns as error:
         print(f"Nothing runs: {error}", file=sys.stderr)
         sys.exit(1)
