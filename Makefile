@@ -10,7 +10,8 @@ BIN := $(VENV)/bin
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 PYTEST_ARGS ?=
 # `make test` runs on this many pytest-xdist workers (0: in this one process). --dist loadfile keeps each
-# file, so each notebook's cells, in one worker and in order; 2 fits the 2-core machines it targets.
+# file, so each notebook's cells, in one worker and in order (tests/conftest.py hands out the longest files
+# first); 2 fits the 2-core machines it targets (3 measured the same).
 TEST_WORKERS ?= 2
 
 .PHONY: setup lab test test-fast notebooks bench clean

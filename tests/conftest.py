@@ -113,3 +113,23 @@ def pytest_timeout_set_timer(item: pytest.Item, settings) -> bool:
     item.cancel_timeout = cancel  # pytest-timeout's own pytest_timeout_cancel_timer calls it
     watch.start()
     return True
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest files first: those that drive a browser, then the notebooks and the files that start
+    processes (gloo, torchrun), then those marked slow, then the quick simulator tests, each file's tests
+    (a notebook's cells) in their own order.
+    ``make test`` hands whole files to two xdist workers (``--dist loadfile``) in this order; the long ones
+    at the end left one worker finishing them alone (5 min 6 s in all, against 4 min 51 s in file order)."""
+    def rank(item: pytest.Item) -> int:
+        if item.path.suffix == ".ipynb":
+            return 1
+        for position, marker in enumerate(("browser", "real", "slow")):
+            if item.get_closest_marker(marker):
+                return position
+        return 3
+
+    first: dict = {}
+    for item in items:
+        first[item.path] = min(first.get(item.path, 3), rank(item))
+    items.sort(key=lambda item: first[item.path])  # stable: a file's tests, a notebook's cells, keep their order

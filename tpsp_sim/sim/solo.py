@@ -13,8 +13,8 @@ bytes and FLOPs are the ones the whole world's simulation records for that rank,
 is symmetric; ``run_symmetric`` finds the ranks that must be simulated (one, unless some groups are
 not whole mesh axes) and returns a ``Symmetric``: their traces, from which ``trace()`` writes every
 rank's, and which ``ts.timeline`` lays out on a cluster replaying only the ranks the cluster's
-nodes tell apart. ``tests/test_solo.py`` checks it
-against a simulation of every rank, event by event, for every attention kind on a grid of meshes.
+nodes tell apart. ``tests/test_solo.py`` checks it against a simulation of every rank, event by
+event, for every attention kind on a grid of meshes.
 
 Cost: one rank's work instead of world_size ranks' (and no turns to hand over). The planner
 simulates each layer this way (analysis/layer.py): a cp = 64 ring layer went from 64 ranks' work to one's.
@@ -99,7 +99,11 @@ class Symmetric:
 
     @property
     def box_ranks(self) -> list[int]:
-        return [r for r in range(self.world_size) if all(c < p for c, p in zip(_coordinates(r, self.shape), self.period))]
+        """The ranks whose traces are kept: every coordinate below its period."""
+        return self._box(self.period)
+
+    def _box(self, period: tuple[int, ...]) -> list[int]:
+        return [r for r in range(self.world_size) if all(c < p for c, p in zip(_coordinates(r, self.shape), period))]
 
     def home(self, rank: int) -> tuple[int, list[int]]:
         """(the box rank whose trace ``rank``'s is, the shift of coordinates from it to ``rank``)."""
@@ -120,8 +124,7 @@ class Symmetric:
         if any(new % old or self_size % new for new, old, self_size in zip(period, self.period, self.shape)):
             raise ValueError(f"Symmetric.coarsened: period {period} must be multiples of {self.period} "
                              f"dividing the mesh {self.shape}")
-        box = [r for r in range(self.world_size) if all(c < p for c, p in zip(_coordinates(r, self.shape), period))]
-        return Symmetric(self._traces_of(box), self.shape, tuple(period))
+        return Symmetric(self._traces_of(self._box(period)), self.shape, tuple(period))
 
     def _traces_of(self, ranks: Iterable[int]) -> CommTrace:
         by_rank = self.box.programs()
@@ -228,7 +231,7 @@ def _period(trace: CommTrace, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(period)
 
 
-def calls_of(trace: CommTrace) -> dict[tuple[int, int], tuple]:
+def _calls_of(trace: CommTrace) -> dict[tuple[int, int], tuple]:
     """{(rank, seq): the call it is}: ("collective", group, k) for a rank's k-th collective on a group, or
     ("send" | "recv", group, src, dst, k) for the k-th transfer from src to dst."""
     made: Counter = Counter()
@@ -248,7 +251,7 @@ def calls_of(trace: CommTrace) -> dict[tuple[int, int], tuple]:
 def _check_symmetric(symmetric: Symmetric) -> None:
     """ValueError unless every member of a box rank's k-th call on a group makes it too (its box rank, the
     call translated), and every transfer's other side posts it (module docstring of ``run_symmetric``)."""
-    made = set(calls_of(symmetric.box).values())
+    made = set(_calls_of(symmetric.box).values())
     shape = symmetric.shape
     for call in sorted(made, key=str):
         kind, group = call[0], call[1]
