@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from ..context_parallel.attention import attention_block, shard_sequence
 from ..models.attention import dense_attention
 from . import solutions

@@ -18,7 +18,6 @@ runs the learner's c on p = 2 and 4 virtual ranks (meta tensors: shapes only) on
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Callable
 
 import torch
@@ -29,7 +28,7 @@ from ..analysis.replay import timeline
 from ..context_parallel.ring import ring_attention
 from ..launch import run
 from .harness import Exercise
-from .targets import check_target, print_solution
+from .targets import puzzle_set
 
 LINKS = ("a100-nvlink", "ib-ndr", "pcie-gen4")  # keys of ts.cost.PRESETS
 HEADS, HEAD_DIM = 8, 128
@@ -84,7 +83,4 @@ RING_BLOCK_SIZE = Exercise(
             f"timeline, and the block is within {SPARE:.0%} of the smallest that does, on 2 and 4 ranks.",
     solution=block_size, solution_source=(block_size,))
 
-PUZZLES: dict[str, Exercise] = {RING_BLOCK_SIZE.name: RING_BLOCK_SIZE}
-
-check = partial(check_target, PUZZLES)  # check(name, fn) -> a Report saying how far from the target fn's answer is
-show_solution = partial(print_solution, PUZZLES)  # show_solution(name) prints the reference solution
+PUZZLES, check, show_solution = puzzle_set(RING_BLOCK_SIZE)

@@ -16,13 +16,13 @@ nodes, 60 GiB per GPU.
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Callable
 
 from ..analysis.cluster import cluster
 from ..analysis.planner import Plan, plan
 from .harness import Exercise
-from .targets import check_target, print_solution
+from .targets import puzzle_set
 
 GIB = 2**30
 CASE = {"model": "llama3-8b", "seq": 65536, "gpus": 16, "cap": 60 * GIB}
@@ -85,7 +85,4 @@ MESH_UNDER_MEMORY_CAP = Exercise(
             f"{_gib(CASE['cap'])} per GPU and its step is within {SLACK:.0%} of the fastest mesh that fits.",
     solution=choose_mesh, solution_source=(choose_mesh,))
 
-PUZZLES: dict[str, Exercise] = {MESH_UNDER_MEMORY_CAP.name: MESH_UNDER_MEMORY_CAP}
-
-check = partial(check_target, PUZZLES)  # check(name, fn) -> a Report saying how far from the target fn's answer is
-show_solution = partial(print_solution, PUZZLES)  # show_solution(name) prints the reference solution
+PUZZLES, check, show_solution = puzzle_set(MESH_UNDER_MEMORY_CAP)

@@ -16,12 +16,12 @@ Llama 3 8B, 32K-token sequences, 16 GPUs of two DGX H100 nodes.
 
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Callable
 
 from ..analysis.planner import Plan, evaluate, plan
 from .harness import Exercise
-from .targets import check_target, print_solution
+from .targets import puzzle_set
 
 GIB = 2**30
 CASE = {"model": "llama3-8b", "seq": 32768, "gpus": 16, "cluster": "dgx-h100"}
@@ -94,7 +94,4 @@ BEAT_THE_SECOND_BEST = Exercise(
     cases=(CASE["gpus"],), case_label="GPUs", check_case=_split_case, checked=_checked(),
     solution=propose_split, solution_source=(propose_split,))
 
-PUZZLES: dict[str, Exercise] = {BEAT_THE_SECOND_BEST.name: BEAT_THE_SECOND_BEST}
-
-check = partial(check_target, PUZZLES)  # check(name, fn) -> a Report saying how far from the target fn's answer is
-show_solution = partial(print_solution, PUZZLES)  # show_solution(name) prints the reference solution
+PUZZLES, check, show_solution = puzzle_set(BEAT_THE_SECOND_BEST)

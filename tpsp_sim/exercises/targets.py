@@ -1,4 +1,4 @@
-"""What the puzzles of notebooks 04 and 07 share: each has a target to meet (a block that hides the ring, a
+"""What the puzzles of notebooks 04, 07 and 08 share: each has a target to meet (a block that hides the ring, a
 mesh that fits and is fastest), and its checker says how far from the target an answer is.
 
 They are kept apart from ``tpsp_sim.exercises.EXERCISES`` (the rank-level exercises of notebooks 00–03
@@ -9,6 +9,7 @@ and 09), as notebook 10's puzzles are, and checked the same way: a stub that sti
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from typing import Callable
 
 from .harness import Exercise, Problem, Report, not_the_stub, unwritten_stub
@@ -31,6 +32,13 @@ def check_target(puzzles: dict[str, Exercise], name: str, fn: Callable) -> Repor
         if problems:
             return Report(name, tuple(f"on {case} {ex.case_label}: {p}" for p in problems))
     return Report(name, checked=ex.checked)
+
+
+def puzzle_set(*exercises: Exercise) -> tuple[dict[str, Exercise], Callable, Callable]:
+    """(PUZZLES, check, show_solution) of a notebook's puzzles: ``check(name, fn)`` returns a Report saying how far
+    from the target fn's answer is; ``show_solution(name)`` prints the reference solution."""
+    puzzles = {ex.name: ex for ex in exercises}
+    return puzzles, partial(check_target, puzzles), partial(print_solution, puzzles)
 
 
 def print_solution(puzzles: dict[str, Exercise], name: str) -> None:
