@@ -62,8 +62,9 @@ def shapes_only(fn: Callable) -> Callable:
     its later calls answered from what that run left: the outputs' shapes, strides and dtypes, and its FLOPs.
 
     For functions whose outputs and FLOPs depend only on their tensors' shapes, strides and dtypes and
-    their other arguments — the attention tiles, which a ring of p ranks computes p times a layer on the
-    same shapes. Meta tensors have no values, so nothing else could differ. Anywhere else (real tensors,
+    their other arguments, and that make no communication call (which would close a compute span inside
+    them) — the attention tiles, which a ring of p ranks computes p times a layer on the same shapes.
+    Outputs are new tensors each time, never the inputs themselves. Meta tensors have no values, so nothing else could differ. Anywhere else (real tensors,
     autograd recording, no counter) ``fn`` runs as it is. tests/test_solo.py checks traces with and
     without it equal.
     """
