@@ -23,6 +23,16 @@ def test_the_reference_solution_passes_and_a_stub_gets_it_checked(name):
     assert not report.ok and report.reference is not None and report.reference.ok
 
 
+def test_a_not_implemented_error_from_torch_is_not_taken_for_the_stub():
+    """An operation torch lacks, inside the learner's code, is reported as that, not as "not written yet"."""
+    def shard(comm, net):
+        torch.nn.Module()(net)  # a Module with no forward: torch raises NotImplementedError in its own code
+
+    report = puzzles.check("fit_in_memory", shard)
+    assert not report.ok and report.reference is None
+    assert "not the unwritten stub" in report.problems[0], report.problems
+
+
 def zero2(comm, net):
     ddp = ts.DistributedDataParallel(net, comm)
     return ddp, ts.ZeroOptimizer(ddp, torch.optim.AdamW, stage=2, lr=puzzles.LR)

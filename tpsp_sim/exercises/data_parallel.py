@@ -15,7 +15,6 @@ two moments) and sends 2Ψ(p−1)/p per step. These are kept apart from ``tpsp_s
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Callable
 
 import torch
@@ -26,7 +25,8 @@ from ..data_parallel.ddp import DistributedDataParallel
 from ..data_parallel.fsdp import FSDPModule, fully_shard
 from ..data_parallel.memory import held_bytes
 from ..models.tiny_llama import TinyLlama
-from .harness import Exercise, Problem, Report, compare, first, run_ranks
+from .harness import Exercise, compare, first, run_ranks
+from .targets import puzzle_set
 
 RANKS = 4
 STEPS, MICRO, BATCH, SEQ, LR = 2, 3, 8, 8, 1e-2
@@ -162,23 +162,4 @@ ACCUMULATE_GRADIENTS = Exercise(
             f"sending one all-reduce of the gradients (2Ψ(p−1)/p) per step.",
     solution=accumulate_gradients, solution_source=(accumulate_gradients,))
 
-PUZZLES: dict[str, Exercise] = {ex.name: ex for ex in (FIT_IN_MEMORY, ACCUMULATE_GRADIENTS)}
-
-
-def check(name: str, fn: Callable) -> Report:
-    """Check the learner's ``fn`` for puzzle ``name`` (one case: 4 ranks); a stub is answered with the reference."""
-    if name not in PUZZLES:
-        raise ValueError(f"no puzzle {name!r}; the puzzles are {sorted(PUZZLES)}")
-    ex = PUZZLES[name]
-    try:
-        problems = ex.check_case(fn, RANKS)
-    except NotImplementedError:
-        return Report(name, reference=check(name, ex.solution))
-    except Problem as error:
-        problems = [str(error)]
-    return Report(name, tuple(f"on {RANKS} ranks: {p}" for p in problems)) if problems else Report(name, checked=ex.checked)
-
-
-def show_solution(name: str) -> None:
-    """Print the reference solution of puzzle ``name``."""
-    print("\n\n".join(inspect.getsource(obj).rstrip() for obj in PUZZLES[name].solution_source))
+PUZZLES, check, show_solution = puzzle_set(FIT_IN_MEMORY, ACCUMULATE_GRADIENTS)

@@ -1,8 +1,8 @@
-"""What the puzzles of notebooks 04, 07 and 08 share: each has a target to meet (a block that hides the ring, a
-mesh that fits and is fastest), and its checker says how far from the target an answer is.
+"""What the puzzles of notebooks 04, 07, 08 and 10 share: each has a target to meet (a block that hides the ring,
+a mesh that fits and is fastest, a memory or bytes budget), and its checker says how far from it an answer is.
 
 They are kept apart from ``tpsp_sim.exercises.EXERCISES`` (the rank-level exercises of notebooks 00–03
-and 09), as notebook 10's puzzles are, and checked the same way: a stub that still raises
+and 09), and checked the same way: a stub that still raises
 ``NotImplementedError`` is reported with the reference solution checked instead.
 """
 
