@@ -89,10 +89,12 @@ def test_latency_steps_are_the_messages_that_pay_latency():
 def test_collective_time_on_a_cluster_takes_the_group_ranks():
     """DGX H100: 1 MiB all_reduce on 8 ranks, 14 steps, 2·7/8·2^20 bytes: inside a node at NVLink 4's
     NVLS all_reduce bus bandwidth (2 µs, 480 GB/s), its all_gather at the ring's 370 GB/s; across
-    nodes, one rank per node, at one NIC's achieved 48 GB/s (5 µs); the one-link preset at the
+    nodes, one rank per node, at one NIC's achieved 48 GB/s (5 µs) as a ring, or as NCCL's tree (3 levels
+    between 8 nodes, 2·2^20 bytes at 0.92 of 48 GB/s), which is faster; the one-link preset at the
     datasheet 450 GB/s."""
     inside = 14 * 2e-6 + 1.75 * 2**20 / 480e9
-    across = 14 * 5e-6 + 1.75 * 2**20 / 48e9
+    across = 2 * 3 * 5e-6 + 2 * 2**20 / (0.92 * 48e9)
+    assert across < 14 * 5e-6 + 1.75 * 2**20 / 48e9  # the ring: 108 µs against the tree's 77 µs
     assert cost.collective_time("all_reduce", 2**20, 8, "dgx-h100", ranks=range(8)) == pytest.approx(inside, rel=1e-12)
     assert cost.collective_time("all_gather", 2**17, 8, "dgx-h100", ranks=range(8)) == \
            pytest.approx(7 * 2e-6 + 7 * 2**17 / 370e9, rel=1e-12)
@@ -120,7 +122,8 @@ def test_nccl_runs_one_ring_per_nic_across_nodes():
         ranks = [node * 8 + i for node in range(2) for i in range(g)]
         assert dgx.link(ranks).busbw == busbw, g
     assert dgx.link([0, 1, 2, 8]).busbw == 48e9  # node 1 holds one rank: one NIC there
-    assert dgx.link([0, 8]) is dgx.inter_node and dgx.link(range(8)) is dgx.intra_node
+    assert dgx.link(range(8)) is dgx.intra_node and dgx.link(range(8)).span is None
+    assert dgx.link([0, 8]) == dataclasses.replace(dgx.inter_node, span=cost.NodeSpan(2, 1, 2e-6))  # one NIC, two nodes
     # point-to-point stays one GPU's NIC, however many GPUs a node has
     shift = ts.run(lambda comm: comm.sendrecv(torch.zeros(1000), (comm.rank + 8) % 16, (comm.rank - 8) % 16),
                    world_size=16).trace
@@ -129,6 +132,67 @@ def test_nccl_runs_one_ring_per_nic_across_nodes():
     assert sends == pytest.approx([5e-6 + 4000 / 48e9] * 16, rel=1e-12)
     # nominal pricing: the datasheet figures, 8 x 50 GB/s capped by NVLink's 450
     assert dgx.nominal().link(range(16)).busbw == 400e9 and dgx.nominal().link(range(8)).busbw == 450e9
+
+
+NODES = cost.Cluster("4 x 2", 1e12, 2, cost.Link("fast", 100e9, 1e-6), cost.Link("slow", 10e9, 5e-6))
+
+
+def test_an_all_reduce_across_nodes_runs_as_the_faster_of_nccls_ring_and_tree():
+    """cost.py's closed forms on 4 nodes of 2 ranks (α = 5 µs between nodes, 1 µs inside; two rings, so
+    B = min(100, 2 × 10) = 20 GB/s): ring 14·5 µs + 1.75·N/B = 70 µs + 1.75·N/B; tree
+    2·(1·1 µs + ⌊log2 4⌋·5 µs) + 2N/(0.92·B) = 22 µs + 2.17·N/B. They cross where the ring's 48 µs of extra
+    latency equals the tree's extra bandwidth time, N* = 24 µs · B / (1/0.92 − 7/8) = 2.26 MB: the tree
+    below, the ring above."""
+    ring = lambda n: 70e-6 + 1.75 * n / 20e9  # noqa: E731
+    tree = lambda n: 22e-6 + 2 * n / (0.92 * 20e9)  # noqa: E731
+    crossover = 24e-6 * 20e9 / (1 / 0.92 - 7 / 8)
+    assert crossover == pytest.approx(2.2646e6, rel=1e-4)
+    for n, algorithm in ((0, "tree"), (2**20, "tree"), (int(0.99 * crossover) // 8 * 8, "tree"),
+                         (int(1.01 * crossover) // 8 * 8, "ring"), (2**30, "ring")):  # whole ring pieces
+        assert cost.all_reduce_algorithm(n, 8, NODES, ranks=range(8)) == algorithm, n
+        assert cost.collective_time("all_reduce", n, 8, NODES, ranks=range(8)) == \
+            pytest.approx(min(ring(n), tree(n)), rel=1e-12), n
+    # inside a node, and on a one-link cluster, there is no tree: the ring (or NVLS)
+    assert cost.all_reduce_algorithm(8, 2, NODES, ranks=(0, 1)) == "ring"
+    assert cost.all_reduce_algorithm(8, 8, HW) == "ring"
+    # only all_reduce has a tree: the other collectives stay rings across nodes
+    assert cost.collective_time("all_gather", 2**10, 8, NODES, ranks=range(8)) == \
+        pytest.approx(7 * 5e-6 + 7 * 2**10 / 20e9, rel=1e-12)
+
+
+@pytest.mark.parametrize("ranks, crossover", [
+    (range(0, 64, 8), (7 - 3) * 5e-6 * 48e9 / (1 / 0.92 - 7 / 8)),  # 8 nodes, one rank each: 4.53 MB
+    (range(128), ((127 - 4) * 5e-6 - 7 * 2e-6) * 370e9 / (1 / 0.92 - 127 / 128)),  # 16 full nodes: 2.35 GB
+])
+def test_the_readmes_dgx_h100_crossovers(ranks, crossover):
+    """The sizes below which the tree wins on DGX H100 (README, Clusters): cost.py's N* with α = 5 µs between
+    nodes, 2 µs inside, and the group's bus bandwidth (one NIC's 48 GB/s; eight rings' 370 GB/s)."""
+    assert crossover == pytest.approx(4.53e6 if len(ranks) == 8 else 2.35e9, rel=2e-3)
+    p = len(ranks)
+    assert cost.all_reduce_algorithm(int(0.999 * crossover), p, "dgx-h100", ranks=ranks) == "tree"
+    assert cost.all_reduce_algorithm(int(1.001 * crossover), p, "dgx-h100", ranks=ranks) == "ring"
+
+
+def test_the_tree_chains_through_the_fullest_node_and_climbs_log2_nodes():
+    """Ranks (0, 1, 2, 4) of nodes of 4: node 0 holds three (a chain of 2 hops at α_intra), node 1 one (so one
+    NIC: B = 10 GB/s); two nodes, a tree of depth 1: 2·(2·1 µs + 1·5 µs) + 2N/(0.92·B). Five nodes: depth 2."""
+    quads = cost.Cluster("quads", 1e12, 4, NODES.intra_node, NODES.inter_node)
+    assert quads.link((0, 1, 2, 4)).span == cost.NodeSpan(2, 3, 1e-6)
+    assert cost.collective_time("all_reduce", 0, 4, quads, ranks=(0, 1, 2, 4)) == pytest.approx(14e-6, rel=1e-12)
+    assert cost.collective_time("all_reduce", 1000, 4, quads, ranks=(0, 1, 2, 4)) == \
+        pytest.approx(14e-6 + 2000 / (0.92 * 10e9), rel=1e-12)
+    five = range(0, 20, 4)  # one rank in each of 5 nodes
+    assert cost.collective_time("all_reduce", 0, 5, quads, ranks=five) == pytest.approx(2 * 2 * 5e-6, rel=1e-12)
+
+
+def test_a_traced_all_reduce_across_nodes_is_priced_as_the_tree_and_keeps_the_rings_bytes():
+    """Estimate and timeline read the same pricing: 8 ranks on NODES all-reduce 1,000 float32 (4,000 B): the
+    tree's 22 µs + 8,000 B / (0.92 × 20 GB/s) on every rank; the trace still records the ring's 2·7/8·4,000 B."""
+    trace = ts.run(lambda comm: comm.all_reduce(torch.zeros(1000)), world_size=8).trace
+    tree = 22e-6 + 8000 / (0.92 * 20e9)
+    assert [cost.estimate(trace, NODES).of(e) for e in trace.events] == pytest.approx([tree] * 8, rel=1e-12)
+    assert ts.timeline(trace, NODES).end() == pytest.approx(tree, rel=1e-12)
+    assert {e.sent_bytes for e in trace.events} == {7000}
 
 
 @pytest.mark.parametrize("args, match", [

@@ -26,10 +26,10 @@ Which bandwidth prices a call (``Cluster.link``, NCCL's rings):
 * a send / recv (ring attention's shifts) is one transfer over one GPU's link: the intra-node link if
   its two ranks share a node, else one NIC.
 
-Across nodes this prices ring all_reduce; NCCL's tree (and NVLS-tree) all_reduce has the same bus
-bandwidth at large sizes and fewer latency steps (2 log p instead of 2(p-1)), so it only wins for
-latency-bound messages, which this model does not try. Bandwidths are per GPU: a DGX gives each GPU
-its own InfiniBand port (rail-optimised). A node with fewer NICs than GPUs gives each GPU its share
+The link of a group that spans nodes also carries its ``NodeSpan`` (how many nodes, the most ranks in one,
+the latency inside a node): an all_reduce on it runs as NCCL's ring or its tree, whichever is faster
+(``ts.cost.all_reduce_algorithm``). Bandwidths are per GPU: a DGX gives each GPU its own InfiniBand
+port (rail-optimised). A node with fewer NICs than GPUs gives each GPU its share
 (``pcie-a100``: one port per 8 GPUs). Contention in the switches is ignored.
 """
 
@@ -47,10 +47,21 @@ GB = 1e9
 
 
 @dataclass(frozen=True)
+class NodeSpan:
+    """Where a group that spans nodes sits: ``nodes`` nodes, at most ``node_ranks`` of its ranks in one, and the
+    per-message ``intra_latency`` inside a node (what NCCL's tree all_reduce pays: ``ts.cost``)."""
+
+    nodes: int
+    node_ranks: int
+    intra_latency: float
+
+
+@dataclass(frozen=True)
 class Link:
     """One GPU's link: ``bandwidth`` (nominal) and ``achieved`` (measured bus bandwidth, None: not measured)
     in bytes/s per direction, ``latency`` in seconds per message, ``nvls``: all_reduce bus bandwidth
-    with NVLink SHARP (None: no NVLS), ``source``: where the numbers come from."""
+    with NVLink SHARP (None: no NVLS), ``source``: where the numbers come from; ``span``: set by
+    ``Cluster.link`` on the link of a group that spans nodes (None: the group shares one node or link)."""
 
     name: str
     bandwidth: float
@@ -58,6 +69,7 @@ class Link:
     achieved: float | None = None
     nvls: float | None = None
     source: str = ""
+    span: NodeSpan | None = None
 
     def __post_init__(self) -> None:
         for what in ("bandwidth", "achieved", "nvls"):
@@ -135,16 +147,18 @@ class Cluster:
 
     def link(self, ranks: Iterable[int]) -> Link:
         """The link a collective among ``ranks`` runs on: the intra-node link if they share a node, else the
-        NICs of the fewest of its ranks any node holds, g of them: min(intra busbw, g · inter busbw)."""
+        NICs of the fewest of its ranks any node holds, g of them: min(intra busbw, g · inter busbw), with
+        the group's ``NodeSpan``."""
         per_node = Counter(self.node(r) for r in ranks)
         if len(per_node) <= 1:
             return self.intra_node
         g = min(per_node.values())
-        if g == 1:
-            return self.inter_node
         inter, intra = self.inter_node, self.intra_node
+        span = NodeSpan(len(per_node), max(per_node.values()), intra.latency)
+        if g == 1:
+            return replace(inter, span=span)
         return Link(f"{g} x {inter.name}", min(intra.bandwidth, g * inter.bandwidth), inter.latency,
-                    achieved=min(intra.busbw, g * inter.busbw), source=inter.source)
+                    achieved=min(intra.busbw, g * inter.busbw), source=inter.source, span=span)
 
     def link_for(self, event: CommEvent) -> Link:
         """The link of one recorded call (a ``CommEvent``): its two ends for send / recv, else its group."""

@@ -12,7 +12,20 @@ where B is the link's bus bandwidth as nccl-tests measures it (``Link.busbw``: t
 where the link has one, its datasheet figure otherwise; NVLink SHARP's for an all_reduce on a link
 that has it), e.g. all_reduce 2α·(p-1) + 2(p-1)/p·N/B; all_to_all α + (p-1)/p·N/B (NCCL posts all its pairs at once).
 
-(Thakur, Rabenseifner & Gropp 2005; the nccl-tests "bus bandwidth" convention). The model ignores
+(Thakur, Rabenseifner & Gropp 2005; the nccl-tests "bus bandwidth" convention).
+
+An all_reduce whose group spans nodes (its link has a ``NodeSpan``: n nodes, at most r ranks in one) may
+instead run as NCCL's tree (Sanders, Speck & Träff 2009's double binary tree, NCCL 2.4): a chain
+through the r ranks of each node, a binary tree of depth ⌊log2 n⌋ between nodes, reduced up and
+broadcast down, pipelined. Each rank's link carries 2N bytes, at 0.92 of the ring's bus bandwidth
+(NCCL's tuning model, ``TREE_BUSBW_FRACTION``), so
+
+    tree: 2·((r−1)·α_intra + ⌊log2 n⌋·α) + 2N / (0.92·B)     ring: 2(p−1)·α + 2(p−1)/p·N / B,
+
+and the call costs the smaller (``all_reduce_algorithm`` says which, as NCCL's tuner picks by the same
+two terms). The tree wins while the ring's 2(p−1) latency steps outweigh its ~9% of extra bandwidth
+time: up to N* = ((p−1−⌊log2 n⌋)·α − (r−1)·α_intra)·B / (1/0.92 − (p−1)/p) bytes. The trace keeps
+the ring's wire bytes (the op table); only the seconds follow the tree. The model ignores
 contention and the switch topology: it is the time one rank's link is busy. Links are full duplex:
 ``estimate`` prices a send and a receive that a rank posts together (a ring shift) as the slower of
 the two, not their sum (``Estimate``). On a ``Cluster`` (``cluster.py``) each call is priced on its
@@ -27,7 +40,7 @@ from typing import Any, Callable, Sequence
 from ..core.ops import latency_steps, wire_bytes
 from ..core.table import Table
 from ..core.trace import CommEvent, CommTrace, ComputeSpan, format_bytes
-from .cluster import CLUSTERS, Cluster, Link, cluster  # noqa: F401 (ts.cost.Cluster, ts.cost.CLUSTERS)
+from .cluster import CLUSTERS, Cluster, Link, NodeSpan, cluster  # noqa: F401 (ts.cost.Cluster, ts.cost.CLUSTERS)
 
 
 # The one hardware type is ``Cluster`` (cluster.py); a single link is a one-level cluster, made by
@@ -46,7 +59,8 @@ def collective_time(op: str, nbytes: int, world_size: int, hw: Cluster | Link | 
     """Seconds one rank spends in ``op`` (alpha-beta, ring); ``nbytes`` is its input, as in ``CommEvent.nbytes``.
 
     latency_steps · α + max(sent, received) / busbw, with the link's measured bus bandwidth (``Link.busbw``;
-    ``Link.nvls`` for an all_reduce where the link has NVLink SHARP). ``hw``: a ``Link``; or a ``Cluster``
+    ``Link.nvls`` for an all_reduce where the link has NVLink SHARP); an all_reduce across nodes takes the
+    faster of the ring and NCCL's tree (``all_reduce_algorithm``). ``hw``: a ``Link``; or a ``Cluster``
     (a one-link ``Hardware`` is one) or a key of ``CLUSTERS``, as ``estimate`` and ``timeline`` take. A
     cluster with two links prices the call on its group's link (``Cluster.link``: NCCL's one ring per
     NIC): pass the group's global ``ranks`` (``world_size`` of them), or the link itself.
@@ -56,8 +70,41 @@ def collective_time(op: str, nbytes: int, world_size: int, hw: Cluster | Link | 
     if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
         raise ValueError(f"collective_time: world_size must be an integer >= 1, got {world_size!r}")
     link = _link(hw, world_size, ranks)
-    sent, received = wire_bytes(op, int(nbytes), int(world_size))  # broadcast: the root's share, N
-    return latency_steps(op, int(world_size)) * link.latency + max(sent, received) / link.bandwidth_of(op)
+    if op == "all_reduce" and link.span is not None:
+        return min(_all_reduce_times(int(nbytes), int(world_size), link).values())
+    return _ring_time(op, int(nbytes), int(world_size), link)
+
+
+# NCCL's tuning model prices a tree all_reduce (Simple protocol) at 0.92 of the bus bandwidth of the channels the
+# ring uses ("busBw * .92", ncclTopoTuneModel in src/graph/tuning.cc, NCCL 2.12 and later); its per-channel cap and
+# its correction factors for medium sizes are not modelled.
+TREE_BUSBW_FRACTION = 0.92
+
+
+def all_reduce_algorithm(nbytes: int, world_size: int, hw: Cluster | Link | str, *,
+                         ranks: Sequence[int] | None = None) -> str:
+    """"ring" or "tree": the faster way NCCL can run an all_reduce of ``nbytes`` on this group (arguments as in
+    ``collective_time``). A group inside one node, or on a one-level cluster, is always "ring" (NVLS where
+    the link has it); across nodes, the tree wins below the crossover in this module's docstring."""
+    link = _link(hw, world_size, ranks)
+    if link.span is None:
+        return "ring"
+    times = _all_reduce_times(int(nbytes), int(world_size), link)
+    return "tree" if times["tree"] < times["ring"] else "ring"
+
+
+def _all_reduce_times(nbytes: int, p: int, link: Link) -> dict[str, float]:
+    """Seconds of an all_reduce across nodes as a ring and as a tree (this module's docstring)."""
+    span = link.span
+    depth = span.nodes.bit_length() - 1  # ⌊log2 n⌋: the inter-node tree's depth
+    tree = 2 * ((span.node_ranks - 1) * span.intra_latency + depth * link.latency) \
+        + 2 * nbytes / (TREE_BUSBW_FRACTION * link.busbw)
+    return {"ring": _ring_time("all_reduce", nbytes, p, link), "tree": tree}
+
+
+def _ring_time(op: str, nbytes: int, p: int, link: Link) -> float:
+    sent, received = wire_bytes(op, nbytes, p)  # broadcast: the root's share, N
+    return latency_steps(op, p) * link.latency + max(sent, received) / link.bandwidth_of(op)
 
 
 def _link(hw: Cluster | Link | str, world_size: int, ranks: Sequence[int] | None) -> Link:

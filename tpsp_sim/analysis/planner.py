@@ -74,7 +74,8 @@ IGNORES = ("the zero-bubble and GPipe schedules (1F1B and interleaved 1F1B are p
            "gradient synchronisation with backward (counted fully exposed; ZeRO 3's weight gathers are prefetched "
            "behind the previous layer's compute); "
            "the overlap of TP's forward all-gathers and reduce-scatters (Transformer Engine's chunked GEMMs; overlap_tp hides the backward's); the sequence-parallel "
-           "norm-gradient all-reduce; NCCL's tree all_reduce (rings only); network contention between groups; "
+           "norm-gradient all-reduce; NCCL's NVLS-tree and CollNet (SHARP) all_reduce across nodes (rings and trees "
+           "are priced: ts.cost.all_reduce_algorithm), and its LL / LL128 protocols; network contention between groups; "
            "allocator fragmentation beyond the reserve. Attention kernels are assumed flash-style (no scores kept), "
            "so recompute 'selective' costs no extra compute.")
 
