@@ -25,6 +25,7 @@ GB, GIB = 1e9, 2**30
 NCCL_TESTS_212 = "https://github.com/NVIDIA/nccl-tests/issues/212"
 NCCL_TESTS_119 = "https://github.com/NVIDIA/nccl-tests/issues/119"
 NCCL_TESTS_149 = "https://github.com/NVIDIA/nccl-tests/issues/149"
+NCCL_TESTS_22 = "https://github.com/NVIDIA/nccl-tests/issues/22"
 MEGATRON = "https://github.com/NVIDIA/Megatron-LM/blob/main/megatron/training/theoretical_memory_usage.py"
 KORTHIKANTI = "https://arxiv.org/abs/2205.05198"
 LIU = "https://arxiv.org/abs/2310.01889"
@@ -73,6 +74,19 @@ A100_3_NODES_4_HDR = ts.cost.Cluster(
     ts.cost.CLUSTERS["dgx-a100"].intra_node,
     ts.cost.Link("HDR, one port per 2 GPUs", 12.5 * GB, 5e-6, achieved=12.0 * GB, source=NCCL_TESTS_119),
     40 * GIB, NCCL_TESTS_119)
+
+
+# Two AWS p3dn.24xlarge (nccl-tests#22): 8 V100 SXM2 (NVLink 2, 150 GB/s each way) and one 100 Gb/s EFA per node.
+P3DN_2_NODES = ts.cost.Cluster(
+    "2 x p3dn.24xlarge", 125e12, 8, ts.cost.Link("NVLink 2", 150 * GB, 2e-6),
+    ts.cost.Link("EFA 100 Gb/s, one per 8 GPUs", 12.5 * GB / 8, 5e-6), 32 * GIB, NCCL_TESTS_22)
+
+
+def ring_over_tree(cluster: ts.cost.Cluster, ranks: list[int], nbytes: int) -> float:
+    """How many times longer an all_reduce of ``nbytes`` takes as a ring than as NCCL's tree
+    (``ts.cost.all_reduce_times``)."""
+    times = ts.cost.all_reduce_times(nbytes, len(ranks), cluster, ranks=ranks)
+    return times["ring"] / times["tree"]
 
 
 def megatron_memory(m: Model, tp: int, data_parallel: int, seq: int, micro_batch: int = 1,
@@ -131,6 +145,9 @@ ROWS: list[Row] = [
     Row("8 x A100 SXM4 80GB (HPE Apollo 6500), all_reduce busbw", NCCL_TESTS_149, 200, "GB/s", 0.2,
         lambda: busbw("all_reduce", "dgx-a100", list(range(8))) / GB,
         "the model's 230 GB/s comes from a DGX-class measurement (230-250); this machine measures ~13% less"),
+    Row("2 nodes x 8 V100 (p3dn), one 100 Gb/s NIC per node: 1 GB all_reduce, ring time / tree time",
+        NCCL_TESTS_22, 268 / 134, "x", 0.2, lambda: ring_over_tree(P3DN_2_NODES, list(range(16)), 10**9),
+        "the tree sends N across the NIC, the ring 2·15/16·N; the model also charges the tree NCCL's 0.92, so 1.73"),
     # ---- memory: Megatron's formula, target 5% where both count the same tensors ----
     *[Row(f"Llama 3 {size} weights + optimizer, tp={tp}, dp·cp={dp * cp}", MEGATRON,
           megatron_memory(MODELS[f"llama3-{size.lower()}"], tp, dp * cp, 8192)[0] / GIB, "GiB", 0.05,

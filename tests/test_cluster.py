@@ -36,7 +36,7 @@ def test_a_group_uses_the_intra_node_link_only_inside_one_node():
     c = cost.CLUSTERS["dgx-h100"]
     assert c.link(range(8)) is c.intra_node and c.link((8, 15)) is c.intra_node
     for ranks, nodes in (((7, 8), 2), ((0, 8, 16), 3)):  # one rank per node: one NIC, and where the group sits
-        assert c.link(ranks) == dataclasses.replace(c.inter_node, span=cost.NodeSpan(nodes, 1, c.intra_node.latency))
+        assert c.link(ranks) == dataclasses.replace(c.inter_node, span=cost.NodeSpan(nodes, 1, 1, c.intra_node, c.inter_node))
     assert c.link(range(16)).busbw == min(c.intra_node.busbw, 8 * c.inter_node.busbw)  # 8 rings, 8 NICs
     with pytest.raises(ValueError, match="gpus_per_node must be >= 1"):
         two_level(0)

@@ -123,7 +123,7 @@ def test_nccl_runs_one_ring_per_nic_across_nodes():
         assert dgx.link(ranks).busbw == busbw, g
     assert dgx.link([0, 1, 2, 8]).busbw == 48e9  # node 1 holds one rank: one NIC there
     assert dgx.link(range(8)) is dgx.intra_node and dgx.link(range(8)).span is None
-    assert dgx.link([0, 8]) == dataclasses.replace(dgx.inter_node, span=cost.NodeSpan(2, 1, 2e-6))  # one NIC, two nodes
+    assert dgx.link([0, 8]) == dataclasses.replace(dgx.inter_node, span=cost.NodeSpan(2, 1, 1, dgx.intra_node, dgx.inter_node))
     # point-to-point stays one GPU's NIC, however many GPUs a node has
     shift = ts.run(lambda comm: comm.sendrecv(torch.zeros(1000), (comm.rank + 8) % 16, (comm.rank - 8) % 16),
                    world_size=16).trace
@@ -175,14 +175,29 @@ def test_the_readmes_dgx_h100_crossovers(ranks, crossover):
 
 def test_the_tree_chains_through_the_fullest_node_and_climbs_log2_nodes():
     """Ranks (0, 1, 2, 4) of nodes of 4: node 0 holds three (a chain of 2 hops at α_intra), node 1 one (so one
-    NIC: B = 10 GB/s); two nodes, a tree of depth 1: 2·(2·1 µs + 1·5 µs) + 2N/(0.92·B). Five nodes: depth 2."""
+    NIC, 10 GB/s); two nodes, one tree edge each way: 2·(2·1 µs + 1·5 µs) + max(N/10 GB/s, 2N/100 GB/s)/0.92.
+    Five nodes, one rank each: depth ⌊log2 5⌋ = 2, and 2N cross each NIC."""
     quads = cost.Cluster("quads", 1e12, 4, NODES.intra_node, NODES.inter_node)
-    assert quads.link((0, 1, 2, 4)).span == cost.NodeSpan(2, 3, 1e-6)
-    assert cost.collective_time("all_reduce", 0, 4, quads, ranks=(0, 1, 2, 4)) == pytest.approx(14e-6, rel=1e-12)
-    assert cost.collective_time("all_reduce", 1000, 4, quads, ranks=(0, 1, 2, 4)) == \
-        pytest.approx(14e-6 + 2000 / (0.92 * 10e9), rel=1e-12)
-    five = range(0, 20, 4)  # one rank in each of 5 nodes
-    assert cost.collective_time("all_reduce", 0, 5, quads, ranks=five) == pytest.approx(2 * 2 * 5e-6, rel=1e-12)
+    assert quads.link((0, 1, 2, 4)).span == cost.NodeSpan(2, 3, 1, NODES.intra_node, NODES.inter_node)
+    assert cost.all_reduce_times(1000, 4, quads, ranks=(0, 1, 2, 4)) == pytest.approx(
+        {"ring": 6 * 5e-6 + 1500 / 10e9, "tree": 14e-6 + 1000 / (0.92 * 10e9)}, rel=1e-12)
+    five = range(0, 20, 4)
+    assert cost.all_reduce_times(1000, 5, quads, ranks=five)["tree"] == \
+        pytest.approx(2 * 2 * 5e-6 + 2000 / (0.92 * 10e9), rel=1e-12)
+
+
+def test_on_two_nodes_behind_a_slow_network_the_tree_sends_half_the_bytes_at_any_size():
+    """Two nodes of 8 GPUs with one 12.5 GB/s NIC between them (a GPU's share 1.5625 GB/s; 8 rings use all of it)
+    and a 150 GB/s NVLink: the ring sends 2·15/16·N across the NIC, the tree N, so at 1 GB the ring takes
+    1.875·N/12.5 GB/s = 161 ms, the tree N/(0.92·12.5 GB/s) = 93 ms (nccl-tests#22: 268 and 134 ms)."""
+    one_nic = cost.Cluster("2 x 8, one NIC", 1e12, 8, cost.Link("NVLink", 150e9, 2e-6),
+                           cost.Link("one NIC shared by 8", 12.5e9 / 8, 5e-6))
+    n = 2**30
+    times = cost.all_reduce_times(n, 16, one_nic, ranks=range(16))
+    assert times == pytest.approx({"ring": 30 * 5e-6 + 1.875 * n / 12.5e9,
+                                   "tree": 2 * (7 * 2e-6 + 5e-6) + n / (0.92 * 12.5e9)}, rel=1e-12)
+    assert [cost.all_reduce_algorithm(size, 16, one_nic, ranks=range(16)) for size in (2**10, 2**20, 2**34)] == \
+        ["tree"] * 3
 
 
 def test_a_traced_all_reduce_across_nodes_is_priced_as_the_tree_and_keeps_the_rings_bytes():

@@ -48,12 +48,15 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class NodeSpan:
-    """Where a group that spans nodes sits: ``nodes`` nodes, at most ``node_ranks`` of its ranks in one, and the
-    per-message ``intra_latency`` inside a node (what NCCL's tree all_reduce pays: ``ts.cost``)."""
+    """A group across ``nodes`` nodes: at most ``node_ranks`` of its ranks in one node and at least ``nics`` (each
+    rank's own NIC), over the cluster's ``intra`` and ``inter`` links: what NCCL's tree all_reduce runs on
+    (``ts.cost``)."""
 
     nodes: int
     node_ranks: int
-    intra_latency: float
+    nics: int
+    intra: "Link"
+    inter: "Link"
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ class Cluster:
             return self.intra_node
         g = min(per_node.values())
         inter, intra = self.inter_node, self.intra_node
-        span = NodeSpan(len(per_node), max(per_node.values()), intra.latency)
+        span = NodeSpan(len(per_node), max(per_node.values()), g, intra, inter)
         if g == 1:
             return replace(inter, span=span)
         return Link(f"{g} x {inter.name}", min(intra.bandwidth, g * inter.bandwidth), inter.latency,

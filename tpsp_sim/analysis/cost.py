@@ -14,18 +14,26 @@ that has it), e.g. all_reduce 2α·(p-1) + 2(p-1)/p·N/B; all_to_all α + (p-1)/
 
 (Thakur, Rabenseifner & Gropp 2005; the nccl-tests "bus bandwidth" convention).
 
-An all_reduce whose group spans nodes (its link has a ``NodeSpan``: n nodes, at most r ranks in one) may
-instead run as NCCL's tree (Sanders, Speck & Träff 2009's double binary tree, NCCL 2.4): a chain
-through the r ranks of each node, a binary tree of depth ⌊log2 n⌋ between nodes, reduced up and
-broadcast down, pipelined. Each rank's link carries 2N bytes, at 0.92 of the ring's bus bandwidth
-(NCCL's tuning model, ``TREE_BUSBW_FRACTION``), so
+An all_reduce whose group spans nodes (its link has a ``NodeSpan``: n nodes, at most r ranks and at
+least g NICs in one) may instead run as NCCL's tree (the double binary tree of Sanders, Speck & Träff
+2009, NCCL 2.4): a chain through the ranks of each node, two binary trees between nodes, each reducing
+half the buffer up and broadcasting it down, pipelined. Every node is an inner node of one tree and a
+leaf of the other, so 2N bytes cross its g NICs (N on two nodes, where each tree is one edge), and the
+chain carries 2N through each GPU's intra-node link; NCCL's tuning model runs trees at 0.92 of those
+bandwidths (``TREE_BUSBW_FRACTION``). So
 
-    tree: 2·((r−1)·α_intra + ⌊log2 n⌋·α) + 2N / (0.92·B)     ring: 2(p−1)·α + 2(p−1)/p·N / B,
+    tree: 2·((r−1)·α_intra + ⌊log2 n⌋·α) + max(k·N / (g·B_nic), 2N / B_intra) / 0.92    (k = 1 on two nodes, else 2)
+    ring: 2(p−1)·α + 2(p−1)/p·N / min(B_intra, g·B_nic)
 
-and the call costs the smaller (``all_reduce_algorithm`` says which, as NCCL's tuner picks by the same
-two terms). The tree wins while the ring's 2(p−1) latency steps outweigh its ~9% of extra bandwidth
-time: up to N* = ((p−1−⌊log2 n⌋)·α − (r−1)·α_intra)·B / (1/0.92 − (p−1)/p) bytes. The trace keeps
-the ring's wire bytes (the op table); only the seconds follow the tree. The model ignores
+(no B_intra term when r = 1), and the call costs the smaller: ``all_reduce_times`` gives both,
+``all_reduce_algorithm`` the winner, as NCCL's tuner picks by the same two terms. The tree wins for
+latency-bound sizes (the ring pays 2(p−1) latency steps), and on two nodes whose network is slower than
+NVLink at any size (half the bytes cross it: nccl-tests#22 measured a 1 GB all_reduce on two 8-GPU
+nodes in 134 ms by tree, 268 ms by ring; ``benchmarks/published.py``). Where both move about 2N
+over the same busiest link B (more than two nodes; or a DGX, whose NVLink is slower than its 8 NICs),
+the tree's 0.92 makes the ring win above N* = ((p−1−⌊log2 n⌋)·α − (r−1)·α_intra)·B / (1/0.92 − (p−1)/p)
+bytes. The trace keeps the ring's wire
+bytes (the op table); only the seconds follow the tree. The model ignores
 contention and the switch topology: it is the time one rank's link is busy. Links are full duplex:
 ``estimate`` prices a send and a receive that a rank posts together (a ring shift) as the slower of
 the two, not their sum (``Estimate``). On a ``Cluster`` (``cluster.py``) each call is priced on its
@@ -70,36 +78,39 @@ def collective_time(op: str, nbytes: int, world_size: int, hw: Cluster | Link | 
     if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
         raise ValueError(f"collective_time: world_size must be an integer >= 1, got {world_size!r}")
     link = _link(hw, world_size, ranks)
-    if op == "all_reduce" and link.span is not None:
-        return min(_all_reduce_times(int(nbytes), int(world_size), link).values())
+    if op == "all_reduce":
+        return min(all_reduce_times(int(nbytes), int(world_size), link).values())
     return _ring_time(op, int(nbytes), int(world_size), link)
 
 
-# NCCL's tuning model prices a tree all_reduce (Simple protocol) at 0.92 of the bus bandwidth of the channels the
-# ring uses ("busBw * .92", ncclTopoTuneModel in src/graph/tuning.cc, NCCL 2.12 and later); its per-channel cap and
-# its correction factors for medium sizes are not modelled.
+# NCCL's tuning model prices a tree all_reduce (Simple protocol) at 0.92 of the bus bandwidth of its channels
+# ("busBw * .92", ncclTopoTuneModel in src/graph/tuning.cc, NCCL 2.12 and later); its per-channel cap, its
+# correction factors for medium sizes and the LL / LL128 protocols are not modelled.
 TREE_BUSBW_FRACTION = 0.92
+
+
+def all_reduce_times(nbytes: int, world_size: int, hw: Cluster | Link | str, *,
+                     ranks: Sequence[int] | None = None) -> dict[str, float]:
+    """{"ring": seconds, "tree": seconds} of an all_reduce of ``nbytes`` on this group (arguments as in
+    ``collective_time``; formulas in this module's docstring); a group on one node or one link has only "ring"."""
+    link = _link(hw, world_size, ranks)
+    times = {"ring": _ring_time("all_reduce", int(nbytes), int(world_size), link)}
+    span = link.span
+    if span is not None:
+        depth = span.nodes.bit_length() - 1  # ⌊log2 n⌋: the inter-node trees' depth
+        latency = 2 * ((span.node_ranks - 1) * span.intra.latency + depth * span.inter.latency)
+        network = (1 if span.nodes == 2 else 2) * nbytes / (span.nics * span.inter.busbw)
+        chain = 2 * nbytes / span.intra.busbw if span.node_ranks > 1 else 0.0
+        times["tree"] = latency + max(network, chain) / TREE_BUSBW_FRACTION
+    return times
 
 
 def all_reduce_algorithm(nbytes: int, world_size: int, hw: Cluster | Link | str, *,
                          ranks: Sequence[int] | None = None) -> str:
-    """"ring" or "tree": the faster way NCCL can run an all_reduce of ``nbytes`` on this group (arguments as in
-    ``collective_time``). A group inside one node, or on a one-level cluster, is always "ring" (NVLS where
-    the link has it); across nodes, the tree wins below the crossover in this module's docstring."""
-    link = _link(hw, world_size, ranks)
-    if link.span is None:
-        return "ring"
-    times = _all_reduce_times(int(nbytes), int(world_size), link)
-    return "tree" if times["tree"] < times["ring"] else "ring"
-
-
-def _all_reduce_times(nbytes: int, p: int, link: Link) -> dict[str, float]:
-    """Seconds of an all_reduce across nodes as a ring and as a tree (this module's docstring)."""
-    span = link.span
-    depth = span.nodes.bit_length() - 1  # ⌊log2 n⌋: the inter-node tree's depth
-    tree = 2 * ((span.node_ranks - 1) * span.intra_latency + depth * link.latency) \
-        + 2 * nbytes / (TREE_BUSBW_FRACTION * link.busbw)
-    return {"ring": _ring_time("all_reduce", nbytes, p, link), "tree": tree}
+    """"ring" or "tree": the faster way NCCL can run an all_reduce of ``nbytes`` on this group (``all_reduce_times``).
+    A group inside one node, or on a one-level cluster, is always "ring" (NVLS where the link has it)."""
+    times = all_reduce_times(nbytes, world_size, hw, ranks=ranks)
+    return min(times, key=times.get)
 
 
 def _ring_time(op: str, nbytes: int, p: int, link: Link) -> float:
