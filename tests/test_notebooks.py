@@ -1,6 +1,7 @@
 """Every notebook in notebooks/ is stored as a clean top-to-bottom run (nbval then re-runs it).
 
-Checked per notebook: a valid nbformat file named ``NN_name.ipynb``; every code cell executed, with
+Checked per notebook: a valid nbformat file named ``NN_name.ipynb`` (or ``NNb_name.ipynb``, the second
+part of a notebook split in two: 03b follows 03); every code cell executed, with
 execution counts 1..n in order (a stale or out-of-order run fails); no error outputs; every output
 small; ``nbval-ignore-output`` exactly on the cells that display a widget or carry a
 ``# nondeterministic: <why>`` comment, and no other nbval escape hatch; a seed set; a markdown link
@@ -23,7 +24,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 LAST = 11  # the suite ends with 11_pytorch_native.ipynb (issue 23): the one notebook with no next
 
-NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
+NAME = re.compile(r"^(\d\d)([b-z]?)_[a-z0-9_]+\.ipynb$")  # 03b_*: the second part of 03, between 03 and 04
 IGNORE_TAG = "nbval-ignore-output"
 WIDGET = "application/vnd.jupyter.widget-view+json"
 NONDETERMINISTIC = re.compile(r"^\s*# nondeterministic: \S.{4,}", re.MULTILINE)  # a reason, not just the marker
@@ -105,12 +106,21 @@ def check_seeded(nb) -> list[str]:
     return [] if any(SEED.search(c.source) for c in nb.cells if c.cell_type == "code") else ["no seed is set (manual_seed, random.seed)"]
 
 
+def next_prefix(name: str, existing: list[str]) -> str | None:
+    """The name prefix of the notebook after ``name``: its next part if one exists (03 -> 03b_, 03b -> 03c_),
+    else the notebook numbered one more (03b -> 04_); None after the last."""
+    number, part = NAME.match(name).groups()
+    following = f"{number}{chr(ord(part or 'a') + 1)}_"
+    if any(e.startswith(following) for e in existing):
+        return following
+    return None if int(number) == LAST else f"{int(number) + 1:02d}_"
+
+
 def check_links_next(nb, name: str, existing: list[str]) -> list[str]:
-    """A markdown link to the notebook numbered one more (that exact file, once it exists)."""
-    number = int(NAME.match(name).group(1))
-    if number == LAST:
+    """A markdown link to the next notebook (``next_prefix``; that exact file, once it exists)."""
+    prefix = next_prefix(name, existing)
+    if prefix is None:
         return []
-    prefix = f"{number + 1:02d}_"
     targets = {Path(m.group(1)).name for c in nb.cells if c.cell_type == "markdown" for m in LINK.finditer(c.source)}
     nexts = [t for t in targets if t.startswith(prefix)]
     present = [e for e in existing if e.startswith(prefix)]
@@ -227,6 +237,19 @@ def test_bad_links():
     assert check_links_next(nb, "00_intro.ipynb", []) != []
     assert check_links_next(nb, f"{LAST:02d}_last.ipynb", []) == []
     assert all_problems(executed(), "intro.ipynb", []) == ["name 'intro.ipynb' is not NN_lowercase_name.ipynb"]
+
+
+def test_bad_links_around_a_notebook_split_in_two():
+    nb = executed("print(2)")  # links 01_tensor_parallel.ipynb only
+    split = ["00_intro.ipynb", "00b_more.ipynb", "01_tensor_parallel.ipynb"]
+    assert check_links_next(nb, "00_intro.ipynb", split) == [  # skips its second part
+        "no markdown link to the next notebook (00b_*.ipynb)"]
+    assert check_links_next(nb, "00b_more.ipynb", split) == []  # the second part leads on to 01
+    assert check_links_next(nb, "00b_more.ipynb", ["00b_more.ipynb", "01_tp.ipynb"]) != []
+    nb.cells[0].source = "Next: [part b](00b_more.ipynb)"
+    assert check_links_next(nb, "00_intro.ipynb", split) == []
+    assert check_links_next(nb, "00b_more.ipynb", split) == ["no markdown link to the next notebook (01_*.ipynb)"]
+    assert all_problems(executed(), "00B_x.ipynb", []) == ["name '00B_x.ipynb' is not NN_lowercase_name.ipynb"]
 
 
 def test_bad_widget_state_or_kernel_name():
