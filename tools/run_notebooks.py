@@ -6,12 +6,15 @@ that raises stops it and leaves the file untouched. Timing metadata is not store
 an unchanged notebook gives the same file (images aside). Widget state is not stored (a widget
 needs a live kernel; a stored snapshot only shows as "model not found" or as its text repr), and
 every notebook names the kernel JupyterLab itself writes, "Python 3 (ipykernel)", so opening one
-does not mark it modified.
+does not mark it modified. Kernels compute on one OpenMP thread (``OMP_NUM_THREADS=1``), as under
+``make test`` (tests/conftest.py): a float64 reduction's last bit depends on how many threads split it,
+so one thread makes the stored outputs the same on every machine, whatever its cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+os.environ["OMP_NUM_THREADS"] = "1"  # the kernels inherit it (see the docstring)
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 WIDGET = "application/vnd.jupyter.widget-view+json"
