@@ -7,8 +7,8 @@ import pytest
 
 import tpsp_sim as ts
 from tpsp_sim.analysis.models import Model
-from tpsp_sim.analysis.planner import (evaluate, gradient_sync_time, pipeline_transfer_time, plan, table,
-                                       weight_gather_exposed)
+from tpsp_sim.analysis.planner import evaluate, plan, table
+from tpsp_sim.analysis.step_costs import gradient_sync_time, pipeline_transfer_time, weight_gather_exposed
 from tpsp_sim.core.ops import wire_bytes
 from tpsp_sim.pipeline import SCHEDULES, dry_run
 

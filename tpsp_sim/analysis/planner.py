@@ -17,7 +17,8 @@ virtual stages (model chunks per pipeline rank: interleaved 1F1B when v > 1), ev
    link). The busiest rank's compute, exposed communication per axis and idle time, times the
    layers of the busiest pipeline rank and the m micro-batches of a step (m = ``global_batch_tokens`` /
    (dp · micro_batch · seq)) is the pipeline rank's busy time; "full" recompute adds the layer's forward
-   compute again; ZeRO 3 adds its per-layer weight gathers (``weight_gather_exposed``);
+   compute again; ZeRO 3 adds its per-layer weight gathers (``weight_gather_exposed``; this and the next two steps
+   are priced in step_costs.py);
 3. the pipeline (pp > 1): each micro-batch's activation and gradient cross every boundary
    (``pipeline_transfer_time`` on the pp axis's link, ``Cluster.link((r, r + dp·cp·tp))``), and the 1F1B
    bubble (``ts.pipeline.bubble_fraction``: (p−1)/(m+p−1), interleaved (p−1)/(v·m+p−1)) stretches the busy
@@ -52,14 +53,14 @@ from typing import Callable, Iterable, Iterator
 
 from ..context_parallel.registry import ATTENTIONS, attention_kind
 from ..core.table import Table
-from .cluster import Cluster, Link, cluster as as_cluster
-from .cost import collective_time, format_seconds
+from .cluster import Cluster, cluster as as_cluster
+from .cost import format_seconds
 from .kernels import AttentionKernel, attention_shares
 from .layer import LayerTime, causal_attention_flops, price_layer
 from ..pipeline.interleaved import round_size
-from ..pipeline.registry import bubble_fraction
 from .memory import DTYPE_BYTES, RESERVE_BYTES, ZERO_STAGES, Budget, budget, stage_layers
 from .models import Model, model as as_model
+from .step_costs import bubble_share, gradient_sync_time, pipeline_transfer_time, weight_gather_exposed
 
 PLANNED_RECOMPUTE = ("selective", "full")
 EXPOSED = ("tp", "cp", "pp", "dp_cp")  # the columns of exposed communication: the layer's axes and the pipeline's  # memory.RECOMPUTE's "none" is "selective" under flash attention
@@ -286,7 +287,7 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
                                                                  forward, compute / per_step - forward)
         idle = per_step * layer.idle
         busy = compute + sum(exposed.values()) + idle  # per step on the busiest pipeline rank, before the bubble
-        bubble = busy * _bubble_share(pp, count, v)
+        bubble = busy * bubble_share(pp, count, v)
         exposed["dp_cp"] += gradient_sync_time(mem.parameters, z, DTYPE_BYTES[grad_dtype], dp * cp, link,
                                                count if z >= 2 else 1)
         step = compute + sum(exposed.values()) + idle + bubble
@@ -341,15 +342,6 @@ def fewest_gpus(model: Model | str, seq: int, cluster: Cluster | str, *, gpus: i
             return best
         gpus *= 2
     return None
-
-
-def _bubble_share(pp: int, m: int, v: int) -> float:
-    """The bubble's seconds per second of busy time: f/(1 − f) with f = ``ts.pipeline.bubble_fraction`` of 1F1B
-    ((p−1)/(m+p−1)) or interleaved 1F1B ((p−1)/(v·m+p−1)), so that busy + bubble = busy · (m + (p−1)/v) / m."""
-    if pp == 1:
-        return 0.0
-    f = bubble_fraction("1f1b" if v == 1 else "interleaved_1f1b", pp, m, v)
-    return f / (1 - f)
 
 
 # One simulated layer per (model, cluster, seq, mfu) and (micro-batch, overlap, mesh, attention): a second plan()
@@ -435,46 +427,6 @@ def _attention_repriced(m: Model, c: Cluster, seq: int, micro_batch: int, cp: in
     at_kernel = attention_core_time(m, c, seq, micro_batch, cp, tp, efficiency)
     at_mfu = attention_core_time(m, c, seq, micro_batch, cp, tp, mfu)
     return tuple(k - g for k, g in zip(at_kernel, at_mfu))
-
-
-def gradient_sync_time(parameters: float, zero: int, grad_bytes: int, replicas: int, link: Link,
-                       microbatches: int = 1) -> float:
-    """Seconds of the gradient synchronisation of the ``parameters`` a GPU holds over the dp·cp ``replicas``
-    in one step (not overlapped with backward).
-
-    ZeRO 0: an all_reduce of the gradients (``grad_bytes`` each; Megatron reduces its fp32 main gradients
-    in fp32). ZeRO 1 (Megatron's distributed optimizer): a reduce_scatter of the gradients, then an
-    all_gather of the updated bf16 weights (each replica's 1/replicas shard), once per step. ZeRO 2 and 3 keep
-    only a gradient shard, so they reduce-scatter after every one of the ``microbatches`` (DeepSpeed's
-    gradient partitioning; FSDP without ``no_sync``), then all-gather once. Bytes per rank with one micro-batch:
-    2Ψ(p−1)/p (``zero_bytes_per_step``); ZeRO 3's per-layer weight gathers are ``weight_gather_exposed``.
-    """
-    if zero == 0:
-        return collective_time("all_reduce", int(grad_bytes * parameters), replicas, link)
-    return ((microbatches if zero >= 2 else 1) * collective_time("reduce_scatter", int(grad_bytes * parameters),
-                                                                 replicas, link)
-            + collective_time("all_gather", int(2 * parameters) // replicas, replicas, link))
-
-
-def weight_gather_exposed(layer_parameters: float, replicas: int, link: Link, forward: float, backward: float) -> float:
-    """Seconds per layer and micro-batch that ZeRO 3 (FSDP, ``reshard_after_forward=True``) waits for its weights:
-    the layer's bf16 weights are all-gathered over the dp·cp ``replicas`` before its forward and again before its
-    backward, g = ``collective_time("all_gather", 2·Ψ_layer/p)`` each (every rank sends Ψ_layer(p−1)/p bytes: with the
-    step's reduce-scatter, 3Ψ(p−1)/p per step, ``zero_bytes_per_step(Ψ, p, 3)``). FSDP prefetches the next
-    layer's gather during this layer's compute, so only what the compute does not cover waits:
-
-        max(0, g − forward) + max(0, g − backward)
-    """
-    gather = collective_time("all_gather", int(2 * layer_parameters) // replicas, replicas, link)
-    return max(0.0, gather - forward) + max(0.0, gather - backward)
-
-
-def pipeline_transfer_time(m: Model, seq: int, micro_batch: int, cp: int, tp: int, link: Link) -> float:
-    """Seconds of one stage boundary's send of one micro-batch: the activation forward (or its gradient backward),
-    each rank's sequence-parallel shard, s/(cp·tp) · b · h bf16 values (``ts.pipeline.sent_bytes``' activation),
-    between pipeline neighbours r and r + dp·cp·tp on ``link``. Not overlapped with compute (an upper bound:
-    Megatron overlaps part of it)."""
-    return collective_time("send", 2 * seq // (cp * tp) * micro_batch * m.d_model, 2, link)
 
 
 class _Finished:
