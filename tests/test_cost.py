@@ -173,6 +173,15 @@ def test_the_readmes_dgx_h100_crossovers(ranks, crossover):
     assert cost.all_reduce_algorithm(int(1.001 * crossover), p, "dgx-h100", ranks=ranks) == "ring"
 
 
+def test_all_reduce_times_names_bad_sizes_and_a_missing_ranks():
+    with pytest.raises(ValueError, match="all_reduce_times: nbytes must be a number of bytes >= 0, got -1"):
+        cost.all_reduce_times(-1, 8, NODES, ranks=range(8))
+    with pytest.raises(ValueError, match="all_reduce_times: world_size must be an integer >= 1, got 0"):
+        cost.all_reduce_algorithm(8, 0, NODES)
+    with pytest.raises(ValueError, match="cluster '4 x 2' has two links .* pass ranks="):
+        cost.all_reduce_algorithm(8, 8, NODES)
+
+
 def test_the_tree_chains_through_the_fullest_node_and_climbs_log2_nodes():
     """Ranks (0, 1, 2, 4) of nodes of 4: node 0 holds three (a chain of 2 hops at α_intra), node 1 one (so one
     NIC, 10 GB/s); two nodes, one tree edge each way: 2·(2·1 µs + 1·5 µs) + max(N/10 GB/s, 2N/100 GB/s)/0.92.

@@ -73,14 +73,18 @@ def collective_time(op: str, nbytes: int, world_size: int, hw: Cluster | Link | 
     cluster with two links prices the call on its group's link (``Cluster.link``: NCCL's one ring per
     NIC): pass the group's global ``ranks`` (``world_size`` of them), or the link itself.
     """
-    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)) or not nbytes >= 0:
-        raise ValueError(f"collective_time: nbytes must be a number of bytes >= 0, got {nbytes!r}")
-    if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
-        raise ValueError(f"collective_time: world_size must be an integer >= 1, got {world_size!r}")
+    _check_sizes("collective_time", nbytes, world_size)
     link = _link(hw, world_size, ranks)
     if op == "all_reduce":
         return min(all_reduce_times(int(nbytes), int(world_size), link).values())
     return _ring_time(op, int(nbytes), int(world_size), link)
+
+
+def _check_sizes(where: str, nbytes: int, world_size: int) -> None:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)) or not nbytes >= 0:
+        raise ValueError(f"{where}: nbytes must be a number of bytes >= 0, got {nbytes!r}")
+    if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
+        raise ValueError(f"{where}: world_size must be an integer >= 1, got {world_size!r}")
 
 
 # NCCL's tuning model prices a tree all_reduce (Simple protocol) at 0.92 of the bus bandwidth of its channels
@@ -93,6 +97,7 @@ def all_reduce_times(nbytes: int, world_size: int, hw: Cluster | Link | str, *,
                      ranks: Sequence[int] | None = None) -> dict[str, float]:
     """{"ring": seconds, "tree": seconds} of an all_reduce of ``nbytes`` on this group (arguments as in
     ``collective_time``; formulas in this module's docstring); a group on one node or one link has only "ring"."""
+    _check_sizes("all_reduce_times", nbytes, world_size)
     link = _link(hw, world_size, ranks)
     times = {"ring": _ring_time("all_reduce", int(nbytes), int(world_size), link)}
     span = link.span
