@@ -46,13 +46,14 @@ def test_a_group_uses_the_intra_node_link_only_inside_one_node():
 
 def test_a_ring_that_mixes_links_runs_one_ring_per_nic():
     """Ranks 0-3 on nodes of 2: NCCL runs 2 rings, each crossing nodes on its own GPU's NIC, so the group
-    moves its bytes at 2 × the slow link (capped by the fast one), with the slow link's latency.
-    On nodes of 4 the group is inside one node: the fast link."""
+    moves its bytes at 2 × the slow link (capped by the fast one); of its 3 steps, one crosses the two nodes
+    (the slow link's latency), two stay inside one (the fast link's). On nodes of 4 the group is inside one
+    node: the fast link."""
     c = two_level(2)
     n = 4000  # bytes of each rank's shard
     trace = ts.run(lambda comm: comm.all_gather(torch.zeros(n // 4)), world_size=4).trace
     est = cost.estimate(trace, c)
-    assert est.of(trace.events[0]) == pytest.approx(3 * 1e-5 + 3 * 4000 / 2e8, rel=1e-12)  # 3α + 3n/(2B)
+    assert est.of(trace.events[0]) == pytest.approx(1e-5 + 2 * 1e-6 + 3 * 4000 / 2e8, rel=1e-12)  # α + 2α_intra + 3n/(2B)
     est = cost.estimate(trace, two_level(4))
     assert est.of(trace.events[0]) == pytest.approx(3 * 1e-6 + 3 * 4000 / 1e9, rel=1e-12)
     capped = cost.Cluster("capped", 1e12, 4, cost.Link("fast", 1e9, 1e-6), cost.Link("fat", 6e8, 1e-5))

@@ -115,7 +115,8 @@ def test_nccl_runs_one_ring_per_nic_across_nodes():
     With g ranks per node: min(370, g · 48); the fewest ranks any node holds sets g."""
     n = 512 * 2**20
     t = cost.collective_time("all_reduce", n, 16, "dgx-h100", ranks=range(16))
-    assert t == pytest.approx(30 * 5e-6 + 2 * 15 / 16 * n / 370e9, rel=1e-12)
+    # of the 30 latency steps, 2 cross the two nodes (5 µs), 28 stay inside one (2 µs)
+    assert t == pytest.approx(2 * 5e-6 + 28 * 2e-6 + 2 * 15 / 16 * n / 370e9, rel=1e-12)
     assert 2 * 15 / 16 * n / t > 0.8 * 370e9  # within 20% of nccl-tests' bus bandwidth, latency included
     dgx = cost.CLUSTERS["dgx-h100"]
     for g, busbw in ((1, 48e9), (2, 96e9), (4, 192e9), (8, 370e9)):
@@ -139,15 +140,15 @@ NODES = cost.Cluster("4 x 2", 1e12, 2, cost.Link("fast", 100e9, 1e-6), cost.Link
 
 def test_an_all_reduce_across_nodes_runs_as_the_faster_of_nccls_ring_and_tree():
     """cost.py's closed forms on 4 nodes of 2 ranks (α = 5 µs between nodes, 1 µs inside; two rings, so
-    B = min(100, 2 × 10) = 20 GB/s): ring 14·5 µs + 1.75·N/B = 70 µs + 1.75·N/B; tree
-    2·(1·1 µs + ⌊log2 4⌋·5 µs) + 2N/(0.92·B) = 22 µs + 2.17·N/B. They cross where the ring's 48 µs of extra
-    latency equals the tree's extra bandwidth time, N* = 24 µs · B / (1/0.92 − 7/8) = 2.26 MB: the tree
-    below, the ring above."""
-    ring = lambda n: 70e-6 + 1.75 * n / 20e9  # noqa: E731
+    B = min(100, 2 × 10) = 20 GB/s): the ring's 14 steps, 6 of them across nodes, 6·5 µs + 8·1 µs + 1.75·N/B
+    = 38 µs + 1.75·N/B; the tree 2·(1·1 µs + ⌊log2 4⌋·5 µs) + 2N/(0.92·B) = 22 µs + 2.17·N/B. They cross
+    where the ring's 16 µs of extra latency equals the tree's extra bandwidth time,
+    N* = 8 µs · B / (1/0.92 − 7/8) = 755 kB: the tree below, the ring above."""
+    ring = lambda n: 38e-6 + 1.75 * n / 20e9  # noqa: E731
     tree = lambda n: 22e-6 + 2 * n / (0.92 * 20e9)  # noqa: E731
-    crossover = 24e-6 * 20e9 / (1 / 0.92 - 7 / 8)
-    assert crossover == pytest.approx(2.2646e6, rel=1e-4)
-    for n, algorithm in ((0, "tree"), (2**20, "tree"), (int(0.99 * crossover) // 8 * 8, "tree"),
+    crossover = 8e-6 * 20e9 / (1 / 0.92 - 7 / 8)
+    assert crossover == pytest.approx(7.5487e5, rel=1e-4)
+    for n, algorithm in ((0, "tree"), (2**16, "tree"), (int(0.99 * crossover) // 8 * 8, "tree"),
                          (int(1.01 * crossover) // 8 * 8, "ring"), (2**30, "ring")):  # whole ring pieces
         assert cost.all_reduce_algorithm(n, 8, NODES, ranks=range(8)) == algorithm, n
         assert cost.collective_time("all_reduce", n, 8, NODES, ranks=range(8)) == \
@@ -157,17 +158,18 @@ def test_an_all_reduce_across_nodes_runs_as_the_faster_of_nccls_ring_and_tree():
     assert cost.all_reduce_algorithm(8, 8, HW) == "ring"
     # only all_reduce has a tree: the other collectives stay rings across nodes
     assert cost.collective_time("all_gather", 2**10, 8, NODES, ranks=range(8)) == \
-        pytest.approx(7 * 5e-6 + 7 * 2**10 / 20e9, rel=1e-12)
+        pytest.approx(3 * 5e-6 + 4 * 1e-6 + 7 * 2**10 / 20e9, rel=1e-12)  # 3 of 7 steps cross nodes
 
 
 @pytest.mark.parametrize("ranks, crossover", [
     (range(0, 64, 8), (7 - 3) * 5e-6 * 48e9 / (1 / 0.92 - 7 / 8)),  # 8 nodes, one rank each: 4.53 MB
-    (range(128), ((127 - 4) * 5e-6 - 7 * 2e-6) * 370e9 / (1 / 0.92 - 127 / 128)),  # 16 full nodes: 2.35 GB
+    (range(128), ((15 - 4) * 5e-6 + (128 - 16 - 8 + 1) * 2e-6) * 370e9 / (1 / 0.92 - 127 / 128)),  # 16 nodes: 1.03 GB
 ])
 def test_the_readmes_dgx_h100_crossovers(ranks, crossover):
     """The sizes below which the tree wins on DGX H100 (README, Clusters): cost.py's N* with α = 5 µs between
-    nodes, 2 µs inside, and the group's bus bandwidth (one NIC's 48 GB/s; eight rings' 370 GB/s)."""
-    assert crossover == pytest.approx(4.53e6 if len(ranks) == 8 else 2.35e9, rel=2e-3)
+    nodes, 2 µs inside, and the group's bus bandwidth (one NIC's 48 GB/s; eight rings' 370 GB/s): N* =
+    ((n−1−⌊log2 n⌋)·α + (p−n−r+1)·α_intra)·B / (1/0.92 − (p−1)/p)."""
+    assert crossover == pytest.approx(4.53e6 if len(ranks) == 8 else 1.035e9, rel=2e-3)
     p = len(ranks)
     assert cost.all_reduce_algorithm(int(0.999 * crossover), p, "dgx-h100", ranks=ranks) == "tree"
     assert cost.all_reduce_algorithm(int(1.001 * crossover), p, "dgx-h100", ranks=ranks) == "ring"
@@ -182,14 +184,26 @@ def test_all_reduce_times_names_bad_sizes_and_a_missing_ranks():
         cost.all_reduce_algorithm(8, 8, NODES)
 
 
+def test_a_nominal_link_prices_its_span_at_the_datasheet_figures_too():
+    """Link.nominal() of a group's link across two DGX H100 nodes gives what Cluster.nominal() gives: NVLink at
+    450 GB/s and NDR at 50 (not the measured 370 and 48) in the tree's chain and NICs as in the ring."""
+    dgx = cost.CLUSTERS["dgx-h100"]
+    n = 2**30
+    assert cost.all_reduce_times(n, 16, dgx.link(range(16)).nominal()) == \
+        pytest.approx(cost.all_reduce_times(n, 16, dgx.nominal(), ranks=range(16)), rel=1e-12)
+    assert cost.all_reduce_times(n, 16, dgx.nominal(), ranks=range(16))["tree"] == \
+        pytest.approx(2 * (7 * 2e-6 + 5e-6) + max(n / 400e9, 2 * n / 450e9) / 0.92, rel=1e-12)
+
+
 def test_the_tree_chains_through_the_fullest_node_and_climbs_log2_nodes():
     """Ranks (0, 1, 2, 4) of nodes of 4: node 0 holds three (a chain of 2 hops at α_intra), node 1 one (so one
-    NIC, 10 GB/s); two nodes, one tree edge each way: 2·(2·1 µs + 1·5 µs) + max(N/10 GB/s, 2N/100 GB/s)/0.92.
+    NIC, 10 GB/s); two nodes, one tree edge each way: 2·(2·1 µs + 1·5 µs) + max(N/10 GB/s, 2N/100 GB/s)/0.92;
+    the ring's 6 steps, 2 across: 2·5 µs + 4·1 µs + 1.5·N/10 GB/s.
     Five nodes, one rank each: depth ⌊log2 5⌋ = 2, and 2N cross each NIC."""
     quads = cost.Cluster("quads", 1e12, 4, NODES.intra_node, NODES.inter_node)
     assert quads.link((0, 1, 2, 4)).span == cost.NodeSpan(2, 3, 1, NODES.intra_node, NODES.inter_node)
     assert cost.all_reduce_times(1000, 4, quads, ranks=(0, 1, 2, 4)) == pytest.approx(
-        {"ring": 6 * 5e-6 + 1500 / 10e9, "tree": 14e-6 + 1000 / (0.92 * 10e9)}, rel=1e-12)
+        {"ring": 14e-6 + 1500 / 10e9, "tree": 14e-6 + 1000 / (0.92 * 10e9)}, rel=1e-12)
     five = range(0, 20, 4)
     assert cost.all_reduce_times(1000, 5, quads, ranks=five)["tree"] == \
         pytest.approx(2 * 2 * 5e-6 + 2000 / (0.92 * 10e9), rel=1e-12)
@@ -198,12 +212,13 @@ def test_the_tree_chains_through_the_fullest_node_and_climbs_log2_nodes():
 def test_on_two_nodes_behind_a_slow_network_the_tree_sends_half_the_bytes_at_any_size():
     """Two nodes of 8 GPUs with one 12.5 GB/s NIC between them (a GPU's share 1.5625 GB/s; 8 rings use all of it)
     and a 150 GB/s NVLink: the ring sends 2·15/16·N across the NIC, the tree N, so at 1 GB the ring takes
-    1.875·N/12.5 GB/s = 161 ms, the tree N/(0.92·12.5 GB/s) = 93 ms (nccl-tests#22: 268 and 134 ms)."""
+    1.875·N/12.5 GB/s = 161 ms, the tree N/(0.92·12.5 GB/s) = 93 ms (nccl-tests#22: 268 and 134 ms). Both
+    trees and the ring pay 2 inter-node latency steps; the ring 28 inside, the tree 14 (the chain)."""
     one_nic = cost.Cluster("2 x 8, one NIC", 1e12, 8, cost.Link("NVLink", 150e9, 2e-6),
                            cost.Link("one NIC shared by 8", 12.5e9 / 8, 5e-6))
     n = 2**30
     times = cost.all_reduce_times(n, 16, one_nic, ranks=range(16))
-    assert times == pytest.approx({"ring": 30 * 5e-6 + 1.875 * n / 12.5e9,
+    assert times == pytest.approx({"ring": 2 * 5e-6 + 28 * 2e-6 + 1.875 * n / 12.5e9,
                                    "tree": 2 * (7 * 2e-6 + 5e-6) + n / (0.92 * 12.5e9)}, rel=1e-12)
     assert [cost.all_reduce_algorithm(size, 16, one_nic, ranks=range(16)) for size in (2**10, 2**20, 2**34)] == \
         ["tree"] * 3

@@ -42,9 +42,9 @@ def test_step_time_by_hand(tiny_plans):
     sequence of s = 256: matmuls 6 · 36,864 weights · 256 tokens (forward 2, backward 4), causal attention
     forward 2·s²·h and backward 2.5× that: 3.5 · 2 · 256² · 64. Selective: (56,623,104 + 29,360,128) · 2 /
     5e11 = 3.43933e-4 s; full recompute adds the forward, (18,874,368 + 8,388,608) · 2 / 5e11 = 1.09052e-4 s.
-    Nothing else but the gradient synchronisation across nodes (test below): 2.01408e-3 s."""
+    Nothing else but the gradient synchronisation across nodes (test below): 1.97808e-3 s."""
     plans = {p.recompute: p for p in tiny_plans if (p.dp, p.cp, p.tp) == (4, 1, 1)}
-    all_reduce = 2.01408e-3
+    all_reduce = 1.97808e-3
     for mode, compute in (("selective", 3.43933e-4), ("full", 4.52985e-4)):
         p = plans[mode]
         assert p.compute == pytest.approx(compute, rel=1e-5)
@@ -56,20 +56,21 @@ def test_gradient_sync_is_priced_on_the_replicas_link(tiny_plans):
     """dp = 4 on nodes of 2: the gradient synchronisation crosses nodes, two replicas in each node (two rings,
     two NICs: 2 · 1e8 B/s, α = 1e-5). Parameters by hand: per layer q, o 2·64² + k, v 2·64·32 + SwiGLU
     3·64·128 + norms 128 = 36,992; x 2 + embedding and output 2·100·64 + final norm 64 = 86,848. The
-    distributed optimizer (zero=1): reduce_scatter of the fp32 main gradients, 4 · 86,848 = 347,392 bytes,
-    3α + 3/4 · 347,392 / 2e8; all_gather of each replica's bf16 weight shard, 2 · 86,848 / 4 = 43,424 bytes,
-    3α + 3 · 43,424 / 2e8: 2.01408e-3 s. ZeRO 0: an all_reduce of the fp32 gradients, which on two nodes runs
-    faster as NCCL's tree (N across the two NICs, not the ring's 1.5·N; ts.cost): 2·(α_intra + α) +
-    347,392 / 2e8 / 0.92 = 1.910e-3 s against the ring's 6α + 1.5 · 347,392 / 2e8 = 2.665e-3 s."""
+    distributed optimizer (zero=1): reduce_scatter of the fp32 main gradients, 4 · 86,848 = 347,392 bytes, in
+    3 steps, one across the two nodes (α) and two inside (α_intra = 1e-6): α + 2α_intra + 3/4 · 347,392 / 2e8;
+    all_gather of each replica's bf16 weight shard, 2 · 86,848 / 4 = 43,424 bytes, α + 2α_intra + 3 · 43,424 /
+    2e8: 1.97808e-3 s. ZeRO 0: an all_reduce of the fp32 gradients, which on two nodes runs faster as NCCL's
+    tree (N across the two NICs, not the ring's 1.5·N; ts.cost): 2·(α_intra + α) + 347,392 / 2e8 / 0.92 =
+    1.910e-3 s against the ring's 2α + 4α_intra + 1.5 · 347,392 / 2e8 = 2.630e-3 s."""
     p = next(p for p in tiny_plans if (p.dp, p.cp, p.tp, p.recompute) == (4, 1, 1, "selective"))
     assert p.memory.parameters == 86_848
-    assert p.exposed["dp_cp"] == pytest.approx(6e-5 + 0.75 * 347_392 / 2e8 + 3 * 43_424 / 2e8, rel=1e-12)
-    assert p.exposed["dp_cp"] == pytest.approx(2.01408e-3, rel=1e-12)
+    assert p.exposed["dp_cp"] == pytest.approx(2 * (1e-5 + 2e-6) + 0.75 * 347_392 / 2e8 + 3 * 43_424 / 2e8, rel=1e-12)
+    assert p.exposed["dp_cp"] == pytest.approx(1.97808e-3, rel=1e-12)
     plain = plan(TINY, 256, 4, PAIRS, global_batch_tokens=4 * 256, reserve=0, pp=1, zero=0, attentions=("ring",),
                  recompute=("selective",))
     q = next(q for q in plain if (q.dp, q.cp, q.tp) == (4, 1, 1))
     assert q.exposed["dp_cp"] == pytest.approx(2 * (1e-6 + 1e-5) + 347_392 / 2e8 / 0.92, rel=1e-12)
-    assert q.exposed["dp_cp"] < 6e-5 + 1.5 * 347_392 / 2e8
+    assert q.exposed["dp_cp"] < 2e-5 + 4e-6 + 1.5 * 347_392 / 2e8
     assert q.memory.states == 18 * 86_848 and p.memory.states == (6 + 12 / 4) * 86_848
 
 

@@ -7,8 +7,9 @@ an unchanged notebook gives the same file (images aside). Widget state is not st
 needs a live kernel; a stored snapshot only shows as "model not found" or as its text repr), and
 every notebook names the kernel JupyterLab itself writes, "Python 3 (ipykernel)", so opening one
 does not mark it modified. Kernels compute on one OpenMP thread (``OMP_NUM_THREADS=1``), as under
-``make test`` (tests/conftest.py): a float64 reduction's last bit depends on how many threads split it,
-so one thread makes the stored outputs the same on every machine, whatever its cores.
+``make test`` and ``make lab`` (the root conftest.py, the Makefile): a float64 reduction's last bit
+depends on how many threads split it, so one thread makes the stored outputs independent of the
+machine's core count (not of its CPU: vector kernels may still round differently).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ Which bandwidth prices a call (``Cluster.link``, NCCL's rings):
   g of the group's ranks in each node (the fewest in any node), g rings run at once, each crossing
   the node boundary through a different GPU's NIC; every rank's NVLink carries all g rings' pieces.
   So the group's bus bandwidth is min(intra busbw, g · inter busbw) (g = 1: one GPU's NIC; the ring
-  is as slow as its slowest hop, every step waits for it) and its latency the inter-node one. Two
+  is as slow as its slowest hop); of its latency steps, those that cross a node boundary pay the
+  inter-node latency and the others the intra-node one (``ts.cost``, as NCCL's tuning model). Two
   DGX H100 nodes, 16 ranks: min(370, 8 × 48) = 370 GB/s, as nccl-tests measures; one rank per node
   (a data-parallel group across nodes): 48 GB/s.
 * a send / recv (ring attention's shifts) is one transfer over one GPU's link: the intra-node link if
@@ -92,8 +93,9 @@ class Link:
         return self.nvls if op == "all_reduce" and self.nvls is not None else self.busbw
 
     def nominal(self) -> "Link":
-        """This link priced at its datasheet figure (no achieved or NVLS bandwidth)."""
-        return replace(self, achieved=None, nvls=None)
+        """This link priced at its datasheet figure (no achieved or NVLS bandwidth), its span's links too."""
+        span = self.span and replace(self.span, intra=self.span.intra.nominal(), inter=self.span.inter.nominal())
+        return replace(self, achieved=None, nvls=None, span=span)
 
 
 @dataclass(frozen=True)

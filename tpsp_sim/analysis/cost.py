@@ -8,7 +8,9 @@ sends over the whole call are exactly its wire bytes. Both come from the table o
 
     latency_steps · α + max(sent, received) / B
 
-where B is the link's bus bandwidth as nccl-tests measures it (``Link.busbw``: the achieved figure
+(across n nodes, the steps the op takes on n ranks pay the inter-node α and the others the
+intra-node one, as NCCL's tuning model counts them: all_reduce 2(n−1)·α + 2(p−n)·α_intra), where
+B is the link's bus bandwidth as nccl-tests measures it (``Link.busbw``: the achieved figure
 where the link has one, its datasheet figure otherwise; NVLink SHARP's for an all_reduce on a link
 that has it), e.g. all_reduce 2α·(p-1) + 2(p-1)/p·N/B; all_to_all α + (p-1)/p·N/B (NCCL posts all its pairs at once).
 
@@ -23,16 +25,19 @@ chain carries 2N through each GPU's intra-node link; NCCL's tuning model runs tr
 bandwidths (``TREE_BUSBW_FRACTION``). So
 
     tree: 2·((r−1)·α_intra + ⌊log2 n⌋·α) + max(k·N / (g·B_nic), 2N / B_intra) / 0.92    (k = 1 on two nodes, else 2)
-    ring: 2(p−1)·α + 2(p−1)/p·N / min(B_intra, g·B_nic)
+    ring: 2(n−1)·α + 2(p−n)·α_intra + 2(p−1)/p·N / min(B_intra, g·B_nic)
 
 (no B_intra term when r = 1), and the call costs the smaller: ``all_reduce_times`` gives both,
-``all_reduce_algorithm`` the winner, as NCCL's tuner picks by the same two terms. The tree wins for
-latency-bound sizes (the ring pays 2(p−1) latency steps), and on two nodes whose network is slower than
-NVLink at any size (half the bytes cross it: nccl-tests#22 measured a 1 GB all_reduce on two 8-GPU
-nodes in 134 ms by tree, 268 ms by ring; ``benchmarks/published.py``). Where both move about 2N
-over the same busiest link B (more than two nodes; or a DGX, whose NVLink is slower than its 8 NICs),
-the tree's 0.92 makes the ring win above N* = ((p−1−⌊log2 n⌋)·α − (r−1)·α_intra)·B / (1/0.92 − (p−1)/p)
-bytes. The trace keeps the ring's wire
+``all_reduce_algorithm`` the winner, as NCCL's tuner picks by the same two kinds of terms. The tree wins
+for latency-bound sizes (the ring pays 2(p−1) latency steps, the tree 2(r−1 + ⌊log2 n⌋)), and at any
+size on two nodes of g ≥ 2 ranks whose NICs carry less than 0.92·(p−1)/p of the NVLink's bandwidth
+(g·B_nic < 0.92·(p−1)/p·B_intra: half the ring's bytes cross them; nccl-tests#22 measured a 1 GB
+all_reduce on two 8-GPU nodes with one 100 Gb/s NIC each in 134 ms by tree, 268 ms by ring;
+``benchmarks/published.py``). Where both move about 2N over the same busiest link B (more than two
+nodes; or a DGX, whose NVLink is slower than its 8 NICs), the tree's 0.92 makes the ring win above
+N* = ((n−1−⌊log2 n⌋)·α + (p−n−r+1)·α_intra)·B / (1/0.92 − (p−1)/p) bytes: the ring's extra latency over
+the tree's extra bandwidth time per byte (2N/0.92 against 2(p−1)/p·N: 24% more over 8 ranks, 9% as
+p grows). The trace keeps the ring's wire
 bytes (the op table); only the seconds follow the tree. The model ignores
 contention and the switch topology: it is the time one rank's link is busy. Links are full duplex:
 ``estimate`` prices a send and a receive that a rank posts together (a ring shift) as the slower of
@@ -87,9 +92,10 @@ def _check_sizes(where: str, nbytes: int, world_size: int) -> None:
         raise ValueError(f"{where}: world_size must be an integer >= 1, got {world_size!r}")
 
 
-# NCCL's tuning model prices a tree all_reduce (Simple protocol) at 0.92 of the bus bandwidth of its channels
-# ("busBw * .92", ncclTopoTuneModel in src/graph/tuning.cc, NCCL 2.12 and later); its per-channel cap, its
-# correction factors for medium sizes and the LL / LL128 protocols are not modelled.
+# NCCL's tuning model prices a tree all_reduce at 0.92 of the bus bandwidth of its channels ("busBw * .92",
+# ncclTopoTuneModel in src/graph/tuning.cc, since NCCL 2.8.3; 0.9 before), under every protocol; the further
+# factors of its LL and LL128 protocols, its per-channel cap and its correction factors for medium sizes are
+# not modelled.
 TREE_BUSBW_FRACTION = 0.92
 
 
@@ -120,7 +126,17 @@ def all_reduce_algorithm(nbytes: int, world_size: int, hw: Cluster | Link | str,
 
 def _ring_time(op: str, nbytes: int, p: int, link: Link) -> float:
     sent, received = wire_bytes(op, nbytes, p)  # broadcast: the root's share, N
-    return latency_steps(op, p) * link.latency + max(sent, received) / link.bandwidth_of(op)
+    return _ring_latency(op, p, link) + max(sent, received) / link.bandwidth_of(op)
+
+
+def _ring_latency(op: str, p: int, link: Link) -> float:
+    """latency_steps · α; across n nodes, NCCL's split: of the ring's steps, as many as ``op`` takes on n ranks
+    cross a node boundary (α between nodes), the others stay inside a node (α_intra)."""
+    steps = latency_steps(op, p)
+    if link.span is None:
+        return steps * link.latency
+    crossing = latency_steps(op, link.span.nodes)
+    return crossing * link.latency + (steps - crossing) * link.span.intra.latency
 
 
 def _link(hw: Cluster | Link | str, world_size: int, ranks: Sequence[int] | None) -> Link:

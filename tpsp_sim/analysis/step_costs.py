@@ -25,7 +25,7 @@ def gradient_sync_time(parameters: float, zero: int, grad_bytes: int, replicas: 
     in one step (not overlapped with backward).
 
     ZeRO 0: an all_reduce of the gradients (``grad_bytes`` each; Megatron reduces its fp32 main gradients
-    in fp32). ZeRO 1 (Megatron's distributed optimizer): a reduce_scatter of the gradients, then an
+    in fp32), as a ring or NCCL's tree, whichever ``ts.cost`` finds faster. ZeRO 1 (Megatron's distributed optimizer): a reduce_scatter of the gradients, then an
     all_gather of the updated bf16 weights (each replica's 1/replicas shard), once per step. ZeRO 2 and 3 keep
     only a gradient shard, so they reduce-scatter after every one of the ``microbatches`` (DeepSpeed's
     gradient partitioning; FSDP without ``no_sync``), then all-gather once. Bytes per rank with one micro-batch:
