@@ -66,12 +66,12 @@ class SimComm(OpTableComm):
         outputs = OPS[op].outputs
         return self.world.collective(self, op, x, params, lambda xs: outputs(xs, *params))
 
-    def _post_collective(self, op: str, x: torch.Tensor, *params: Any) -> "_PostedWork":
+    def _post_collective(self, op: str, x: torch.Tensor | None, *params: Any) -> "_PostedWork":
         """Post ``x`` (a copy: the rank may change ``x`` before it waits) and return at once; ``wait()``
         returns this rank's output once every rank of the group has posted (world.py)."""
         outputs = OPS[op].outputs
-        posted = self.world.collective(self, op, detached(x).clone(), params, lambda xs: outputs(xs, *params),
-                                       wait=False)
+        own = None if x is None else detached(x).clone()
+        posted = self.world.collective(self, op, own, params, lambda xs: outputs(xs, *params), wait=False)
         return _PostedWork(self, posted)
 
     def _isend(self, x, dst):
