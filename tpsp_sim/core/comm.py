@@ -9,7 +9,7 @@ core/mappings.py for the differentiable versions). Ranks (``rank``, ``src``, ``d
 ``new_group``) are ranks *of this communicator's group*; ``CommEvent`` records global ranks. The
 collectives themselves (arguments and their kinds, meaning, bytes, costs, torch.distributed calls) are
 listed once, in ops.py: ``comm.collective(op, x, *params)`` checks, records and runs any of them, and
-the named methods (``all_gather``, ``all_reduce``, ...) are one-line wrappers of it.
+the named methods (``all_gather``, ``all_reduce``, ...) are one-line wrappers of its checked path.
 """
 
 from __future__ import annotations
@@ -145,17 +145,32 @@ class Comm(ABC):
         """Collective ``op`` of the op table (core/ops.py) on this rank's ``x``, its params given after it by
         position or name, each checked as its kind says (a ValueError naming the rank, the op, the argument and
         the sizes). ``async_op=True``: post it and return a ``Work`` whose ``wait()`` returns the result.
-        Every collective in ``OPS`` is callable here on every backend; the named methods below call this."""
+        Every collective in ``OPS`` is callable here on every backend; the named methods below are this call."""
         entry = OPS.get(op)
         if entry is None or entry.outputs is None:
             raise ValueError(f"{self._where('collective')}: {op!r} is not a collective; collectives are "
                              f"{sorted(name for name, e in OPS.items() if e.outputs is not None)}")
+        if kwargs or len(args) != len(entry.params):
+            args = self._bound(entry, args, kwargs)
+        return self._checked(entry, x, args, async_op)
+
+    def _checked(self, entry: Op, x: torch.Tensor | None, values: tuple, async_op: bool) -> Any:
+        """Check ``x`` and ``values`` (every param of ``entry``, in order) as their kinds say, record the call and
+        run it (``comm.collective`` once its arguments are bound; each named method directly)."""
+        op = entry.name
         if entry.tensor:
-            self._tensor(op, x)
-        elif x is not None:
+            if not isinstance(x, torch.Tensor):
+                self._tensor(op, x)
+            recorded = x
+        elif x is None:
+            recorded = torch.empty(0)  # a call without a tensor (a barrier) moves no bytes
+        else:
             raise ValueError(f"{self._where(op)} takes no tensor, got {type(x).__name__}")
-        params = self._params(entry, x, args, kwargs) if entry.params or args or kwargs else ()
-        recorded = x if entry.tensor else torch.empty(0)  # a call without a tensor (a barrier) moves no bytes
+        params = values
+        if values:  # a loop, not a comprehension: no frame of its own on the path every call takes
+            params = []
+            for param, value in zip(entry.params, values):
+                params.append(_CHECKS[param.kind](self, op, x, param.name, value))
         root = 0 if entry.root is None else params[entry.root]
         if async_op:
             event = self._record(op, recorded, root=root, blocking=False)
@@ -166,30 +181,30 @@ class Comm(ABC):
     def all_gather(self, x: torch.Tensor, dim: int = 0, async_op: bool = False) -> torch.Tensor | Work:
         """Concatenate every rank's ``x`` along ``dim``, in rank order. ``async_op=True``: post it and return
         a ``Work`` whose ``wait()`` returns the result (the same for every collective below)."""
-        return self.collective("all_gather", x, dim, async_op=async_op)
+        return self._checked(OPS["all_gather"], x, (dim,), async_op)
 
     def all_reduce(self, x: torch.Tensor, op: str = "sum", async_op: bool = False) -> torch.Tensor | Work:
         """Elementwise reduction of every rank's ``x`` (in rank order); ``op`` is one of ``REDUCE_OPS``
         ("avg": the sum divided by world_size). Every rank must pass the same ``op``."""
-        return self.collective("all_reduce", x, op, async_op=async_op)
+        return self._checked(OPS["all_reduce"], x, (op,), async_op)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0, op: str = "sum",
                        async_op: bool = False) -> torch.Tensor | Work:
         """Reduce every rank's ``x``, then keep this rank's chunk of ``dim`` (its size divisible by world_size)."""
-        return self.collective("reduce_scatter", x, dim, op, async_op=async_op)
+        return self._checked(OPS["reduce_scatter"], x, (dim, op), async_op)
 
     def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False) -> torch.Tensor | Work:
         """Every rank gets a copy of rank ``src``'s ``x`` (the other ranks' ``x`` gives shape and dtype)."""
-        return self.collective("broadcast", x, src, async_op=async_op)
+        return self._checked(OPS["broadcast"], x, (src,), async_op)
 
     def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int,
                    async_op: bool = False) -> torch.Tensor | Work:
         """Chunk ``scatter_dim`` into world_size pieces, send piece j to rank j, concatenate what arrives along ``gather_dim``."""
-        return self.collective("all_to_all", x, scatter_dim, gather_dim, async_op=async_op)
+        return self._checked(OPS["all_to_all"], x, (scatter_dim, gather_dim), async_op)
 
     def barrier(self) -> None:
         """Return once every rank of the group has called it."""
-        self.collective("barrier")
+        self._checked(OPS["barrier"], None, (), False)
 
     # ---- point to point -------------------------------------------------------------------------
 
@@ -244,9 +259,9 @@ class Comm(ABC):
     def _where(self, op: str) -> str:
         return f"{self._label}: {op}"
 
-    def _params(self, entry: Op, x: torch.Tensor | None, args: tuple, kwargs: dict) -> tuple:
-        """``entry``'s params from ``args`` and ``kwargs`` (or their defaults), each checked and normalised as
-        its kind says (``_CHECKS``), in the table's order."""
+    def _bound(self, entry: Op, args: tuple, kwargs: dict) -> tuple:
+        """The value of every param of ``entry``, in the table's order: from ``args``, else ``kwargs``, else its
+        default."""
         declared = entry.params
         if len(args) > len(declared):
             raise ValueError(f"{self._where(entry.name)} takes {len(declared)} argument(s) after the tensor "
@@ -256,30 +271,44 @@ class Comm(ABC):
             if i < len(args):
                 if param.name in kwargs:
                     raise ValueError(f"{self._where(entry.name)} got {param.name} both by position and by name")
-                value = args[i]
+                values.append(args[i])
             elif param.name in kwargs:
-                value = kwargs.pop(param.name)
+                values.append(kwargs.pop(param.name))
             elif param.default is REQUIRED:
                 raise ValueError(f"{self._where(entry.name)} needs {param.name} ({PARAM_KINDS[param.kind]})")
             else:
-                value = param.default
-            values.append(_CHECKS[param.kind](self, entry.name, x, param.name, value))
+                values.append(param.default)
         if kwargs:
             raise ValueError(f"{self._where(entry.name)} got unexpected argument(s) {sorted(kwargs)}; its "
                              f"arguments are {[p.name for p in declared]}")
         return tuple(values)
 
+    # Each kind of param (ops.PARAM_KINDS; ``_CHECKS`` below): (op, x, the param's name, its value) -> the value
+    # to use, or a ValueError naming the rank, the op, the argument and the sizes.
+
     def _dim(self, op: str, x: torch.Tensor, name: str, dim: Any) -> int:
+        if type(dim) is int and -x.ndim <= dim < x.ndim:  # the common case, without formatting the message's start
+            return dim % x.ndim
         return normalized_dim(x, dim, self._where(op), name)
 
     def _divisible_dim(self, op: str, x: torch.Tensor, name: str, dim: Any) -> int:
-        dim = normalized_dim(x, dim, self._where(op), name)
+        dim = self._dim(op, x, name, dim)
         self._divisible(op, x, dim, name)
         return dim
 
     def _reduce_op(self, op: str, x: torch.Tensor, name: str, reduce_op: Any) -> str:
-        self._check_op(op, reduce_op, x)
+        if not isinstance(reduce_op, str) or reduce_op not in REDUCE_OPS:
+            raise ValueError(f"{self._where(op)}: unknown reduce op {reduce_op!r}, expected one of {tuple(REDUCE_OPS)}")
+        if reduce_op == "avg" and x.dtype == torch.bool:
+            raise ValueError(f"{self._where(op)}: op='avg' of a bool tensor (shape {tuple(x.shape)}) has no bool "
+                             f"result; reduce with 'sum', 'max' or 'min', or convert to a number dtype first")
         return reduce_op
+
+    def _root(self, op: str, x: torch.Tensor, name: str, rank: Any) -> int:
+        return self._peer(op, rank, name, allow_self=True)
+
+    def _other_rank(self, op: str, x: torch.Tensor, name: str, rank: Any) -> int:
+        return self._peer(op, rank, name)
 
     def _ranks(self, op: str, x: None, name: str, ranks: Sequence[int]) -> tuple[int, ...]:
         ranks = tuple(sorted(_integer(r, self._where(op), "every rank") for r in ranks))
@@ -292,13 +321,6 @@ class Comm(ABC):
         if x.shape[dim] % self.world_size:
             raise ValueError(f"{self._where(op)}: size {x.shape[dim]} of {name}={dim} (shape {tuple(x.shape)}) "
                              f"is not divisible by world_size {self.world_size}")
-
-    def _check_op(self, op: str, reduce_op: str, x: torch.Tensor) -> None:
-        if not isinstance(reduce_op, str) or reduce_op not in REDUCE_OPS:
-            raise ValueError(f"{self._where(op)}: unknown reduce op {reduce_op!r}, expected one of {tuple(REDUCE_OPS)}")
-        if reduce_op == "avg" and x.dtype == torch.bool:
-            raise ValueError(f"{self._where(op)}: op='avg' of a bool tensor (shape {tuple(x.shape)}) has no bool "
-                             f"result; reduce with 'sum', 'max' or 'min', or convert to a number dtype first")
 
     def _tensor(self, op: str, x: Any, name: str = "x") -> None:
         if not isinstance(x, torch.Tensor):
@@ -358,7 +380,7 @@ _CHECKS: dict[str, Callable[[Comm, str, Any, str, Any], Any]] = {
     "dim": Comm._dim,
     "divisible dim": Comm._divisible_dim,
     "reduce op": Comm._reduce_op,
-    "root": lambda comm, op, x, name, value: comm._peer(op, value, name, allow_self=True),
-    "peer": lambda comm, op, x, name, value: comm._peer(op, value, name),
+    "root": Comm._root,
+    "peer": Comm._other_rank,
     "ranks": Comm._ranks,
 }

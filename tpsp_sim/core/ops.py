@@ -94,6 +94,11 @@ class Op:
     # (work or None, result): module docstring; None where ``outputs`` is
     tensor: bool = True  # takes a tensor (a barrier takes none)
 
+    def __post_init__(self) -> None:
+        if (self.outputs is None) != (self.torch_call is None):
+            raise ValueError(f"Op {self.name!r}: a collective declares both its meaning (outputs) and its "
+                             f"torch.distributed call (torch_call); point to point and new_group neither")
+
     @cached_property
     def root(self) -> int | None:
         """The index of the param of kind "root" (the rank a broadcast starts from), if any."""
@@ -102,7 +107,8 @@ class Op:
 
 def _same_both_ways(moved: Callable[[int, int], int]) -> Callable[[int, int, int], tuple[int, int]]:
     def wire(nbytes: int, p: int, position: int) -> tuple[int, int]:
-        return moved(nbytes, p), moved(nbytes, p)
+        both = moved(nbytes, p)
+        return both, both
     return wire
 
 
@@ -240,8 +246,8 @@ def wire_bytes(op: str, nbytes: int, world_size: int, index: int = 0, root: int 
     ``index`` is the rank's position in the group and ``root`` the broadcast source (group ranks).
     See the table in this module's docstring.
     """
-    entry = spec(op)
-    if _alone(op, world_size):
+    entry = OPS.get(op) or spec(op)  # every recorded call comes here: the common case first
+    if world_size == 1 and op not in _POINT_TO_POINT:
         return 0, 0
     return entry.wire(nbytes, world_size, (index - root) % world_size)
 
@@ -254,9 +260,12 @@ def latency_steps(op: str, world_size: int) -> int:
     return entry.latency_steps(world_size)
 
 
+_POINT_TO_POINT = ("send", "recv")
+
+
 def _alone(op: str, world_size: int) -> bool:
     """A collective on one rank: nothing moves (a send or recv always has another rank at its end)."""
-    return world_size == 1 and op not in ("send", "recv")
+    return world_size == 1 and op not in _POINT_TO_POINT
 
 
 def describe_call(op: str, x: torch.Tensor | None, params: tuple) -> str:

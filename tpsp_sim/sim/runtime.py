@@ -57,9 +57,12 @@ class SimComm(OpTableComm):
         self.world = world
         self.group_id = group_id
 
-    def _record(self, *args: Any, **kwargs: Any):
-        self.world.check_usable(self.global_rank)  # a comm of a failed or finished run records nothing
-        return super()._record(*args, **kwargs)
+    def _record(self, op: str, x: torch.Tensor, *, root: int = 0, peer: int | None = None, blocking: bool = True,
+                batched: bool = False):
+        world = self.world
+        if world.error is not None or world.closed:  # a comm of a failed or finished run records nothing
+            world.check_usable(self.global_rank)  # (raises; the test above keeps the per-call cost down)
+        return super()._record(op, x, root=root, peer=peer, blocking=blocking, batched=batched)
 
     def _collective(self, op: str, x: torch.Tensor | None, *params: Any) -> Any:
         """Post ``x``; once every rank of the group has, each gets its part of ``OPS[op].outputs`` (ops.py)."""
