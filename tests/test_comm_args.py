@@ -86,6 +86,22 @@ def test_dropout_rng_on_ranks_refuses_a_missing_seed_however_it_is_given():
     (lambda comm: comm.broadcast(np.ones(2)), r"broadcast: x must be a torch.Tensor, got ndarray \(array"),
     (lambda comm: comm.recv(None, 1), r"recv: like must be a torch.Tensor, got NoneType"),
     (lambda comm: comm.sendrecv((1,), 1, 1), r"sendrecv: x must be a torch.Tensor, got tuple"),
+    # the generic entry point (core/ops.py declares each op's params)
+    (lambda comm: comm.collective("all_gatherr", torch.ones(2)),
+     r"rank 0 of group \(0, 1\): collective: 'all_gatherr' is not a collective; collectives are \['all_gather', "),
+    (lambda comm: comm.collective("send", torch.ones(2), 1), r"collective: 'send' is not a collective"),
+    (lambda comm: comm.collective("barrier", torch.ones(2)),
+     r"rank 0 of group \(0, 1\): barrier takes no tensor, got Tensor"),
+    (lambda comm: comm.collective("all_to_all", torch.ones(2), 0),
+     r"all_to_all needs gather_dim \(an integer dim of the tensor, made non-negative\)"),
+    (lambda comm: comm.collective("all_gather", torch.ones(2), 0, dim=0),
+     r"all_gather got dim both by position and by name"),
+    (lambda comm: comm.collective("all_reduce", torch.ones(2), dims=0),
+     r"all_reduce got unexpected argument\(s\) \['dims'\]; its arguments are \['op'\]"),
+    (lambda comm: comm.collective("broadcast", torch.ones(2), 0, 1),
+     r"broadcast takes 1 argument\(s\) after the tensor \('src',\), got 2: \(0, 1\)"),
+    (lambda comm: comm.collective("reduce_scatter", torch.ones(1, 2), op="sum", dim=0),
+     r"reduce_scatter: size 1 of dim=0 \(shape \(1, 2\)\) is not divisible by world_size 2"),
 ])
 def test_bad_collective_arguments_are_a_value_error_naming_the_rank_and_op(call, message):
     def fn(comm):
@@ -120,32 +136,6 @@ def test_on_gloo_bad_arguments_get_the_same_message_blaming_the_same_rank():
 
 
 # ---- the one checked entry point, comm.collective (core/ops.py declares each op's params) -----------
-
-@pytest.mark.parametrize("call, message", [
-    (lambda comm, x: comm.collective("all_gatherr", x),
-     r"rank 0 of group \(0, 1\): collective: 'all_gatherr' is not a collective; collectives are \['all_gather', "),
-    (lambda comm, x: comm.collective("send", x, 1), r"collective: 'send' is not a collective"),
-    (lambda comm, x: comm.collective("barrier", x), r"rank 0 of group \(0, 1\): barrier takes no tensor, got Tensor"),
-    (lambda comm, x: comm.collective("all_to_all", x, 0),
-     r"all_to_all needs gather_dim \(an integer dim of the tensor, made non-negative\)"),
-    (lambda comm, x: comm.collective("all_gather", x, 0, dim=0), r"all_gather got dim both by position and by name"),
-    (lambda comm, x: comm.collective("all_reduce", x, dims=0),
-     r"all_reduce got unexpected argument\(s\) \['dims'\]; its arguments are \['op'\]"),
-    (lambda comm, x: comm.collective("broadcast", x, 0, 1), r"broadcast takes 1 argument\(s\) after the tensor "
-                                                            r"\('src',\), got 2: \(0, 1\)"),
-    (lambda comm, x: comm.collective("reduce_scatter", x.reshape(1, 2), op="sum", dim=0),
-     r"reduce_scatter: size 1 of dim=0 \(shape \(1, 2\)\) is not divisible by world_size 2"),
-])
-def test_the_generic_entry_point_names_what_is_wrong(call, message):
-    def fn(comm):
-        if comm.rank == 0:
-            call(comm, torch.ones(2))
-        comm.barrier()
-
-    with pytest.raises(ValueError, match=message) as info:
-        ts.run(fn, world_size=2)
-    assert info.value.rank == 0
-
 
 def test_the_generic_entry_point_takes_params_by_position_or_name_and_their_defaults():
     def fn(comm):
