@@ -4,9 +4,10 @@ how real torch.distributed runs it, how it is drawn.
 Every other module reads ``OPS``: ``Comm.collective`` checks and normalises the arguments each
 ``Param`` declares (comm.py, with the messages), the simulator computes ``outputs``, the trace
 records ``wire`` bytes, the cost model prices ``latency_steps``, ``TorchComm`` calls ``torch_call``
-(dist/torch_comm.py), the plots use ``color``. **Adding a collective is one entry here**: it is at
-once callable as ``comm.collective("name", x, *params)`` on virtual ranks (``ts.run``), on one rank
-alone (``run_solo``) and on real processes (``ts.run(..., backend="gloo")``), recorded and priced
+(dist/torch_comm.py), the plots use ``color``. **Adding a collective is one entry here** (and its row
+in the table below, which the README repeats; tests/test_ops.py holds them together): it is at once
+callable as ``comm.collective("name", x, *params)`` on virtual ranks (``ts.run``), on one rank alone
+(``run_solo``) and on real processes (``ts.run(..., backend="gloo")``), recorded and priced
 (tests/test_new_collective.py adds one in a test). A named method on ``Comm`` (``comm.all_gather``)
 is a one-line wrapper, for readability only.
 
