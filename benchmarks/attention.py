@@ -19,7 +19,7 @@ import functools
 import torch
 
 import tpsp_sim as ts
-from tpsp_sim.core.flops import count_flops
+from tpsp_sim.core.flops import FlopCounter
 
 from timing import best_of  # benchmarks/timing.py: the fastest of n calls
 
@@ -30,6 +30,13 @@ def fwd_bwd(attn, q, k, v, dout, **kwargs):
     out = attn(q, k, v, **kwargs)
     out.backward(dout)
     return out.detach(), q.grad, k.grad, v.grad
+
+
+def count_flops(fn, *args, **kwargs):
+    """(``fn``'s result, the FLOPs it computed)."""
+    with FlopCounter() as counter:
+        out = fn(*args, **kwargs)
+    return out, counter.counted()
 
 
 def per_rank(comm, q, k, v, dout, attn, causal, layout):

@@ -86,6 +86,22 @@ def test_dropout_rng_on_ranks_refuses_a_missing_seed_however_it_is_given():
     (lambda comm: comm.broadcast(np.ones(2)), r"broadcast: x must be a torch.Tensor, got ndarray \(array"),
     (lambda comm: comm.recv(None, 1), r"recv: like must be a torch.Tensor, got NoneType"),
     (lambda comm: comm.sendrecv((1,), 1, 1), r"sendrecv: x must be a torch.Tensor, got tuple"),
+    # the generic entry point (core/ops.py declares each op's params)
+    (lambda comm: comm.collective("all_gatherr", torch.ones(2)),
+     r"rank 0 of group \(0, 1\): collective: 'all_gatherr' is not a collective; collectives are \['all_gather', "),
+    (lambda comm: comm.collective("send", torch.ones(2), 1), r"collective: 'send' is not a collective"),
+    (lambda comm: comm.collective("barrier", torch.ones(2)),
+     r"rank 0 of group \(0, 1\): barrier takes no tensor, got Tensor"),
+    (lambda comm: comm.collective("all_to_all", torch.ones(2), 0),
+     r"all_to_all needs gather_dim \(an integer dim of the tensor, made non-negative\)"),
+    (lambda comm: comm.collective("all_gather", torch.ones(2), 0, dim=0),
+     r"all_gather got dim both by position and by name"),
+    (lambda comm: comm.collective("all_reduce", torch.ones(2), dims=0),
+     r"all_reduce got unexpected argument\(s\) \['dims'\]; its arguments are \['op'\]"),
+    (lambda comm: comm.collective("broadcast", torch.ones(2), 0, 1),
+     r"broadcast takes 1 argument\(s\) after the tensor \('src',\), got 2: \(0, 1\)"),
+    (lambda comm: comm.collective("reduce_scatter", torch.ones(1, 2), op="sum", dim=0),
+     r"reduce_scatter: size 1 of dim=0 \(shape \(1, 2\)\) is not divisible by world_size 2"),
 ])
 def test_bad_collective_arguments_are_a_value_error_naming_the_rank_and_op(call, message):
     def fn(comm):
@@ -117,3 +133,35 @@ def test_on_gloo_bad_arguments_get_the_same_message_blaming_the_same_rank():
     assert info.value.rank == 0
     with pytest.raises(ValueError, match=r"got inf \(a finite one, the same on every backend\)"):
         ts.run(fn, world_size=2, backend="gloo", timeout=float("inf"))
+
+
+# ---- the one checked entry point, comm.collective (core/ops.py declares each op's params) -----------
+
+def test_the_generic_entry_point_takes_params_by_position_or_name_and_their_defaults():
+    def fn(comm):
+        x = torch.arange(4.0).reshape(2, 2) + 10 * comm.rank
+        return (comm.collective("reduce_scatter", x, 1, "max"), comm.collective("reduce_scatter", x, op="max", dim=-1),
+                comm.collective("all_gather", x), comm.collective("broadcast", x, src=1), comm.collective("barrier"))
+
+    for rank, (by_position, by_name, gathered, broadcast, barrier) in enumerate(ts.run(fn, world_size=2).outputs):
+        assert by_position.tolist() == by_name.tolist() == [[10.0 + rank], [12.0 + rank]]
+        assert gathered.tolist() == [[0.0, 1.0], [2.0, 3.0], [10.0, 11.0], [12.0, 13.0]]  # dim=0 by default
+        assert broadcast.tolist() == [[10.0, 11.0], [12.0, 13.0]] and barrier is None
+
+
+def test_every_named_collective_wraps_its_table_entry_with_the_tables_defaults():
+    import inspect
+
+    from tpsp_sim.core import comm as comm_module
+    from tpsp_sim.core import ops
+
+    assert set(comm_module._CHECKS) == set(ops.PARAM_KINDS)
+    for name, entry in ops.OPS.items():
+        if entry.outputs is None:
+            continue
+        signature = inspect.signature(getattr(ts.Comm, name))
+        declared = [(p.name, p.default) for p in entry.params]
+        named = [(n, p.default) for n, p in signature.parameters.items() if n not in ("self", "x", "async_op")]
+        assert named == [(n, inspect.Parameter.empty if d is ops.REQUIRED else d) for n, d in declared], name
+    with pytest.raises(ValueError, match=r"Param 'dim': unknown kind 'dimension'; kinds are \['dim', "):
+        ops.Param("dim", "dimension")

@@ -7,7 +7,9 @@ and ``SoloComm`` (one rank alone, sim/solo.py), both ``OpTableComm``s computing 
 return new tensors that no other rank shares, and never touch autograd (see
 core/mappings.py for the differentiable versions). Ranks (``rank``, ``src``, ``dst``,
 ``new_group``) are ranks *of this communicator's group*; ``CommEvent`` records global ranks. The
-collectives themselves (arguments, bytes, costs) are listed once, in ops.py.
+collectives themselves (arguments and their kinds, meaning, bytes, costs, torch.distributed calls) are
+listed once, in ops.py: ``comm.collective(op, x, *params)`` checks, records and runs any of them, and
+the named methods (``all_gather``, ``all_reduce``, ...) are one-line wrappers of its checked path.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from __future__ import annotations
 import operator
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import group_text
-from .ops import REDUCE_OPS
+from .ops import OPS, PARAM_KINDS, REDUCE_OPS, REQUIRED, Op
 from .trace import CommEvent, Recorder
 
 
@@ -138,67 +140,71 @@ class Comm(ABC):
 
     # ---- collectives ----------------------------------------------------------------------------
 
+    def collective(self, op: str, x: torch.Tensor | None = None, /, *args: Any, async_op: bool = False,
+                   **kwargs: Any) -> Any:
+        """Collective ``op`` of the op table (core/ops.py) on this rank's ``x``, its params given after it by
+        position or name, each checked as its kind says (a ValueError naming the rank, the op, the argument and
+        the sizes). ``async_op=True``: post it and return a ``Work`` whose ``wait()`` returns the result.
+        Every collective in ``OPS`` is callable here on every backend; the named methods below are this call."""
+        entry = OPS.get(op)
+        if entry is None or entry.outputs is None:
+            raise ValueError(f"{self._where('collective')}: {op!r} is not a collective; collectives are "
+                             f"{sorted(name for name, e in OPS.items() if e.outputs is not None)}")
+        if kwargs or len(args) != len(entry.params):
+            args = self._bound(entry, args, kwargs)
+        return self._checked(entry, x, args, async_op)
+
+    def _checked(self, entry: Op, x: torch.Tensor | None, values: tuple, async_op: bool) -> Any:
+        """Check ``x`` and ``values`` (every param of ``entry``, in order) as their kinds say, record the call and
+        run it (``comm.collective`` once its arguments are bound; each named method directly)."""
+        op = entry.name
+        if entry.tensor:
+            if not isinstance(x, torch.Tensor):
+                self._tensor(op, x)
+            recorded = x
+        elif x is None:
+            recorded = torch.empty(0)  # a call without a tensor (a barrier) moves no bytes
+        else:
+            raise ValueError(f"{self._where(op)} takes no tensor, got {type(x).__name__}")
+        params = values
+        if values:  # a loop, not a comprehension: no frame of its own on the path every call takes
+            params = []
+            for param, value in zip(entry.params, values):
+                params.append(_CHECKS[param.kind](self, op, x, param.name, value))
+        root = 0 if entry.root is None else params[entry.root]
+        if async_op:
+            event = self._record(op, recorded, root=root, blocking=False)
+            return Work(self._post_collective(op, x, *params).wait, self.recorder, event)
+        self._record(op, recorded, root=root)
+        return self._collective(op, x, *params)
+
     def all_gather(self, x: torch.Tensor, dim: int = 0, async_op: bool = False) -> torch.Tensor | Work:
         """Concatenate every rank's ``x`` along ``dim``, in rank order. ``async_op=True``: post it and return
         a ``Work`` whose ``wait()`` returns the result (the same for every collective below)."""
-        self._tensor("all_gather", x)
-        dim = normalized_dim(x, dim, self._where("all_gather"))
-        if async_op:
-            return self._launch("all_gather", x, dim)
-        self._record("all_gather", x)
-        return self._all_gather(x, dim)
+        return self._checked(OPS["all_gather"], x, (dim,), async_op)
 
     def all_reduce(self, x: torch.Tensor, op: str = "sum", async_op: bool = False) -> torch.Tensor | Work:
         """Elementwise reduction of every rank's ``x`` (in rank order); ``op`` is one of ``REDUCE_OPS``
         ("avg": the sum divided by world_size). Every rank must pass the same ``op``."""
-        self._tensor("all_reduce", x)
-        self._check_op("all_reduce", op, x)
-        if async_op:
-            return self._launch("all_reduce", x, op)
-        self._record("all_reduce", x)
-        return self._all_reduce(x, op)
+        return self._checked(OPS["all_reduce"], x, (op,), async_op)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0, op: str = "sum",
                        async_op: bool = False) -> torch.Tensor | Work:
-        """Reduce every rank's ``x``, then keep this rank's chunk of ``dim``."""
-        self._tensor("reduce_scatter", x)
-        self._check_op("reduce_scatter", op, x)
-        dim = normalized_dim(x, dim, self._where("reduce_scatter"))
-        self._divisible("reduce_scatter", x, dim, "dim")
-        if async_op:
-            return self._launch("reduce_scatter", x, dim, op)
-        self._record("reduce_scatter", x)
-        return self._reduce_scatter(x, dim, op)
+        """Reduce every rank's ``x``, then keep this rank's chunk of ``dim`` (its size divisible by world_size)."""
+        return self._checked(OPS["reduce_scatter"], x, (dim, op), async_op)
 
     def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False) -> torch.Tensor | Work:
         """Every rank gets a copy of rank ``src``'s ``x`` (the other ranks' ``x`` gives shape and dtype)."""
-        self._tensor("broadcast", x)
-        src = self._peer("broadcast", src, "src", allow_self=True)
-        if async_op:
-            return self._launch("broadcast", x, src, root=src)
-        self._record("broadcast", x, root=src)
-        return self._broadcast(x, src)
+        return self._checked(OPS["broadcast"], x, (src,), async_op)
 
     def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int,
                    async_op: bool = False) -> torch.Tensor | Work:
         """Chunk ``scatter_dim`` into world_size pieces, send piece j to rank j, concatenate what arrives along ``gather_dim``."""
-        self._tensor("all_to_all", x)
-        scatter_dim = normalized_dim(x, scatter_dim, self._where("all_to_all"), "scatter_dim")
-        gather_dim = normalized_dim(x, gather_dim, self._where("all_to_all"), "gather_dim")
-        self._divisible("all_to_all", x, scatter_dim, "scatter_dim")
-        if async_op:
-            return self._launch("all_to_all", x, scatter_dim, gather_dim)
-        self._record("all_to_all", x)
-        return self._all_to_all(x, scatter_dim, gather_dim)
-
-    def _launch(self, op: str, x: torch.Tensor, *params: Any, root: int = 0) -> Work:
-        """Record collective ``op`` as non-blocking and post it; its ``Work.wait()`` records the WaitMark."""
-        event = self._record(op, x, root=root, blocking=False)
-        return Work(self._post_collective(op, x, *params).wait, self.recorder, event)
+        return self._checked(OPS["all_to_all"], x, (scatter_dim, gather_dim), async_op)
 
     def barrier(self) -> None:
-        self._record("barrier", torch.empty(0))
-        self._barrier()
+        """Return once every rank of the group has called it."""
+        self._checked(OPS["barrier"], None, (), False)
 
     # ---- point to point -------------------------------------------------------------------------
 
@@ -246,28 +252,75 @@ class Comm(ABC):
         in the same order, with the same ranks; ranks outside ``ranks`` get None. As in
         ``torch.distributed.new_group``, the order given does not matter: the new group's ranks are
         sorted (``new_group([2, 0])``: rank 0 is group rank 0, and gathers in that order)."""
-        ranks = tuple(sorted(_integer(r, self._where("new_group"), "every rank") for r in ranks))
-        if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.world_size for r in ranks):
-            raise ValueError(f"rank {self.rank}: new_group needs distinct ranks in [0, {self.world_size}), "
-                             f"got {list(ranks)}")
-        return self._new_group(ranks)
+        return self._new_group(self._ranks("new_group", None, "ranks", ranks))
 
     # ---- argument checks ------------------------------------------------------------------------
 
     def _where(self, op: str) -> str:
         return f"{self._label}: {op}"
 
-    def _divisible(self, op: str, x: torch.Tensor, dim: int, name: str) -> None:
-        if x.shape[dim] % self.world_size:
-            raise ValueError(f"{self._where(op)}: size {x.shape[dim]} of {name}={dim} (shape {tuple(x.shape)}) "
-                             f"is not divisible by world_size {self.world_size}")
+    def _bound(self, entry: Op, args: tuple, kwargs: dict) -> tuple:
+        """The value of every param of ``entry``, in the table's order: from ``args``, else ``kwargs``, else its
+        default."""
+        declared = entry.params
+        if len(args) > len(declared):
+            raise ValueError(f"{self._where(entry.name)} takes {len(declared)} argument(s) after the tensor "
+                             f"{tuple(p.name for p in declared)}, got {len(args)}: {_short_repr(args)}")
+        values = []
+        for i, param in enumerate(declared):
+            if i < len(args):
+                if param.name in kwargs:
+                    raise ValueError(f"{self._where(entry.name)} got {param.name} both by position and by name")
+                values.append(args[i])
+            elif param.name in kwargs:
+                values.append(kwargs.pop(param.name))
+            elif param.default is REQUIRED:
+                raise ValueError(f"{self._where(entry.name)} needs {param.name} ({PARAM_KINDS[param.kind]})")
+            else:
+                values.append(param.default)
+        if kwargs:
+            raise ValueError(f"{self._where(entry.name)} got unexpected argument(s) {sorted(kwargs)}; its "
+                             f"arguments are {[p.name for p in declared]}")
+        return tuple(values)
 
-    def _check_op(self, op: str, reduce_op: str, x: torch.Tensor) -> None:
+    # Each kind of param (ops.PARAM_KINDS; ``_CHECKS`` below): (op, x, the param's name, its value) -> the value
+    # to use, or a ValueError naming the rank, the op, the argument and the sizes.
+
+    def _dim(self, op: str, x: torch.Tensor, name: str, dim: Any) -> int:
+        if type(dim) is int and -x.ndim <= dim < x.ndim:  # the common case, without formatting the message's start
+            return dim % x.ndim
+        return normalized_dim(x, dim, self._where(op), name)
+
+    def _divisible_dim(self, op: str, x: torch.Tensor, name: str, dim: Any) -> int:
+        dim = self._dim(op, x, name, dim)
+        self._divisible(op, x, dim, name)
+        return dim
+
+    def _reduce_op(self, op: str, x: torch.Tensor, name: str, reduce_op: Any) -> str:
         if not isinstance(reduce_op, str) or reduce_op not in REDUCE_OPS:
             raise ValueError(f"{self._where(op)}: unknown reduce op {reduce_op!r}, expected one of {tuple(REDUCE_OPS)}")
         if reduce_op == "avg" and x.dtype == torch.bool:
             raise ValueError(f"{self._where(op)}: op='avg' of a bool tensor (shape {tuple(x.shape)}) has no bool "
                              f"result; reduce with 'sum', 'max' or 'min', or convert to a number dtype first")
+        return reduce_op
+
+    def _root(self, op: str, x: torch.Tensor, name: str, rank: Any) -> int:
+        return self._peer(op, rank, name, allow_self=True)
+
+    def _other_rank(self, op: str, x: torch.Tensor, name: str, rank: Any) -> int:
+        return self._peer(op, rank, name)
+
+    def _ranks(self, op: str, x: None, name: str, ranks: Sequence[int]) -> tuple[int, ...]:
+        ranks = tuple(sorted(_integer(r, self._where(op), "every rank") for r in ranks))
+        if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.world_size for r in ranks):
+            raise ValueError(f"rank {self.rank}: {op} needs distinct ranks in [0, {self.world_size}), "
+                             f"got {list(ranks)}")
+        return ranks
+
+    def _divisible(self, op: str, x: torch.Tensor, dim: int, name: str) -> None:
+        if x.shape[dim] % self.world_size:
+            raise ValueError(f"{self._where(op)}: size {x.shape[dim]} of {name}={dim} (shape {tuple(x.shape)}) "
+                             f"is not divisible by world_size {self.world_size}")
 
     def _tensor(self, op: str, x: Any, name: str = "x") -> None:
         if not isinstance(x, torch.Tensor):
@@ -291,28 +344,14 @@ class Comm(ABC):
     # Arguments are checked and the call recorded; ranks are ranks of this group.
 
     @abstractmethod
-    def _all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...
+    def _collective(self, op: str, x: torch.Tensor | None, *params: Any) -> Any:
+        """Run collective ``op`` (an entry of ``OPS``) on ``x`` (None for a barrier) with its checked ``params``
+        and return this rank's result."""
 
-    @abstractmethod
-    def _all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor: ...
-
-    @abstractmethod
-    def _reduce_scatter(self, x: torch.Tensor, dim: int, op: str) -> torch.Tensor: ...
-
-    @abstractmethod
-    def _broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor: ...
-
-    @abstractmethod
-    def _all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor: ...
-
-    @abstractmethod
-    def _barrier(self) -> None: ...
-
-    def _post_collective(self, op: str, x: torch.Tensor, *params: Any) -> Any:
-        """Start collective ``op`` (``all_gather``, ...: the primitive ``_<op>``'s arguments) and return a handle
-        whose ``wait()`` returns its result. By default it runs to completion here: a backend that can overlap
-        it (the simulator, torch.distributed) overrides this."""
-        return Completed(getattr(self, "_" + op)(x, *params))
+    def _post_collective(self, op: str, x: torch.Tensor | None, *params: Any) -> Any:
+        """Start collective ``op`` and return a handle whose ``wait()`` returns its result. By default it runs
+        to completion here: a backend that can overlap it (the simulator, torch.distributed) overrides this."""
+        return Completed(self._collective(op, x, *params))
 
     @abstractmethod
     def _isend(self, x: torch.Tensor, dst: int): ...
@@ -335,20 +374,13 @@ class OpTableComm(Comm):
     def _collective(self, op: str, x: torch.Tensor | None, *params: Any) -> Any:
         """This rank's part of ``OPS[op].outputs`` for ``x`` and ``params`` (None for a barrier)."""
 
-    def _all_gather(self, x, dim):
-        return self._collective("all_gather", x, dim)
 
-    def _all_reduce(self, x, op):
-        return self._collective("all_reduce", x, op)
-
-    def _reduce_scatter(self, x, dim, op):
-        return self._collective("reduce_scatter", x, dim, op)
-
-    def _broadcast(self, x, src):
-        return self._collective("broadcast", x, src)
-
-    def _all_to_all(self, x, scatter_dim, gather_dim):
-        return self._collective("all_to_all", x, scatter_dim, gather_dim)
-
-    def _barrier(self):
-        self._collective("barrier", None)
+# How ``Comm`` checks and normalises each kind of param (ops.PARAM_KINDS): (comm, op, x, name, value) -> value.
+_CHECKS: dict[str, Callable[[Comm, str, Any, str, Any], Any]] = {
+    "dim": Comm._dim,
+    "divisible dim": Comm._divisible_dim,
+    "reduce op": Comm._reduce_op,
+    "root": Comm._root,
+    "peer": Comm._other_rank,
+    "ranks": Comm._ranks,
+}

@@ -21,12 +21,11 @@ from typing import Any, Callable, Iterator, Union
 
 import torch
 
-from .ops import OPS, wire_bytes
+from .ops import recorded_ops, wire_bytes
 from .table import Table
 
 # "grad_sync": gradient reductions called after backward (``Comm.phase("grad_sync")``).
 PHASES = ("forward", "backward", "grad_sync")
-RECORDED_OPS = tuple(op for op in OPS if op != "new_group")  # the ops a CommEvent can have (ops.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +215,7 @@ class CommTrace:
         unknown = set(filters) - _EVENT_FIELDS
         if unknown:
             raise ValueError(f"unknown CommEvent field(s) {sorted(unknown)}; fields are {sorted(_EVENT_FIELDS)}")
-        valid = {"op": RECORDED_OPS, "phase": PHASES, "rank": tuple(self.ranks)}
+        valid = {"op": recorded_ops(), "phase": PHASES, "rank": tuple(self.ranks)}
         for name, choices in valid.items():
             wanted = filters.get(name)
             if name in filters and not callable(wanted) and choices and (

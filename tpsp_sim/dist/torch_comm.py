@@ -1,9 +1,10 @@
 """``TorchComm``: the same ``Comm`` interface on real ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
 
-Each method maps onto the tensor-native collective a production code base would use:
-``all_gather_single`` and ``reduce_scatter_single`` (``all_gather_into_tensor`` and
-``reduce_scatter_tensor`` before torch 2.13), ``all_reduce``, ``broadcast``, ``all_to_all_single``,
-``isend``/``irecv``, and ``batch_isend_irecv`` for a ring shift.
+Each collective runs as its entry of the op table says (``Op.torch_call``, core/ops.py): the
+tensor-native collective a production code base would use (``all_gather_single`` and
+``reduce_scatter_single``, ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` before torch 2.13;
+``all_reduce``, ``broadcast``, ``all_to_all_single``), through one generic ``_collective``;
+point to point is ``isend``/``irecv``, and ``batch_isend_irecv`` for a ring shift.
 The calls are recorded exactly as the simulator records them, so traces can be compared.
 """
 
@@ -16,16 +17,9 @@ import torch
 import torch.distributed as dist
 
 from ..core.comm import Comm
-from ..core.ops import REDUCE_OPS
+from ..core.ops import OPS
 from ..core.trace import Recorder
 from .call_log import CallLog
-
-# torch 2.13 renamed these two (the old names warn FutureWarning); older torch has only the old names
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-
-_OPS = {op: getattr(dist.ReduceOp, member) for op, member in REDUCE_OPS.items()}
-
 
 class TorchComm(Comm):
     """One process's communicator over a ``torch.distributed`` process group.
@@ -58,62 +52,18 @@ class TorchComm(Comm):
         failure inside it as caused by communication."""
         return nullcontext() if self._calls is None else self._calls.waiting(list(keys))
 
-    # Each collective takes ``async_op`` (``_post_collective`` passes True): with it, torch's own
-    # async_op=True work is returned in a handle whose ``wait`` finishes the result.
-
-    def _all_gather(self, x, dim, async_op=False):
-        with self._calling("all_gather", x, (dim,)) as key:
-            x = x.detach().movedim(dim, 0).contiguous()
-            out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
-            work = _all_gather_single(out, x, group=self.pg, async_op=async_op)
-        return self._result(work, key, lambda: out.movedim(0, dim).contiguous())
-
-    def _all_reduce(self, x, op, async_op=False):
-        out = x.detach().clone()
-        with self._calling("all_reduce", x, (op,)) as key:
-            work = dist.all_reduce(out, op=_OPS["sum" if op == "avg" else op], group=self.pg, async_op=async_op)
-        # gloo has no AVG; sum, then divide as the simulator
-        return self._result(work, key, lambda: out / self.world_size if op == "avg" else out)
-
-    def _reduce_scatter(self, x, dim, op, async_op=False):
-        with self._calling("reduce_scatter", x, (dim, op)) as key:
-            x = x.detach().movedim(dim, 0).contiguous()
-            out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
-            work = _reduce_scatter_single(out, x, op=_OPS["sum" if op == "avg" else op], group=self.pg,
-                                          async_op=async_op)
-
-        def result():
-            moved = out.movedim(0, dim).contiguous()
-            return moved / self.world_size if op == "avg" else moved
-        return self._result(work, key, result)
-
-    def _broadcast(self, x, src, async_op=False):
-        out = x.detach().clone()
-        with self._calling("broadcast", x, (src,)) as key:
-            work = dist.broadcast(out, src=self.group[src], group=self.pg, async_op=async_op)
-        return self._result(work, key, lambda: out)
-
-    def _all_to_all(self, x, scatter_dim, gather_dim, async_op=False):
-        p = self.world_size
-        pieces = torch.stack(x.detach().chunk(p, scatter_dim)).contiguous()  # pieces[j] goes to rank j
-        out = torch.empty_like(pieces)
-        with self._calling("all_to_all", x, (scatter_dim, gather_dim)) as key:
-            work = dist.all_to_all_single(out, pieces, group=self.pg, async_op=async_op)
-        return self._result(work, key, lambda: torch.cat(out.unbind(0), gather_dim))
-
-    def _post_collective(self, op, x, *params):
-        return getattr(self, "_" + op)(x, *params, async_op=True)
-
-    def _result(self, work, key, result):
-        """The result now (a blocking call: ``work`` is None), or a handle whose ``wait`` logs that it waits
-        for call ``key`` and finishes it."""
-        if work is None:
+    def _collective(self, op, x, *params, async_op=False):
+        """Collective ``op`` as its table entry runs it on torch.distributed (``OPS[op].torch_call``, ops.py),
+        logged around the hand-over; ``async_op=True`` (from ``_post_collective``) returns a handle whose
+        ``wait`` finishes the result."""
+        with self._calling(op, x, params) as key:
+            work, result = OPS[op].torch_call(self.pg, x, *params, async_op=async_op)
+        if work is None or not async_op:
             return result()
         return _Pending(work, result, lambda: self._waiting(key))
 
-    def _barrier(self):
-        with self._calling("barrier", None):
-            dist.barrier(group=self.pg)
+    def _post_collective(self, op, x, *params):
+        return self._collective(op, x, *params, async_op=True)
 
     def _isend(self, x, dst):
         pair = (self.global_rank, self.group[dst])

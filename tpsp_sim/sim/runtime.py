@@ -57,21 +57,24 @@ class SimComm(OpTableComm):
         self.world = world
         self.group_id = group_id
 
-    def _record(self, *args: Any, **kwargs: Any):
-        self.world.check_usable(self.global_rank)  # a comm of a failed or finished run records nothing
-        return super()._record(*args, **kwargs)
+    def _record(self, op: str, x: torch.Tensor, *, root: int = 0, peer: int | None = None, blocking: bool = True,
+                batched: bool = False):
+        world = self.world
+        if world.error is not None or world.closed:  # a comm of a failed or finished run records nothing
+            world.check_usable(self.global_rank)  # (raises; the test above keeps the per-call cost down)
+        return super()._record(op, x, root=root, peer=peer, blocking=blocking, batched=batched)
 
     def _collective(self, op: str, x: torch.Tensor | None, *params: Any) -> Any:
         """Post ``x``; once every rank of the group has, each gets its part of ``OPS[op].outputs`` (ops.py)."""
         outputs = OPS[op].outputs
         return self.world.collective(self, op, x, params, lambda xs: outputs(xs, *params))
 
-    def _post_collective(self, op: str, x: torch.Tensor, *params: Any) -> "_PostedWork":
+    def _post_collective(self, op: str, x: torch.Tensor | None, *params: Any) -> "_PostedWork":
         """Post ``x`` (a copy: the rank may change ``x`` before it waits) and return at once; ``wait()``
         returns this rank's output once every rank of the group has posted (world.py)."""
         outputs = OPS[op].outputs
-        posted = self.world.collective(self, op, detached(x).clone(), params, lambda xs: outputs(xs, *params),
-                                       wait=False)
+        own = None if x is None else detached(x).clone()
+        posted = self.world.collective(self, op, own, params, lambda xs: outputs(xs, *params), wait=False)
         return _PostedWork(self, posted)
 
     def _isend(self, x, dst):

@@ -99,8 +99,7 @@ def _in_real_world(method: Callable) -> Callable:
     return call
 
 
-for _name in ("_all_gather", "_all_reduce", "_reduce_scatter", "_broadcast", "_all_to_all", "_barrier", "_isend",
-              "_irecv", "_sendrecv"):
+for _name in ("_collective", "_isend", "_irecv", "_sendrecv"):
     setattr(_RealTorchComm, _name, _in_real_world(getattr(TorchComm, _name)))
 
 
