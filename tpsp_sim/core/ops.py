@@ -248,7 +248,7 @@ def wire_bytes(op: str, nbytes: int, world_size: int, index: int = 0, root: int 
     See the table in this module's docstring.
     """
     entry = OPS.get(op) or spec(op)  # every recorded call comes here: the common case first
-    if world_size == 1 and op not in _POINT_TO_POINT:
+    if _alone(op, world_size):
         return 0, 0
     return entry.wire(nbytes, world_size, (index - root) % world_size)
 
@@ -261,12 +261,9 @@ def latency_steps(op: str, world_size: int) -> int:
     return entry.latency_steps(world_size)
 
 
-_POINT_TO_POINT = ("send", "recv")
-
-
 def _alone(op: str, world_size: int) -> bool:
     """A collective on one rank: nothing moves (a send or recv always has another rank at its end)."""
-    return world_size == 1 and op not in _POINT_TO_POINT
+    return world_size == 1 and op not in ("send", "recv")
 
 
 def describe_call(op: str, x: torch.Tensor | None, params: tuple) -> str:
