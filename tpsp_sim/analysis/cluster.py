@@ -28,8 +28,8 @@ Which bandwidth prices a call (``Cluster.link``, NCCL's rings):
   its two ranks share a node, else one NIC.
 
 The link of a group that spans nodes also carries its ``NodeSpan`` (how many nodes, the most ranks in one,
-the latency inside a node): an all_reduce on it runs as NCCL's ring or its tree, whichever is faster
-(``ts.cost.all_reduce_algorithm``). Bandwidths are per GPU: a DGX gives each GPU its own InfiniBand
+its NICs, the two links): an all_reduce on it runs as NCCL's ring or its tree, whichever is faster
+(``ts.cost.all_reduce_algorithm``), and a ring's steps inside a node pay the intra-node latency. Bandwidths are per GPU: a DGX gives each GPU its own InfiniBand
 port (rail-optimised). A node with fewer NICs than GPUs gives each GPU its share
 (``pcie-a100``: one port per 8 GPUs). Contention in the switches is ignored.
 """
