@@ -302,3 +302,17 @@ def test_bad_stale_figures():
         "figure 0: 320x240 px fresh, 400x240 px stored"]
     assert plugin.figure_problems(fresh, []) == [
         "the fresh run draws 1 figure(s), the notebook stores 0: re-run it (python tools/run_notebooks.py)"]
+
+
+def test_the_sanitizer_masks_round_off_and_nothing_bigger():
+    """nbval_sanitize.cfg's round-off rule: an error of 0 or below 1e-12 (its digits depend on the CPU) is masked;
+    an error of 1e-12 or more, an ordinary number, a size or a time is compared as printed."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(NOTEBOOK_DIR / "nbval_sanitize.cfg")
+    rule = cfg["round-off"]
+    masked = lambda text: re.sub(rule["regex"], rule["replace"], text)  # noqa: E731
+    assert masked("max error 4.4e-16, 0.0e+00; 7.1e-15") == "max error ROUNDOFF, ROUNDOFF; ROUNDOFF"
+    for kept in ("max error 1.0e-12", "max error 2.0e-03", "1.0e+00", "3.6 ms", "10.0e-16 B"):
+        assert masked(kept) == kept, kept
