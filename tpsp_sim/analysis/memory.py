@@ -348,18 +348,18 @@ def _worst_stage(m: Model, tp: int, pp: int, v: int, schedule: str, n_microbatch
     mb = pp if n_microbatches is None else n_microbatches
     in_flight(schedule, pp, mb, v)  # checks the schedule's p, m, v (interleaved: m >= p, v > 1 only there)
     head = output - embedding  # the final norm's input and output and the fp32 logits
+    embedding_table = m.vocab * m.d_model / tp
+    last = m.other_parameters(tp) - (0 if m.tied_embeddings else embedding_table)  # output layer, final norm
     best = None
     for r in range(pp):
         owned = [r + c * pp for c in range(v)]
         chunk = [layers[s] * per_layer + (embedding if s == 0 else 0.0) + (head if s == stages - 1 else 0.0)
                  for s in owned]
-        embedding_table = m.vocab * m.d_model / tp
-        last = m.other_parameters(tp) - (0 if m.tied_embeddings else embedding_table)  # output layer, final norm
         ends = m.other_parameters(tp) if pp == 1 else (embedding_table if r == 0 else 0) + (last if r == pp - 1 else 0)
-        params = sum(layers[s] for s in owned) * m.layer_parameters(tp) + ends
+        n = sum(layers[s] for s in owned)
+        params = n * m.layer_parameters(tp) + ends
         kept = peak_in_flight(schedule, pp, mb, v, r, chunk)
-        whole = sum(chunk)
-        candidate = (size(params, kept), params, kept, r, sum(layers[s] for s in owned), kept / whole)
+        candidate = (size(params, kept), params, kept, r, n, kept / sum(chunk))
         if best is None or candidate[0] > best[0]:
             best = candidate
     _, params, kept, r, n, flight = best

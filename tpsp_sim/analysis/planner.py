@@ -60,10 +60,11 @@ from .layer import LayerTime, causal_attention_flops, price_layer
 from ..pipeline.interleaved import round_size
 from .memory import DTYPE_BYTES, RESERVE_BYTES, ZERO_STAGES, Budget, budget, stage_layers
 from .models import Model, model as as_model
-from .step_costs import bubble_share, gradient_sync_time, pipeline_transfer_time, weight_gather_exposed
+from .step_costs import (bubble_share, gradient_sync_time, pipeline_transfer_time, priced_schedule,
+                         weight_gather_exposed)
 
-PLANNED_RECOMPUTE = ("selective", "full")
-EXPOSED = ("tp", "cp", "pp", "dp_cp")  # the columns of exposed communication: the layer's axes and the pipeline's  # memory.RECOMPUTE's "none" is "selective" under flash attention
+PLANNED_RECOMPUTE = ("selective", "full")  # memory.RECOMPUTE's "none" is "selective" under flash attention
+EXPOSED = ("tp", "cp", "pp", "dp_cp")  # the columns of exposed communication: the layer's axes and the pipeline's
 GIB = 2**30
 IGNORES = ("the zero-bubble and GPipe schedules (1F1B and interleaved 1F1B are priced) and pipeline stages of unequal "
            "time (a pipeline is priced at its busiest rank's layers, with the bubble of uniform stages); the "
@@ -113,7 +114,7 @@ class Plan:
     @property
     def schedule(self) -> str:
         """The pipeline schedule priced: "1f1b", "interleaved_1f1b" when v > 1, "-" without pipeline."""
-        return "-" if self.pp == 1 else ("1f1b" if self.v == 1 else "interleaved_1f1b")
+        return "-" if self.pp == 1 else priced_schedule(self.v)
 
 
 def _divisors(n: int) -> list[int]:
@@ -238,7 +239,7 @@ def plan(model: Model | str, seq: int, gpus: int, cluster: Cluster | str, *, mic
                 plans.append(Plan(dp, cp, tp, "-", "-", Budget(0, 0, 0, 0, 0, 0), False, layers, pp=pp,
                                   microbatches=count, micro_batch=micro_batch))
                 continue
-            pipeline = dict(pp=pp, virtual_stages=v, schedule="1f1b" if v == 1 else "interleaved_1f1b",
+            pipeline = dict(pp=pp, virtual_stages=v, schedule=priced_schedule(v),
                             n_microbatches=count, layers_per_stage=None if pp == 1 else layers)
             for label, kind, u in _attention_kinds(cp, attentions):
                 for mode in modes:
@@ -321,11 +322,10 @@ def fewest_gpus(model: Model | str, seq: int, cluster: Cluster | str, *, gpus: i
     and ZeRO 3 (the least memory each split can need); its ``why`` names the split and its memory."""
     m, c = as_model(model), as_cluster(cluster)
     sequences = global_batch_tokens // seq
-    node = c.gpus_per_node or gpus
     while gpus <= limit:
         best = None
         for pp, tp, cp, dp in _meshes(gpus, c, dict.fromkeys(("pp", "dp", "cp", "tp")), None, None, True):
-            if _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp) or (tp > node):
+            if _cannot_split(m, seq, sequences, micro_batch, dp, cp, tp):  # tp_within_node: tp divides the node
                 continue
             count = sequences // (dp * micro_batch)
             layers = _pipelines(m, pp, count, (1,))[0][1]

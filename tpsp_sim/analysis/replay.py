@@ -344,9 +344,9 @@ def _node_period(symmetric: Symmetric, c: Cluster) -> tuple[int, ...]:
             if size % step:
                 continue
             shift = [step if a == axis else 0 for a in range(len(symmetric.shape))]
-            image: dict[int, int] = {}
-            if all(image.setdefault(c.node(r), c.node(symmetric.translate(r, shift))) ==
-                   c.node(symmetric.translate(r, shift)) for r in ranks) and len(set(image.values())) == len(image):
+            moves = {(c.node(r), c.node(symmetric.translate(r, shift))) for r in ranks}
+            image = dict(moves)  # node -> node: one image per node, and no two nodes onto one
+            if len(image) == len(moves) and len(set(image.values())) == len(image):
                 period.append(step)
                 break
     return tuple(period)

@@ -10,12 +10,17 @@ from .cost import collective_time
 from .models import Model
 
 
+def priced_schedule(v: int) -> str:
+    """The pipeline schedule the planner prices for ``v`` model chunks per rank: 1F1B, interleaved 1F1B when v > 1."""
+    return "1f1b" if v == 1 else "interleaved_1f1b"
+
+
 def bubble_share(pp: int, m: int, v: int) -> float:
     """The bubble's seconds per second of busy time: f/(1 − f) with f = ``ts.pipeline.bubble_fraction`` of 1F1B
     ((p−1)/(m+p−1)) or interleaved 1F1B ((p−1)/(v·m+p−1)), so that busy + bubble = busy · (m + (p−1)/v) / m."""
     if pp == 1:
         return 0.0
-    f = bubble_fraction("1f1b" if v == 1 else "interleaved_1f1b", pp, m, v)
+    f = bubble_fraction(priced_schedule(v), pp, m, v)
     return f / (1 - f)
 
 

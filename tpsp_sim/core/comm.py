@@ -2,7 +2,7 @@
 
 ``Comm`` checks arguments (a ``ValueError`` naming the rank, the op and the sizes), records a
 ``CommEvent`` per call, and hands the work to a backend: ``SimComm`` (virtual ranks, sim/runtime.py)
-and ``SoloComm`` (one rank alone, sim/solo.py), both ``OpTableComm``s computing what ops.py says, or
+and ``SoloComm`` (one rank alone, sim/solo.py), both computing what ops.py's ``outputs`` says, or
 ``TorchComm`` (real ``torch.distributed``, dist/torch_comm.py). Collectives are functional: they
 return new tensors that no other rank shares, and never touch autograd (see
 core/mappings.py for the differentiable versions). Ranks (``rank``, ``src``, ``dst``,
@@ -364,15 +364,6 @@ class Comm(ABC):
 
     @abstractmethod
     def _new_group(self, ranks: tuple[int, ...]) -> "Comm | None": ...
-
-
-class OpTableComm(Comm):
-    """A backend whose collectives are the op table's ``outputs`` of what the group's ranks post (ops.py): the
-    simulator, and one rank simulated alone (sim/). Each collective is one ``_collective`` call."""
-
-    @abstractmethod
-    def _collective(self, op: str, x: torch.Tensor | None, *params: Any) -> Any:
-        """This rank's part of ``OPS[op].outputs`` for ``x`` and ``params`` (None for a barrier)."""
 
 
 # How ``Comm`` checks and normalises each kind of param (ops.PARAM_KINDS): (comm, op, x, name, value) -> value.

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..core.comm import Comm, OpTableComm
+from ..core.comm import Comm
 from ..core.errors import SimulationError, rank_failed
 from ..core.ops import OPS
 from ..core.flops import FlopCounter
@@ -47,7 +47,7 @@ STOP_POLL = 0.002  # seconds between two looks for ranks that left, while stoppi
 _current = threading.local()  # in a rank thread: .world and .rank, the run it belongs to and its rank
 
 
-class SimComm(OpTableComm):
+class SimComm(Comm):
     """A virtual rank's communicator: the collectives run in-process, exactly."""
 
     backend = "sim"

@@ -30,13 +30,13 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..core.comm import Completed, OpTableComm
+from ..core.comm import Comm, Completed
 from ..core.flops import FlopCounter
 from ..core.ops import OPS
 from ..core.trace import CommEvent, CommTrace, ComputeSpan, Recorder, WaitMark
 
 
-class SoloComm(OpTableComm):
+class SoloComm(Comm):
     """One rank's communicator in a world that is not simulated: results have the shapes the whole
     world's would, on meta tensors (module docstring)."""
 

@@ -477,15 +477,15 @@ class SimWorld:
         A call every rank posted is complete, waited on or not (its result is simply never read)."""
         if not self.slots:
             return None
-        lines = {}
+        posted: dict[int, list[str]] = {}
         for (gid, call), slot in sorted(self.slots.items()):
             group = self.groups[gid]
             missing = format_ranks(group[r] for r in range(len(group)) if r not in slot.posted)
             for r, (op, x, params, scope) in slot.posted.items():
-                lines[group[r]] = lines.get(group[r], "") and lines[group[r]] + "; "
-                lines[group[r]] += (f"posted {describe_call(op, x, params)} (async_op=True), collective #{call} of "
-                                   f"group {self.group_label(gid)}, which ranks [{missing}] never called"
-                                   f"{scope_text(scope)}")
+                posted.setdefault(group[r], []).append(
+                    f"posted {describe_call(op, x, params)} (async_op=True), collective #{call} of group "
+                    f"{self.group_label(gid)}, which ranks [{missing}] never called{scope_text(scope)}")
+        lines = {rank: "; ".join(texts) for rank, texts in posted.items()}
         return CollectiveMismatchError(f"the run ended with {len(self.slots)} asynchronous collective(s) that not "
                                        f"every rank of the group called (and nobody waited on: that would have "
                                        f"deadlocked):\n{summarise(lines)}")
